@@ -1,0 +1,388 @@
+"""Small Hub and disk helpers shared by masks (`SparseMask`) and trained sparse deltas (`MeerkatModel`).
+
+Both artifacts are a pair of files: a data file (safetensors) and a JSON config that records the data
+file's SHA-256. They are saved, pushed, downloaded and described the same way, so the plumbing lives here:
+
+* `write_files_atomically` – save a set of files so that a crash never leaves a half-written file under
+  its final name; the config (written last) acts as the commit marker.
+* `sha256_bytes` – the hash stored in the config, checked at load time to detect a mismatched pair.
+* `resolve_folder` – accept a local directory or a Hub repo id and return a local folder, with error
+  messages that say what to do (offline, missing repo, typo in a local path).
+* `push_folder` – create the repo if needed and upload a folder in a single commit.
+* `render_card` – fill one of the Jinja2 model-card templates shipped in `model_cards/`.
+
+Everything Hub-related goes through `huggingface_hub`; nothing here speaks HTTP itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+__all__ = [
+    "DEFAULT_CARD_TAGS",
+    "LIBRARY_NAME",
+    "push_folder",
+    "render_card",
+    "resolve_folder",
+    "sha256_bytes",
+    "write_files_atomically",
+]
+
+logger = logging.getLogger(__name__)
+
+#: `library_name` written in the model-card metadata of every artifact we publish.
+LIBRARY_NAME = "meerkat-hf"
+#: Tags always present in the model-card metadata (callers may add more).
+DEFAULT_CARD_TAGS: tuple[str, ...] = ("meerkat", "zeroth-order", "federated-learning", "sparse")
+
+_BytesLike = bytes | bytearray | memoryview
+
+
+# --------------------------------------------------------------------------------------------------
+# Local files
+# --------------------------------------------------------------------------------------------------
+
+
+def sha256_bytes(data: _BytesLike) -> str:
+    """Hex SHA-256 of `data`.
+
+    Callers store it in the JSON config next to the data file so that loading a config with a data file
+    from another save (or a corrupted download) fails loudly instead of silently using wrong values.
+    """
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_relative_name(name: str) -> PurePosixPath:
+    """Reject absolute names and `..` so a file can never be written outside the target directory."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"File names must be non-empty strings, got {name!r}.")
+    rel = PurePosixPath(name.replace(os.sep, "/"))
+    if rel.is_absolute() or ".." in rel.parts or Path(name).is_absolute() or Path(name).drive:
+        raise ValueError(f"File names must be relative to the target directory, got {name!r}.")
+    return rel
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Persist directory entries (renames) on POSIX; a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_new_file(path: Path, data: _BytesLike) -> None:
+    """Write `data` to a new file (exclusive create, umask-respecting mode), then flush and fsync it.
+
+    `tempfile.mkstemp` is deliberately not used: it creates files with mode 0600, which `os.replace` would
+    carry over to the final file.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _backup_existing(target: Path, backup: Path) -> bool:
+    """Keep the current content of `target` under `backup` (hard link, copy as fallback). False if none."""
+    if not target.exists():
+        return False
+    try:
+        os.link(target, backup)
+    except OSError:
+        shutil.copy2(target, backup)
+    return True
+
+
+def write_files_atomically(directory: str | os.PathLike[str], files: Mapping[str, _BytesLike]) -> None:
+    """Write several files into `directory` so that readers never see a half-written file.
+
+    Every file is first written to a hidden temporary name in its final directory (same filesystem),
+    flushed and fsynced; then each one is moved into place with `os.replace`, **in the order of `files`**.
+    Callers put the JSON config that "commits" the save last: a reader that finds the new config also
+    finds the new data file.
+
+    On any exception nothing is left behind: temporary files are removed and files already replaced are
+    restored from backups (or removed if they did not exist before), so the previous save stays intact.
+
+    Args:
+        directory: target directory, created (with parents) if needed.
+        files: relative file name (``/``-separated subfolders allowed) -> content.
+
+    Raises:
+        ValueError: a name is absolute or escapes `directory` (checked before anything is written).
+        Exception: whatever writing raised (e.g. `TypeError` for a non-bytes value, `OSError` for a full
+            disk), after cleaning up.
+    """
+    directory = Path(directory)
+    names = {name: _check_relative_name(name) for name in files}  # validate everything before writing
+    directory.mkdir(parents=True, exist_ok=True)
+
+    token = uuid.uuid4().hex[:12]
+    staged: list[tuple[Path, Path]] = []  # (temporary, final) in commit order
+    backups: dict[Path, Path] = {}  # final -> backup of its previous content
+    replaced: list[Path] = []
+    try:
+        for name, data in files.items():
+            final = directory.joinpath(*names[name].parts)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = final.with_name(f".{final.name}.{token}.tmp")
+            staged.append((tmp, final))
+            _write_new_file(tmp, data)
+        for tmp, final in staged:
+            backup = final.with_name(f".{final.name}.{token}.bak")
+            if _backup_existing(final, backup):
+                backups[final] = backup
+            os.replace(tmp, final)
+            replaced.append(final)
+        for parent in {final.parent for _, final in staged}:
+            _fsync_directory(parent)
+    except BaseException:
+        for final in reversed(replaced):  # roll back what was already moved into place
+            try:
+                if final in backups:
+                    os.replace(backups.pop(final), final)
+                else:
+                    final.unlink(missing_ok=True)
+            except OSError:
+                logger.exception("Could not restore %s after a failed save.", final)
+        raise
+    finally:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        for backup in backups.values():
+            with contextlib.suppress(OSError):
+                backup.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Hub: download
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_repo_id(name: str) -> bool:
+    """True if `name` is a syntactically valid Hub repo id (`name` or `namespace/name`)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _looks_like_local_path(path_or_repo_id: str | os.PathLike[str]) -> bool:
+    """Decide whether a missing `path_or_repo_id` was meant as a local path rather than a Hub repo id.
+
+    Repo ids contain at most one `/` (which is also `os.sep` on POSIX), so "contains a separator" alone
+    cannot tell them apart: anything that is a `PathLike`, starts with `.`, `/` or `~`, is absolute, uses a
+    Windows separator, or is not a valid repo id is treated as a path.
+    """
+    if isinstance(path_or_repo_id, os.PathLike):
+        return True
+    name = str(path_or_repo_id)
+    if name.startswith((".", "/", "~")) or os.path.isabs(name):
+        return True
+    if "\\" in name or (os.sep != "/" and os.sep in name) or (os.altsep and os.altsep != "/" and os.altsep in name):
+        return True
+    return not _is_repo_id(name)
+
+
+def resolve_folder(
+    path_or_repo_id: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    allow_patterns: list[str] | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Return a local folder holding `path_or_repo_id`: the directory itself, or a Hub snapshot.
+
+    An existing local directory wins (like `from_pretrained` in transformers). Otherwise the argument must
+    be a Hub model repo id and is fetched with `huggingface_hub.snapshot_download` (which reuses the cache,
+    and works offline for repos downloaded before).
+
+    Args:
+        path_or_repo_id: local directory, or a Hub repo id such as ``"org/mask-llama-0.5pct"``.
+        revision: branch, tag or commit sha (Hub only; default branch when None).
+        allow_patterns: only download files matching these glob patterns (Hub only).
+        token: Hub token; None uses the saved/`HF_TOKEN` token.
+        cache_dir: Hub cache directory; None uses the default (`HF_HUB_CACHE`).
+
+    Raises:
+        FileNotFoundError: it looks like a local path but does not exist.
+        NotADirectoryError: it is an existing file, not a directory.
+        OSError: the repo is not in the local cache while offline / the Hub is unreachable, or the repo or
+            revision does not exist (or is private/gated without a valid token).
+    """
+    local = Path(os.path.expanduser(os.fspath(path_or_repo_id)))
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise NotADirectoryError(f"Expected a directory (or a Hub repo id), got the file '{local}'.")
+    if _looks_like_local_path(path_or_repo_id):
+        raise FileNotFoundError(
+            f"Local directory '{local}' does not exist"
+            + ("" if _is_repo_id(os.fspath(path_or_repo_id)) else " (and it is not a valid Hub repo id either)")
+            + "."
+        )
+
+    repo_id = os.fspath(path_or_repo_id)
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"'{repo_id}'" + (f" (revision '{revision}')" if revision else "")
+    try:
+        folder = huggingface_hub.snapshot_download(
+            repo_id=repo_id,
+            revision=revision,
+            allow_patterns=allow_patterns,
+            token=token,
+            cache_dir=cache_dir,
+            repo_type="model",
+        )
+    except RevisionNotFoundError as err:
+        raise OSError(f"Revision '{revision}' does not exist in Hub repo '{repo_id}'.") from err
+    except RepositoryNotFoundError as err:  # includes GatedRepoError
+        raise OSError(
+            f"{where} is neither a local directory nor a Hub repo you can access: the repo does not exist, or "
+            "it is private/gated and no valid token was given (run `hf auth login` or pass `token=`)."
+        ) from err
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
+        if constants.HF_HUB_OFFLINE or isinstance(err, OfflineModeIsEnabled) or isinstance(
+            err.__cause__, OfflineModeIsEnabled
+        ):
+            reason = "Hub access is disabled (HF_HUB_OFFLINE=1)"
+        else:
+            reason = "the Hub could not be reached"
+        raise OSError(
+            f"{where} is not a local directory and is not in the local Hub cache, and {reason}. Download it "
+            f"once while online (e.g. `hf download {repo_id}` or run this with HF_HUB_OFFLINE=0), or pass the "
+            "path of a local directory instead."
+        ) from err
+    return Path(folder)
+
+
+# --------------------------------------------------------------------------------------------------
+# Hub: upload
+# --------------------------------------------------------------------------------------------------
+
+
+def push_folder(
+    folder: str | os.PathLike[str],
+    repo_id: str,
+    *,
+    commit_message: str,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+) -> str:
+    """Upload every file of `folder` to the Hub model repo `repo_id` in one commit; return the commit URL.
+
+    The repo is created if missing (`private` only applies then). A `revision` naming a branch that does
+    not exist yet is created from the default branch first, so `push_folder(..., revision="v2")` just
+    works. With `create_pr=True` the commit goes to a new pull request (and `revision` must be None);
+    the returned URL is then the commit on the PR ref and the PR URL is logged.
+    """
+    from huggingface_hub import HfApi, constants
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise NotADirectoryError(f"Cannot push '{folder}': not a directory.")
+    api = HfApi(token=token)
+    repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    if revision is not None and not create_pr and revision != constants.DEFAULT_REVISION and not revision.startswith("refs/"):
+        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+    info = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        commit_message=commit_message,
+        revision=revision,
+        create_pr=create_pr,
+        repo_type="model",
+    )
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    logger.info(
+        "Pushed %d file(s) from %s to %s%s: %s (%s)%s",
+        len(files),
+        folder,
+        repo_url,
+        f"@{revision}" if revision else "",
+        info.commit_url,
+        ", ".join(files),
+        f"; pull request: {info.pr_url}" if info.pr_url else "",
+    )
+    return str(info.commit_url)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model cards
+# --------------------------------------------------------------------------------------------------
+
+
+def _template_path(template_name: str) -> Path:
+    """Find a card template: installed wheel (`meerkat_hf/model_cards/`) first, then the source checkout."""
+    name = template_name if template_name.endswith(".md") else f"{template_name}.md"
+    package_dir = Path(__file__).resolve().parent
+    candidates = [package_dir / "model_cards" / name, package_dir.parent / "model_cards" / name]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"Model card template '{name}' not found; looked in: {', '.join(str(c) for c in candidates)}."
+    )
+
+
+def render_card(template_name: str, card_data: Mapping[str, Any], **context: Any):
+    """Render `model_cards/<template_name>` into a `huggingface_hub.ModelCard`.
+
+    `card_data` becomes the YAML metadata (`ModelCardData` fields: `base_model`, `datasets`, `license`,
+    `tags`, ...). Every card gets ``library_name: meerkat-hf`` and the `DEFAULT_CARD_TAGS`; a
+    `base_model` that is not a Hub repo id (e.g. a local path) is dropped from the metadata because the
+    Hub rejects it, but stays visible in the card body (pass it in `context`). `context` holds the
+    template variables; None values render as "n/a" or are omitted, never crash.
+
+    Returns:
+        `huggingface_hub.ModelCard`; `str(card)` is the README.md content, `card.save(path)` writes it.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data: dict[str, Any] = {k: v for k, v in dict(card_data).items() if v is not None}
+    data.setdefault("library_name", LIBRARY_NAME)
+    given_tags = data.get("tags") or []
+    if isinstance(given_tags, str):
+        given_tags = [given_tags]
+    data["tags"] = list(dict.fromkeys([*DEFAULT_CARD_TAGS, *given_tags]))
+    if "base_model" not in data and isinstance(context.get("base_model"), str):
+        data["base_model"] = context["base_model"]
+    base_model = data.get("base_model")
+    if isinstance(base_model, str) and (not _is_repo_id(base_model) or Path(base_model).exists()):
+        logger.debug("Not writing base_model=%r to card metadata: not a Hub repo id.", base_model)
+        context.setdefault("base_model", base_model)
+        del data["base_model"]
+    if isinstance(data.get("datasets"), str):
+        data["datasets"] = [data["datasets"]]
+
+    return ModelCard.from_template(ModelCardData(**data), template_path=str(_template_path(template_name)), **context)

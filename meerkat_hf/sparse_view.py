@@ -1,0 +1,69 @@
+"""Gather/scatter of the masked coordinates on flattened parameter views.
+
+Why our own and not a PEFT tuner: PEFT adapters add modules (extra compute per forward);
+Meerkat trains coordinates in place, so the forward pass is the untouched base model and
+costs exactly what inference costs. Nothing dense is allocated per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .mask import SparseMask
+
+
+@dataclass
+class _Slice:
+    name: str
+    param: nn.Parameter
+    index: torch.Tensor | None  # on the parameter's device; None = the whole tensor
+    start: int
+    stop: int
+
+
+class SparseView:
+    """The sparse vector w_S of a model: `gather()` reads it, `write(values)` loads it."""
+
+    def __init__(self, model: nn.Module, mask: SparseMask):
+        params = dict(model.named_parameters())
+        self.slices: list[_Slice] = []
+        offset = 0
+        for name, count in mask.counts().items():
+            param = params[name]
+            if not param.is_contiguous():
+                raise ValueError(f"parameter {name!r} is not contiguous; Meerkat needs flat views of masked weights")
+            idx = mask.indices[name]
+            idx = None if idx is None else idx.to(param.device)
+            self.slices.append(_Slice(name, param, idx, offset, offset + count))
+            offset += count
+        self.k = offset
+
+    @torch.no_grad()
+    def gather(self) -> torch.Tensor:
+        """Current masked values as an fp32 CPU vector (canonical order)."""
+        out = torch.empty(self.k, dtype=torch.float32)
+        for s in self.slices:
+            flat = s.param.detach().view(-1)
+            part = flat if s.index is None else flat.index_select(0, s.index)
+            out[s.start : s.stop] = part.float().cpu()
+        return out
+
+    @torch.no_grad()
+    def write(self, values: torch.Tensor) -> None:
+        """Load an fp32 k-vector into the weights (cast to each weight's dtype)."""
+        if values.numel() != self.k:
+            raise ValueError(f"expected {self.k} values, got {values.numel()}")
+        on_device: dict[torch.device, torch.Tensor] = {}
+        for s in self.slices:
+            dev = s.param.device
+            if dev not in on_device:
+                on_device[dev] = values.to(dev, non_blocking=True)
+            chunk = on_device[dev][s.start : s.stop].to(s.param.dtype)
+            flat = s.param.data.view(-1)
+            if s.index is None:
+                flat.copy_(chunk)
+            else:
+                flat.index_copy_(0, s.index, chunk)

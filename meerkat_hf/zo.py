@@ -1,0 +1,122 @@
+"""Seeded sparse SPSA: the arithmetic every Meerkat node shares.
+
+This module knows nothing of Trainer or federation. Its contract is determinism:
+
+* a perturbation is `torch.randn(k, generator=Generator("cpu").manual_seed(seed))`, drawn on
+  the CPU so CPUs and every GPU model agree bit for bit;
+* the sparse state `w_S` is an fp32 CPU tensor and every update of it runs on the CPU with
+  the same sequence of elementwise ops, so a server replaying (seed, scalar, lr) records
+  reaches the very bits the client reached. `k` is ~0.1% of the model, so this is cheap;
+  only perturbed copies travel to the accelerator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+_MASK63 = (1 << 63) - 1
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers via BLAKE2b: stable across Python versions and machines.
+
+    Used for step seeds, e.g. `derive_seed(federation_seed, round, client_id, step, j)`, so seeds
+    never travel: only their coordinates do, and those are implied by the protocol.
+    """
+    data = b"".join(struct.pack("<Q", int(p) & 0xFFFFFFFFFFFFFFFF) for p in parts)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & _MASK63
+
+
+def gaussian_direction(seed: int, k: int) -> torch.Tensor:
+    """The protocol's perturbation z ~ N(0, I_k), fp32, generated on the CPU."""
+    gen = torch.Generator("cpu").manual_seed(int(seed))
+    return torch.randn(k, generator=gen, dtype=torch.float32)
+
+
+class SparseTarget(Protocol):
+    """What SPSA needs from a model: the fp32 CPU master of w_S and a way to load values."""
+
+    values: torch.Tensor
+
+    def write(self, values: torch.Tensor) -> None:
+        """Load `values` (fp32, CPU, length k) into the model's weights."""
+
+
+@dataclass(frozen=True)
+class ZOStep:
+    """One applied ZO step: everything needed to replay it, nothing model-sized.
+
+    `seeds[j]`/`grads[j]` are the q perturbations' seeds and projected gradients.
+    """
+
+    seeds: tuple[int, ...]
+    grads: tuple[float, ...]
+    lr: float
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if len(self.seeds) != len(self.grads) or not self.seeds:
+            raise ValueError("a ZOStep needs one projected gradient per seed, and at least one")
+
+
+def check_eps(eps: float) -> float:
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"zo eps must be a finite number > 0, got {eps!r}")
+    return float(eps)
+
+
+@torch.no_grad()
+def projected_gradient(
+    target: SparseTarget, loss_fn: Callable[[], torch.Tensor | float], z: torch.Tensor, eps: float
+) -> float:
+    """SPSA two-point estimate (L(w+eps z) - L(w-eps z)) / (2 eps), leaving the weights at w.
+
+    Perturbed weights are always written from the fp32 master (w + eps z, then w - eps z, then
+    w), never by adding increments to low-precision weights, so bf16/fp16 cannot drift.
+    A non-finite loss returns NaN; the weights are restored either way.
+    """
+    w = target.values
+    try:
+        target.write(w + eps * z)
+        loss_plus = float(loss_fn())
+        target.write(w - eps * z)
+        loss_minus = float(loss_fn())
+    finally:
+        target.write(w)
+    if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
+        return float("nan")
+    return (loss_plus - loss_minus) / (2.0 * eps)
+
+
+@torch.no_grad()
+def apply_step(values: torch.Tensor, step: ZOStep, directions: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """w <- w - lr * (mean_j g_j z_j + wd * w), in place on the fp32 CPU master.
+
+    `directions` may pass the z_j a client still holds; otherwise they are regenerated from the
+    seeds. Either way the bits are the same, which is what makes the virtual path exact.
+    """
+    if values.dtype != torch.float32 or values.device.type != "cpu":
+        raise ValueError("the sparse master must be an fp32 CPU tensor")
+    k = values.numel()
+    q = len(step.seeds)
+    if step.weight_decay:
+        values.mul_(1.0 - step.lr * step.weight_decay)
+    for j, (seed, g) in enumerate(zip(step.seeds, step.grads)):
+        z = directions[j] if directions is not None else gaussian_direction(seed, k)
+        values.add_(z, alpha=-step.lr * g / q)
+    return values
+
+
+def replay(values: torch.Tensor, steps: Sequence[ZOStep]) -> torch.Tensor:
+    """Apply a virtual path (a list of steps) to a copy of `values`."""
+    out = values.clone()
+    for step in steps:
+        apply_step(out, step)
+    return out
