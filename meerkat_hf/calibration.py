@@ -81,7 +81,11 @@ def iter_texts(source, text_column: str = "text") -> Iterator[str]:
         for row in source:
             yield str(row[text_column])
         return
-    for item in source:
+    for item in source:  # a list of strings, or rows (dicts) of a dataset without known columns
+        if isinstance(item, dict):
+            if text_column not in item:
+                raise KeyError(f"calibration dataset has no {text_column!r} column (columns: {sorted(item)})")
+            item = item[text_column]
         if not isinstance(item, str):
             raise TypeError(f"calibration items must be strings, got {type(item).__name__}")
         yield item
@@ -196,12 +200,15 @@ def gradient_statistics(
         return hook
 
     handles = [p.register_post_accumulate_grad_hook(make_hook(name)) for name, p in params]
-    ckpt_was_on = getattr(model, "is_gradient_checkpointing", False)
+    ckpt_was_on = _checkpointing_on(model)
     device = params[0][1].device
     batches = _batches(blocks, batch_size)
     try:
         if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.train()  # HF only checkpoints in training mode
         else:
             model.eval()
@@ -218,13 +225,21 @@ def gradient_statistics(
             p.requires_grad_(saved_flags[id(p)])
             p.grad = None
         if gradient_checkpointing and not ckpt_was_on:
-            model.gradient_checkpointing_disable()
+            (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
         model.train(was_training)
     n = len(batches)
     for name in sq:
         sq[name].div_(n)
         mean[name].div_(n)
     return GradientStatistics(sq, mean, n)
+
+
+def _checkpointing_on(model: nn.Module) -> bool:
+    # transformers 5 renamed is_gradient_checkpointing -> is_activation_checkpointing
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), attr) or hasattr(model, attr):
+            return bool(getattr(model, attr))
+    return False
 
 
 def _batches(blocks: list[torch.Tensor], batch_size: int) -> list[torch.Tensor]:

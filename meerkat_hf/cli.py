@@ -1,0 +1,123 @@
+"""`meerkat-hf` command line: one function per subcommand, argparse only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+logger = logging.getLogger("meerkat_hf")
+
+
+def _add_mask_commands(sub) -> None:
+    mask = sub.add_parser("mask", help="compute, inspect and publish sparse masks").add_subparsers(dest="mask_cmd", required=True)
+
+    compute = mask.add_parser("compute", help="compute a mask on calibration text (one backprop pass)")
+    compute.add_argument("--model", required=True, help="Hub id, local directory, or 'smollm2' (embedded default)")
+    compute.add_argument("--gguf-file", default=None, help="GGUF file inside --model to load (dequantized)")
+    compute.add_argument("--revision", default=None)
+    compute.add_argument("--calibration", required=True,
+                         help="a .txt/.jsonl file or directory, or 'self' (text sampled from the model)")
+    compute.add_argument("--text-column", default="text")
+    compute.add_argument("--density", type=float, default=1e-3)
+    compute.add_argument("--method", default="sensitivity", choices=["sensitivity", "magnitude", "random", "full"])
+    compute.add_argument("--scope", default="global", choices=["global", "per_layer"])
+    compute.add_argument("--num-sequences", type=int, default=64)
+    compute.add_argument("--seq-len", type=int, default=256)
+    compute.add_argument("--batch-size", type=int, default=1)
+    compute.add_argument("--seed", type=int, default=0)
+    compute.add_argument("--exclude", action="append", default=None, help="regex of parameter names never selected (repeatable)")
+    compute.add_argument("--include", action="append", default=None, help="regex of parameter names that may be selected (repeatable)")
+    compute.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    compute.add_argument("--gradient-checkpointing", action="store_true")
+    compute.add_argument("--out", required=True, help="output directory")
+    compute.add_argument("--push-to-hub", default=None, metavar="REPO_ID")
+    compute.set_defaults(func=cmd_mask_compute)
+
+    info = mask.add_parser("info", help="print a saved mask's statistics")
+    info.add_argument("path", help="mask directory or Hub repo id")
+    info.add_argument("--revision", default=None)
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(func=cmd_mask_info)
+
+
+def cmd_mask_compute(args) -> int:
+    from .compute import compute_mask
+    from .config import DEFAULT_EXCLUDE, SparseMaskConfig
+    from .loading import load_model_and_tokenizer, model_display_name
+
+    model, tokenizer = load_model_and_tokenizer(args.model, args.gguf_file, args.dtype, args.revision)
+    config = SparseMaskConfig(
+        density=args.density, method=args.method, scope=args.scope,
+        include_patterns=args.include, exclude_patterns=args.exclude if args.exclude is not None else list(DEFAULT_EXCLUDE),
+        calibration_num_sequences=args.num_sequences, calibration_seq_len=args.seq_len,
+        calibration_batch_size=args.batch_size, seed=args.seed,
+        base_model_name_or_path=model_display_name(args.model), revision=args.revision,
+    )
+    mask = compute_mask(model, config, args.calibration if args.method == "sensitivity" or args.calibration else None,
+                        tokenizer, text_column=args.text_column, gradient_checkpointing=args.gradient_checkpointing)
+    mask.save_pretrained(args.out, repo_id=args.push_to_hub)
+    print(format_mask_info(mask))
+    print(f"saved to {args.out}")
+    if args.push_to_hub:
+        print(f"pushed: {mask.push_to_hub(args.push_to_hub)}")
+    return 0
+
+
+def format_mask_info(mask) -> str:
+    cfg, st = mask.config, mask.statistics
+    lines = [
+        f"base model        : {cfg.base_model_name_or_path}",
+        f"method / scope    : {cfg.method} / {cfg.scope}",
+        f"density           : {cfg.density:g}",
+        f"selected k        : {mask.num_selected:,} of {st.get('num_selectable', 0):,} selectable "
+        f"({st.get('num_parameters', 0):,} parameters)",
+        f"calibration       : {cfg.calibration_source} ({cfg.calibration_num_sequences} x {cfg.calibration_seq_len} tokens, seed {cfg.seed})",
+        f"checksum          : {mask.checksum}",
+    ]
+    for key, label in (("mass_share", "grad-mass share  "), ("top_0.1%_mass_share", "top-0.1% mass    "),
+                       ("concentration_ratio", "concentration    ")):
+        if st.get(key) is not None:
+            lines.append(f"{label} : {st[key]:.4g}" + ("x (top 0.1% / 0.1-1% tier)" if key == "concentration_ratio" else ""))
+    k = max(1, mask.num_selected)
+    if st.get("per_module_type"):
+        lines.append("per module type   :")
+        lines += [f"  {t:<28} {c:>10,}  {100 * c / k:6.2f}%" for t, c in st["per_module_type"].items()]
+    if st.get("per_layer"):
+        lines.append("per layer         : " + ", ".join(f"{l}:{c}" for l, c in st["per_layer"].items()))
+    return "\n".join(lines)
+
+
+def cmd_mask_info(args) -> int:
+    from .mask import SparseMask
+
+    mask = SparseMask.from_pretrained(args.path, revision=args.revision)
+    if args.json:
+        print(json.dumps({"config": mask.config.to_dict(), "num_selected": mask.num_selected,
+                          "checksum": mask.checksum, "statistics": mask.statistics}, indent=2))
+    else:
+        print(format_mask_info(mask))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meerkat-hf", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_mask_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, OSError, KeyError, TypeError) as err:
+        print(f"meerkat-hf: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
