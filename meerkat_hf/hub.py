@@ -24,7 +24,10 @@ import shutil
 import uuid
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCard
 
 __all__ = [
     "DEFAULT_CARD_TAGS",
@@ -246,13 +249,14 @@ def resolve_folder(
     import huggingface_hub
     from huggingface_hub import constants
     from huggingface_hub.errors import (
+        IncompleteSnapshotError,
         LocalEntryNotFoundError,
         OfflineModeIsEnabled,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
-    where = f"'{repo_id}'" + (f" (revision '{revision}')" if revision else "")
+    where = f"'{repo_id}' (revision '{revision or 'main'}')"
     try:
         folder = huggingface_hub.snapshot_download(
             repo_id=repo_id,
@@ -263,15 +267,22 @@ def resolve_folder(
             repo_type="model",
         )
     except RevisionNotFoundError as err:
-        raise OSError(f"Revision '{revision}' does not exist in Hub repo '{repo_id}'.") from err
+        raise OSError(f"Revision '{revision or 'main'}' does not exist in Hub repo '{repo_id}'.") from err
     except RepositoryNotFoundError as err:  # includes GatedRepoError
         raise OSError(
             f"{where} is neither a local directory nor a Hub repo you can access: the repo does not exist, or "
             "it is private/gated and no valid token was given (run `hf auth login` or pass `token=`)."
         ) from err
+    except IncompleteSnapshotError as err:
+        raise OSError(
+            f"{where} is only partially in the local Hub cache ({err}). Re-run while online to complete it, or "
+            "pass the path of a local directory instead."
+        ) from err
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
-        if constants.HF_HUB_OFFLINE or isinstance(err, OfflineModeIsEnabled) or isinstance(
-            err.__cause__, OfflineModeIsEnabled
+        if (
+            constants.is_offline_mode()
+            or isinstance(err, OfflineModeIsEnabled)
+            or isinstance(err.__cause__, OfflineModeIsEnabled)
         ):
             reason = "Hub access is disabled (HF_HUB_OFFLINE=1)"
         else:
@@ -313,7 +324,7 @@ def push_folder(
         raise NotADirectoryError(f"Cannot push '{folder}': not a directory.")
     api = HfApi(token=token)
     repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    if revision is not None and not create_pr and revision != constants.DEFAULT_REVISION and not revision.startswith("refs/"):
+    if revision not in (None, constants.DEFAULT_REVISION) and not create_pr and not revision.startswith("refs/"):
         api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
     info = api.upload_folder(
         repo_id=repo_id,
@@ -355,14 +366,14 @@ def _template_path(template_name: str) -> Path:
     )
 
 
-def render_card(template_name: str, card_data: Mapping[str, Any], **context: Any):
+def render_card(template_name: str, card_data: Mapping[str, Any], **context: Any) -> ModelCard:
     """Render `model_cards/<template_name>` into a `huggingface_hub.ModelCard`.
 
     `card_data` becomes the YAML metadata (`ModelCardData` fields: `base_model`, `datasets`, `license`,
     `tags`, ...). Every card gets ``library_name: meerkat-hf`` and the `DEFAULT_CARD_TAGS`; a
-    `base_model` that is not a Hub repo id (e.g. a local path) is dropped from the metadata because the
-    Hub rejects it, but stays visible in the card body (pass it in `context`). `context` holds the
-    template variables; None values render as "n/a" or are omitted, never crash.
+    `base_model` that is not a Hub model id (e.g. a local path) is left out of the metadata, where it
+    would be invalid, but stays visible in the card body. `context` holds the template variables (see
+    the templates in `model_cards/`); None or missing values render as "n/a" or are omitted.
 
     Returns:
         `huggingface_hub.ModelCard`; `str(card)` is the README.md content, `card.save(path)` writes it.
