@@ -101,11 +101,27 @@ def cmd_mask_info(args) -> int:
     return 0
 
 
+def _add_federate_command(sub) -> None:
+    from .federated.__main__ import add_federate_arguments
+
+    fed = sub.add_parser("federate", help="run a federated Meerkat simulation from a YAML config "
+                         "(under `accelerate launch` clients are split across ranks)")
+    add_federate_arguments(fed)
+    fed.set_defaults(func=cmd_federate)
+
+
+def cmd_federate(args) -> int:
+    from .federated.__main__ import federate
+
+    return federate(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meerkat-hf", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_mask_commands(sub)
+    _add_federate_command(sub)
     return parser
 
 

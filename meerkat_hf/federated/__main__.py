@@ -1,0 +1,68 @@
+"""`python -m meerkat_hf.federated --config FILE.yaml` (also under `accelerate launch`).
+
+With `accelerate launch --num_processes N -m meerkat_hf.federated --config FILE.yaml` the
+round's clients are split across the N ranks; every rank replays the same aggregate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m meerkat_hf.federated", description=__doc__)
+    add_federate_arguments(p)
+    return p
+
+
+def add_federate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="federation YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set rounds=3 --set mask.density=0.01 (repeatable)")
+    p.add_argument("--output-dir", default=None, help="override output_dir")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.add_argument("--summary-json", default=None, help="also write the final summary to this file")
+
+
+def federate(args) -> int:
+    import json
+
+    from .config import FederationConfig
+    from .driver import run_federation
+    from .runtime import make_runtime
+
+    overrides = list(args.overrides or [])
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    if args.resume:
+        overrides.append("resume=true")
+    config = FederationConfig.from_yaml(args.config, overrides)
+    runtime = make_runtime(config.device)
+    if not runtime.is_main:  # one copy of the logs is enough
+        logging.getLogger().setLevel(logging.WARNING)
+    result = run_federation(config, runtime=runtime)
+    summary = {
+        "algorithm": config.algorithm, "rounds": config.rounds, "final_eval": result.final_eval,
+        "state_digest": result.state_digest, "k": result.k, "num_params": result.num_params,
+        "limited_clients": result.limited_clients, "total_uplink_bytes": result.total_uplink_bytes,
+        "total_downlink_bytes": result.total_downlink_bytes, "total_fedavg_full_bytes": result.total_fedavg_full_bytes,
+        "output_dir": str(result.output_dir), "num_processes": runtime.num_processes,
+    }
+    if runtime.is_main:
+        print(json.dumps(summary, indent=2))
+        if args.summary_json:
+            with open(args.summary_json, "w") as fh:
+                json.dump(summary, fh, indent=2)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return federate(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""A Meerkat client: rebuild the global state from a downlink, run T local ZO steps, report scalars.
+
+Local training calls `zo.py` directly (not `Trainer`): a round is a handful of forward pairs
+and the protocol needs control over seeds, scalars and the fp32 master.
+
+* Seeds: `derive_seed(federation_seed, round, client_id, step, j)`; nothing random is sent.
+* Scalars are rounded to float32 *before* the client applies them, so the server, which only
+  sees the float32 wire values, replays the very same update.
+* Data pointer (`ClientState`): a per-epoch seeded permutation and a position; each step takes
+  the next `batch_size` examples, wrapping into the next epoch. It survives rounds and
+  checkpoints, so successive rounds (and one-step early-stopped rounds) walk through all data.
+* NaN/inf loss: that perturbation's scalar is reported as g = 0 (a no-op step: the weights stay
+  where they were, only weight decay applies) and counted in the uplink's `nan_steps` field.
+  We do not send NaN: the server would reject the whole round of the client, throwing away its
+  good steps; a logged, counted skip keeps them and keeps client and server in lockstep.
+* The client state is transactional: the driver commits the new `ClientState` only after the
+  round's uplink was produced, so a client that drops out mid-round resumes from where it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..zo import ZOStep, apply_step, derive_seed, gaussian_direction, projected_gradient
+from .codec import (
+    KIND_DENSE,
+    DenseUplink,
+    MessageError,
+    Uplink,
+    checksum_bytes,
+    decode_downlink,
+    fingerprint_bytes,
+    state_digest,
+)
+from .virtual_path import ProtocolParams, aggregate_zo_round, fp32, step_seed
+
+logger = logging.getLogger(__name__)
+
+LossFn = Callable[[Any, dict], torch.Tensor]
+
+
+def default_loss(model, batch: dict) -> torch.Tensor:
+    """Causal-LM loss from the model itself (`labels` in the batch)."""
+    return model(**batch).loss
+
+
+@dataclass
+class ClientState:
+    """What a client carries between rounds (and what checkpoints store for it)."""
+
+    epoch: int = 0
+    position: int = 0
+    steps_done: int = 0
+    examples_seen: int = 0
+    rounds_done: int = 0
+    nan_steps: int = 0
+    synced_round: int | None = 0  # the round whose global state the client holds (0: base model)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LocalResult:
+    """One client round: the uplink bytes plus simulation-side diagnostics (never sent)."""
+
+    client_id: int
+    round: int
+    uplink: bytes
+    new_state: ClientState
+    final_values: torch.Tensor | None = field(default=None, repr=False)
+    mean_loss: float = float("nan")
+    num_steps: int = 0
+    nan_steps: int = 0
+    final_digest: bytes = b""
+
+
+class FederatedClient:
+    """One client's private data, data pointer and local optimizer."""
+
+    def __init__(self, client_id: int, examples: Sequence, collate_fn: Callable[[list], dict], *,
+                 batch_size: int, data_seed: int, loss_fn: LossFn | None = None):
+        if len(examples) == 0:
+            raise ValueError(f"client {client_id} has no examples")
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.client_id = int(client_id)
+        self.examples = examples
+        self.collate_fn = collate_fn
+        self.batch_size = batch_size
+        self.data_seed = data_seed
+        self.loss_fn = loss_fn or default_loss
+        self.state = ClientState()
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.examples)
+
+    # -- data pointer --------------------------------------------------------------------
+    def _permutation(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng(derive_seed(self.data_seed, self.client_id, epoch))
+        return rng.permutation(len(self.examples))
+
+    def take(self, state: ClientState, n: int) -> tuple[list[int], ClientState]:
+        """The next `n` example indices after `state`, and the advanced state (pure)."""
+        idx: list[int] = []
+        epoch, pos = state.epoch, state.position
+        while len(idx) < n:
+            perm = self._permutation(epoch)
+            chunk = perm[pos:pos + (n - len(idx))]
+            idx += [int(i) for i in chunk]
+            pos += len(chunk)
+            if pos >= len(perm):
+                epoch, pos = epoch + 1, 0
+        return idx, replace(state, epoch=epoch, position=pos, examples_seen=state.examples_seen + n)
+
+    def batch(self, state: ClientState, device: torch.device | None) -> tuple[dict, ClientState]:
+        idx, state = self.take(state, min(self.batch_size, len(self.examples)))
+        batch = self.collate_fn([self.examples[i] for i in idx])
+        if device is not None:
+            batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        return batch, state
+
+    # -- downlink ------------------------------------------------------------------------
+    def receive(self, data: bytes, *, mask_checksum: str | bytes, fingerprint: str | bytes, params: ProtocolParams,
+                cache: torch.Tensor | None, memo: dict | None = None) -> tuple[torch.Tensor, int, int]:
+        """Rebuild the round's global state: returns (values, round, my step budget).
+
+        `cache` is the global state of `self.state.synced_round` (None: nothing held). A records
+        downlink from another round, a wrong mask/base model or a reconstruction whose digest
+        differs raise `MessageError`; the caller may then ask the server for the dense state.
+        `memo` (optional, shared by simulated clients holding the same cached round) reuses a
+        verified reconstruction of the same records.
+        """
+        msg = decode_downlink(data)
+        if msg.mask_checksum != checksum_bytes(mask_checksum):
+            raise MessageError("wrong-mask", "the server uses another mask")
+        if msg.fingerprint != fingerprint_bytes(fingerprint):
+            raise MessageError("wrong-base-model", "the server's base model has other parameter shapes")
+        budget = msg.budget_of(self.client_id)
+        if budget is None:
+            raise MessageError("not-a-participant", f"client {self.client_id} is not in round {msg.round}")
+        if msg.kind == KIND_DENSE:
+            values = msg.dense
+        else:
+            if cache is None or self.state.synced_round != msg.from_round:
+                raise MessageError("cache-mismatch",
+                                   f"records replay from round {msg.from_round}, client holds round {self.state.synced_round}")
+            key = (msg.from_round, msg.round, msg.state_digest)
+            if memo is not None and key in memo:
+                return memo[key], msg.round, budget
+            values = cache
+            for rr in msg.history:
+                values, _, _ = aggregate_zo_round(values, rr.records, params, rr.round)
+        if state_digest(values) != msg.state_digest:
+            raise MessageError("digest-mismatch", f"reconstructed state of round {msg.round} differs from the server's")
+        if memo is not None and msg.kind != KIND_DENSE:
+            memo[key] = values
+        return values, msg.round, budget
+
+    # -- local training --------------------------------------------------------------------
+    def train_zo(self, model, start_values: torch.Tensor, round_id: int, budget: int, params: ProtocolParams,
+                 mask_checksum: str | bytes, eps: float, device: torch.device | None = None,
+                 keep_final: bool = False) -> LocalResult:
+        """T = `budget` SPSA steps from `start_values`; returns the uplink (scalars only)."""
+        start_digest = state_digest(start_values)
+        model.set_values(start_values)
+        values = model.values
+        k = values.numel()
+        lr = params.schedule(round_id)
+        state = self.state
+        grads: list[float] = []
+        losses: list[float] = []
+        nan_steps = 0
+        for t in range(budget):
+            batch, state = self.batch(state, device)
+
+            def loss_fn(batch=batch) -> float:
+                value = float(self.loss_fn(model, batch))
+                losses.append(value)
+                return value
+
+            seeds, zs, gs = [], [], []
+            for j in range(params.q):
+                seed = step_seed(params.federation_seed, round_id, self.client_id, t, j)
+                z = gaussian_direction(seed, k)
+                g = projected_gradient(model, loss_fn, z, eps)
+                if not math.isfinite(g):
+                    g = 0.0
+                    nan_steps += 1
+                    logger.warning("client %d round %d step %d: non-finite loss, step skipped (g=0)",
+                                   self.client_id, round_id, t)
+                seeds.append(seed)
+                zs.append(z)
+                gs.append(fp32(g))
+            apply_step(values, ZOStep(tuple(seeds), tuple(gs), lr, params.weight_decay), directions=zs)
+            model.sync_weights()
+            grads += gs
+        uplink = Uplink(round_id, self.client_id, self.num_examples, checksum_bytes(mask_checksum),
+                        start_digest, params.q, tuple(grads), nan_steps=nan_steps)
+        new_state = replace(state, steps_done=state.steps_done + budget, rounds_done=state.rounds_done + 1,
+                            nan_steps=state.nan_steps + nan_steps, synced_round=round_id)
+        finite = [x for x in losses if math.isfinite(x)]
+        return LocalResult(self.client_id, round_id, uplink.encode(), new_state,
+                           values.clone() if keep_final else None,
+                           float(np.mean(finite)) if finite else float("nan"), budget, nan_steps, state_digest(values))
+
+    def train_first_order(self, model, start_values: torch.Tensor, round_id: int, budget: int,
+                          params: ProtocolParams, mask_checksum: str | bytes, device: torch.device | None = None,
+                          keep_final: bool = False) -> LocalResult:
+        """Backprop baseline: SGD on the same masked coordinates; the uplink is the dense fp32 delta."""
+        start = start_values.detach().to("cpu", torch.float32).clone()
+        model.set_values(start)
+        values = model.values
+        lr = params.schedule(round_id)
+        slices = model.sparse.slices
+        state = self.state
+        losses: list[float] = []
+        nan_steps = 0
+        trainable = {id(s.param): s.param for s in slices}
+        for p in trainable.values():
+            p.requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                for t in range(budget):
+                    batch, state = self.batch(state, device)
+                    for p in trainable.values():
+                        p.grad = None
+                    loss = self.loss_fn(model, batch)
+                    if not torch.isfinite(loss):
+                        nan_steps += 1
+                        logger.warning("client %d round %d step %d: non-finite loss, step skipped", self.client_id, round_id, t)
+                        continue
+                    loss.backward()
+                    losses.append(float(loss.detach()))
+                    grad = torch.cat([
+                        (s.param.grad.reshape(-1) if s.index is None else s.param.grad.reshape(-1).index_select(0, s.index))
+                        .detach().float().cpu()
+                        for s in slices
+                    ])
+                    if not bool(torch.isfinite(grad).all()):
+                        nan_steps += 1
+                        continue
+                    with torch.no_grad():
+                        if params.weight_decay:
+                            values.mul_(1.0 - lr * params.weight_decay)
+                        values.add_(grad, alpha=-lr)
+                        model.sync_weights()
+        finally:
+            for p in trainable.values():
+                p.grad = None
+                p.requires_grad_(False)
+        delta = values - start
+        uplink = DenseUplink(round_id, self.client_id, self.num_examples, checksum_bytes(mask_checksum),
+                             state_digest(start), budget, delta)
+        new_state = replace(state, steps_done=state.steps_done + budget, rounds_done=state.rounds_done + 1,
+                            nan_steps=state.nan_steps + nan_steps, synced_round=round_id)
+        return LocalResult(self.client_id, round_id, uplink.encode(), new_state,
+                           values.clone() if keep_final else None,
+                           float(np.mean(losses)) if losses else float("nan"), budget, nan_steps, state_digest(values))

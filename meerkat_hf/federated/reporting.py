@@ -1,0 +1,118 @@
+"""Metrics (one JSON line per round) and plots (PNG, matplotlib's Agg backend)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+METRICS_NAME = "metrics.jsonl"
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
+
+
+class MetricsLog:
+    """Append-only JSONL; on resume, rows of rounds that will be redone are dropped."""
+
+    def __init__(self, output_dir: str | os.PathLike, start_round: int = 0):
+        self.path = Path(output_dir) / METRICS_NAME
+        self.rows: list[dict] = []
+        if self.path.exists() and start_round > 0:
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    if row.get("round", 0) < start_round:
+                        self.rows.append(row)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def append(self, row: dict) -> None:
+        row = _clean(row)
+        self.rows.append(row)
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    p = Path(path)
+    if p.is_dir():
+        p = p / METRICS_NAME
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def write_plots(rows: list[dict], out_dir: str | os.PathLike, title: str = "") -> list[Path]:
+    """accuracy (or eval loss) vs round, cumulative bytes vs round, GradIP per client."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    key = "accuracy" if any(r.get("accuracy") is not None for r in rows) else "eval_loss"
+    pts = [(r["round"] + 1, r[key]) for r in rows if r.get(key) is not None]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if pts:
+        ax.plot(*zip(*pts), marker="o")
+    ax.set_xlabel("round")
+    ax.set_ylabel(key.replace("_", " "))
+    ax.set_title(f"{title} {key.replace('_', ' ')}".strip())
+    ax.grid(alpha=0.3)
+    written.append(out / f"{key}.png")
+    fig.tight_layout()
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = [r["round"] + 1 for r in rows]
+    series = (("cumulative_bytes", "this run (uplink + downlink)"), ("cumulative_uplink_bytes", "uplink"),
+              ("cumulative_fedavg_full_bytes", "full-model FedAvg (2 x 4 x params x clients)"))
+    for name, label in series:
+        ys = [max(r.get(name) or 0, 1) for r in rows]
+        if rows:
+            ax.plot(x, ys, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("round")
+    ax.set_ylabel("cumulative bytes")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    written.append(out / "bytes.png")
+    fig.tight_layout()
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    traj: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        for cid, steps in (r.get("gradip_steps") or {}).items():
+            n = max(len(steps), 1)
+            traj.setdefault(cid, []).extend((r["round"] + t / n, g) for t, g in enumerate(steps) if g is not None)
+    limited = set(str(c) for c in (rows[-1].get("limited_clients") or [])) if rows else set()
+    for cid in sorted(traj, key=int):
+        xs, ys = zip(*traj[cid])
+        ax.plot(xs, ys, lw=1, ls="--" if cid in limited else "-", label=f"client {cid}" + (" (limited)" if cid in limited else ""))
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xlabel("round (+ local step / T)")
+    ax.set_ylabel("GradIP = g * <g_p, z>")
+    if traj:
+        ax.legend(fontsize=6, ncol=2)
+    ax.set_title("GradIP on the virtual paths" + ("" if traj else " (no g_p: not computed)"))
+    written.append(out / "gradip.png")
+    fig.tight_layout()
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+    return written

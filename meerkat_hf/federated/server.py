@@ -1,0 +1,306 @@
+"""The Meerkat server: validates uplinks, replays virtual paths, aggregates, writes downlinks.
+
+It needs no data and no model: only the initial k-vector (the base model's values at the
+masked coordinates), the mask's checksum/fingerprint, optionally g_p (for GradIP) and the
+scalars. Every rank of an Accelerate job runs one replica; fed the same uplinks in the same
+order, replicas reach the same bits (see `virtual_path` for the arithmetic).
+
+Validation: every uplink is checked (decodable, right type, round, known participant, not a
+duplicate, mask checksum, start-state digest, q and number of scalars, finite, magnitude,
+learning rates, example count). A bad one becomes a `Rejection` with a reason, is logged, and
+the round goes on with the others; if every uplink is rejected the global state is unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from .codec import (
+    KIND_DENSE,
+    KIND_RECORDS,
+    DenseUplink,
+    Downlink,
+    MessageError,
+    Record,
+    RoundRecords,
+    Uplink,
+    checksum_bytes,
+    decode_any_uplink,
+    downlink_size,
+    fingerprint_bytes,
+    state_digest,
+)
+from .virtual_path import ClientPath, ProtocolParams, aggregate_dense_round, aggregate_zo_round
+
+logger = logging.getLogger(__name__)
+
+MODES = ("zo", "dense")
+
+
+@dataclass
+class ValidationConfig:
+    """Bounds beyond which an uplink is rejected as absurd."""
+
+    max_abs_grad: float = 1e4
+    max_abs_delta: float = 1e3
+    max_lr: float = 10.0
+    max_examples: int = 2**31 - 1
+
+    def __post_init__(self) -> None:
+        if not (self.max_abs_grad > 0 and self.max_abs_delta > 0 and self.max_lr > 0 and self.max_examples > 0):
+            raise ValueError("validation bounds must be > 0")
+
+
+@dataclass
+class Rejection:
+    """A refused uplink: who sent it (if decodable), why, and its size."""
+
+    round: int
+    client_id: int | None
+    reason: str
+    detail: str
+    nbytes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RoundSummary:
+    round: int
+    accepted: list[int]
+    rejected: list[Rejection]
+    missing: list[int]
+    paths: list[ClientPath] = field(default_factory=list)
+    nan_steps: dict[int, int] = field(default_factory=dict)
+    uplink_bytes: int = 0
+    state_digest: bytes = b""
+    finals: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class FederatedServer:
+    """Server state: global w_S, round counter, what each client holds, recent round records."""
+
+    def __init__(self, initial_values: torch.Tensor, mask_checksum: str | bytes, fingerprint: str | bytes,
+                 params: ProtocolParams, *, num_clients: int, pretrain_grad: torch.Tensor | None = None,
+                 validation: ValidationConfig | None = None, mode: str = "zo", max_history_rounds: int = 100_000,
+                 keep_client_finals: bool = False):
+        if mode not in MODES:
+            raise ValueError(f"server mode must be one of {MODES}, got {mode!r}")
+        self.values = initial_values.detach().to("cpu", torch.float32).clone()
+        self.k = self.values.numel()
+        self.checksum = checksum_bytes(mask_checksum)
+        self.fingerprint = fingerprint_bytes(fingerprint)
+        self.params = params
+        self.num_clients = num_clients
+        self.mode = mode
+        self.validation = validation or ValidationConfig()
+        self.max_history_rounds = max_history_rounds
+        self.keep_client_finals = keep_client_finals
+        self.gp64 = None if pretrain_grad is None else pretrain_grad.detach().double().cpu().numpy()
+        if self.gp64 is not None and self.gp64.size != self.k:
+            raise ValueError(f"pretrain_grad has {self.gp64.size} values for k={self.k}")
+        self.round = 0
+        self.digest = state_digest(self.values)
+        # Every client holds the base model, hence the round-0 state; None = holds nothing usable.
+        self.synced: dict[int, int | None] = {c: 0 for c in range(num_clients)}
+        self.history: list[RoundRecords] = []
+        self.budgets: dict[int, int] = {}
+        self._accepted: dict[int, Uplink | DenseUplink] = {}
+        self._rejected: list[Rejection] = []
+        self._uplink_bytes = 0
+        self._open = False
+
+    # -- round life cycle ------------------------------------------------------------------
+    def begin_round(self, round_id: int, budgets: dict[int, int]) -> None:
+        if round_id != self.round:
+            raise ValueError(f"server is at round {self.round}, cannot begin round {round_id}")
+        for c, b in budgets.items():
+            if not 0 <= c < self.num_clients:
+                raise ValueError(f"participant {c} is not a client of this federation (0..{self.num_clients - 1})")
+            if not 1 <= b <= 0xFFFF:
+                raise ValueError(f"local step budget {b} of client {c} is outside 1..65535")
+        self.budgets = dict(sorted(budgets.items()))
+        self._accepted, self._rejected, self._uplink_bytes, self._open = {}, [], 0, True
+
+    def _reject(self, client_id: int | None, reason: str, detail: str, nbytes: int) -> Rejection:
+        rej = Rejection(self.round, client_id, reason, detail, nbytes)
+        self._rejected.append(rej)
+        who = "unknown sender" if client_id is None else f"client {client_id}"
+        logger.warning("round %d: rejected uplink from %s: %s (%s)", self.round, who, reason, detail)
+        return rej
+
+    def receive(self, data: bytes) -> Rejection | None:
+        """Validate and store one uplink; returns the `Rejection` if refused, else None."""
+        if not self._open:
+            raise RuntimeError("receive() outside a round: call begin_round() first")
+        nbytes = len(data) if isinstance(data, (bytes, bytearray, memoryview)) else 0
+        self._uplink_bytes += nbytes
+        try:
+            msg = decode_any_uplink(data)
+        except MessageError as err:
+            return self._reject(None, err.reason, err.detail, nbytes)
+        cid = msg.client_id
+        want = DenseUplink if self.mode == "dense" else Uplink
+        if not isinstance(msg, want):
+            return self._reject(cid, "wrong-message-type", f"this federation expects {want.__name__}", nbytes)
+        if msg.round < self.round:
+            return self._reject(cid, "stale-round", f"message for round {msg.round}, server is at {self.round}", nbytes)
+        if msg.round > self.round:
+            return self._reject(cid, "future-round", f"message for round {msg.round}, server is at {self.round}", nbytes)
+        if not 0 <= cid < self.num_clients:
+            return self._reject(cid, "unknown-client", f"client id {cid} not in 0..{self.num_clients - 1}", nbytes)
+        if cid not in self.budgets:
+            return self._reject(cid, "not-a-participant", f"client {cid} was not sampled in round {self.round}", nbytes)
+        if cid in self._accepted:
+            return self._reject(cid, "duplicate", f"client {cid} already reported in round {self.round}", nbytes)
+        if msg.mask_checksum != self.checksum:
+            return self._reject(cid, "wrong-mask", f"mask checksum {msg.mask_checksum.hex()} != {self.checksum.hex()}", nbytes)
+        if msg.state_digest != self.digest:
+            return self._reject(cid, "wrong-start-state",
+                                f"client trained from state {msg.state_digest.hex()}, round {self.round} is {self.digest.hex()}", nbytes)
+        # From here on the client provably holds this round's state.
+        self.synced[cid] = self.round
+        if not 1 <= msg.num_examples <= self.validation.max_examples:
+            return self._reject(cid, "bad-example-count", f"{msg.num_examples} examples", nbytes)
+        problem = self._check_dense(msg) if isinstance(msg, DenseUplink) else self._check_scalars(msg)
+        if problem is not None:
+            return self._reject(cid, problem[0], problem[1], nbytes)
+        self._accepted[cid] = msg
+        return None
+
+    def _check_scalars(self, msg: Uplink) -> tuple[str, str] | None:
+        budget = self.budgets[msg.client_id]
+        if msg.q != self.params.q:
+            return "wrong-q", f"q={msg.q}, the federation uses q={self.params.q}"
+        if len(msg.grads) != budget * msg.q:
+            return "wrong-number-of-scalars", f"{len(msg.grads)} scalars, expected T={budget} x q={msg.q}"
+        if not all(math.isfinite(g) for g in msg.grads):
+            return "non-finite", "NaN or inf among the projected gradients"
+        worst = max((abs(g) for g in msg.grads), default=0.0)
+        if worst > self.validation.max_abs_grad:
+            return "absurd-magnitude", f"|g| = {worst:.3g} > max_abs_grad={self.validation.max_abs_grad:g}"
+        if msg.lrs and not all(math.isfinite(x) and 0 < x <= self.validation.max_lr for x in msg.lrs):
+            return "bad-lr", f"learning rates must be in (0, {self.validation.max_lr:g}]"
+        return None
+
+    def _check_dense(self, msg: DenseUplink) -> tuple[str, str] | None:
+        if msg.delta.numel() != self.k:
+            return "wrong-number-of-scalars", f"{msg.delta.numel()} values, k={self.k}"
+        if not bool(torch.isfinite(msg.delta).all()):
+            return "non-finite", "NaN or inf in the dense delta"
+        worst = float(msg.delta.abs().max()) if self.k else 0.0
+        if worst > self.validation.max_abs_delta:
+            return "absurd-magnitude", f"|delta| = {worst:.3g} > max_abs_delta={self.validation.max_abs_delta:g}"
+        return None
+
+    def finish_round(self) -> RoundSummary:
+        """Replay and aggregate every accepted uplink (ascending client id); advance the round."""
+        if not self._open:
+            raise RuntimeError("finish_round() without begin_round()")
+        accepted = [self._accepted[c] for c in sorted(self._accepted)]
+        paths: list[ClientPath] = []
+        finals: dict[int, torch.Tensor] = {}
+        if self.mode == "dense":
+            new_values = aggregate_dense_round(self.values, accepted)
+        else:
+            new_values, paths, finals = aggregate_zo_round(self.values, accepted, self.params, self.round, self.gp64,
+                                                           keep_final=self.keep_client_finals)
+            self.history.append(RoundRecords(self.round, tuple(u.record for u in accepted)))
+            self._prune_history()
+        summary = RoundSummary(
+            round=self.round,
+            accepted=sorted(self._accepted),
+            rejected=list(self._rejected),
+            missing=[c for c in self.budgets if c not in self._accepted],
+            paths=paths,
+            nan_steps={u.client_id: getattr(u, "nan_steps", 0) for u in accepted},
+            uplink_bytes=self._uplink_bytes,
+            finals=finals,
+        )
+        if accepted:
+            self.values = new_values
+            self.digest = state_digest(self.values)
+        self.round += 1
+        self._open = False
+        summary.state_digest = self.digest
+        return summary
+
+    def _prune_history(self) -> None:
+        dense = downlink_size(KIND_DENSE, 0, k=self.k)
+        while self.history and (len(self.history) > self.max_history_rounds
+                                or downlink_size(KIND_RECORDS, 0, history=tuple(self.history)) > dense):
+            self.history.pop(0)
+
+    # -- downlinks ---------------------------------------------------------------------------
+    def downlink_plan(self, client_id: int) -> tuple[int, int | None]:
+        """(kind, from_round) of the smaller encoding for this client (dense if it holds nothing usable)."""
+        s = self.synced.get(client_id)
+        if self.mode == "zo" and s is not None:
+            first = self.history[0].round if self.history else self.round
+            if first <= s <= self.round:
+                chain = tuple(self.history[s - first:]) if s < self.round else ()
+                n = len(self.budgets)
+                if downlink_size(KIND_RECORDS, n, history=chain) < downlink_size(KIND_DENSE, n, k=self.k):
+                    return KIND_RECORDS, s
+        return KIND_DENSE, None
+
+    def downlink_nbytes(self, client_id: int, force_dense: bool = False) -> int:
+        kind, s = (KIND_DENSE, None) if force_dense else self.downlink_plan(client_id)
+        n = len(self.budgets)
+        if kind == KIND_DENSE:
+            return downlink_size(KIND_DENSE, n, k=self.k)
+        first = self.history[0].round if self.history else self.round
+        return downlink_size(KIND_RECORDS, n, history=tuple(self.history[s - first:]) if s < self.round else ())
+
+    def downlink(self, kind: int, from_round: int | None = None) -> bytes:
+        budgets = tuple(self.budgets.items())
+        if kind == KIND_DENSE:
+            msg = Downlink(self.round, KIND_DENSE, self.checksum, self.fingerprint, self.digest, budgets, dense=self.values)
+        else:
+            first = self.history[0].round if self.history else self.round
+            chain = tuple(self.history[from_round - first:]) if from_round < self.round else ()
+            msg = Downlink(self.round, KIND_RECORDS, self.checksum, self.fingerprint, self.digest, budgets,
+                           from_round=from_round, history=chain)
+        return msg.encode()
+
+    def downlink_for(self, client_id: int, force_dense: bool = False) -> bytes:
+        """The message that brings `client_id` to this round's global state (smaller encoding)."""
+        kind, s = (KIND_DENSE, None) if force_dense else self.downlink_plan(client_id)
+        return self.downlink(kind, s)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "values": self.values.clone(),
+            "round": self.round,
+            "synced": dict(self.synced),
+            "history": [(rr.round, [(r.client_id, r.num_examples, r.q, list(r.grads), list(r.lrs)) for r in rr.records])
+                        for rr in self.history],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        values = state["values"].to(torch.float32)
+        if values.numel() != self.k:
+            raise ValueError(f"checkpoint holds {values.numel()} values, this mask has k={self.k}")
+        self.values = values.clone()
+        self.digest = state_digest(self.values)
+        self.round = int(state["round"])
+        self.synced = {int(c): (None if s is None else int(s)) for c, s in state["synced"].items()}
+        self.history = [RoundRecords(r, tuple(Record(c, n, q, tuple(g), tuple(lr)) for c, n, q, g, lr in recs))
+                        for r, recs in state["history"]]
+        self._open = False
+
+
+def gradip_stats(gradips: list[float]) -> dict:
+    """Summary of one client's GradIP trajectory for the metrics."""
+    if not gradips:
+        return {}
+    arr = np.asarray(gradips, dtype=np.float64)
+    return {"n": int(arr.size), "mean": float(arr.mean()), "mean_abs": float(np.abs(arr).mean()),
+            "first": float(arr[0]), "last": float(arr[-1]), "std": float(arr.std())}

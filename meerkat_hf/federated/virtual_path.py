@@ -1,0 +1,197 @@
+"""The protocol's arithmetic: step seeds, the lr schedule, virtual-path replay and FedAvg.
+
+Server and clients import these same functions, so "replaying the records of a round" on a
+client and "aggregating the round" on the server are one computation and give one set of bits.
+Everything here runs on the CPU on the fp32 master of w_S (see `zo.py`).
+
+Exact aggregation arithmetic (`fedavg`), chosen so every replica computes the same bits:
+
+* clients in ascending client-id order; weights `n_c / N` as IEEE doubles (Python floats),
+  `N = sum(n_c)` an exact integer;
+* `d_c = float64(w_c) - float64(w)` (exact: both are fp32), `acc += d_c * (n_c / N)` in
+  float64 as two separately rounded elementwise ops (no fused multiply-add);
+* `w_new = float32(float64(w) + acc)` (round to nearest).
+
+With one client the new global state is exactly that client's state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..zo import ZOStep, apply_step, derive_seed, gaussian_direction
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def fp32(x: float) -> float:
+    """Round a Python float to the nearest float32 (what the wire carries)."""
+    return float(np.float32(x))
+
+
+def step_seed(federation_seed: int, round_id: int, client_id: int, step: int, j: int = 0) -> int:
+    """Seed of perturbation j of local step `step`: derived, never sent."""
+    return derive_seed(federation_seed, round_id, client_id, step, j)
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """Per-round learning rate known to every node; values are rounded to float32 so a value sent
+    on the wire (lr_mode 1/2) and a value computed locally are the same number."""
+
+    lr: float
+    kind: str = "constant"
+    total_rounds: int = 1
+    min_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr schedule {self.kind!r}; choose one of {', '.join(LR_SCHEDULES)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not 0.0 <= self.min_ratio <= 1.0:
+            raise ValueError(f"lr min_ratio must be in [0, 1], got {self.min_ratio}")
+
+    def __call__(self, round_id: int) -> float:
+        if self.kind == "constant" or self.total_rounds <= 1:
+            factor = 1.0
+        else:
+            progress = min(max(round_id / (self.total_rounds - 1), 0.0), 1.0)
+            if self.kind == "linear":
+                factor = 1.0 - (1.0 - self.min_ratio) * progress
+            else:
+                factor = self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return fp32(self.lr * factor)
+
+
+@dataclass(frozen=True)
+class ProtocolParams:
+    """What every node must agree on besides the mask: seeds, q, weight decay, lr schedule."""
+
+    federation_seed: int
+    schedule: LRSchedule
+    q: int = 1
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.q <= 255:
+            raise ValueError(f"q (perturbations per step) must be in 1..255, got {self.q}")
+
+
+def client_steps(params: ProtocolParams, round_id: int, client_id: int, grads: Sequence[float],
+                 q: int, lrs: Sequence[float] | None = None) -> list[ZOStep]:
+    """The ZO steps a client took, rebuilt from its scalars (`T*q` of them, step-major)."""
+    if len(grads) % q:
+        raise ValueError(f"{len(grads)} scalars is not a multiple of q={q}")
+    num_steps = len(grads) // q
+    if lrs is None or len(lrs) == 0:
+        lrs = [params.schedule(round_id)] * num_steps
+    elif len(lrs) == 1:
+        lrs = list(lrs) * num_steps
+    steps = []
+    for t in range(num_steps):
+        seeds = tuple(step_seed(params.federation_seed, round_id, client_id, t, j) for j in range(q))
+        steps.append(ZOStep(seeds, tuple(float(g) for g in grads[t * q:(t + 1) * q]), float(lrs[t]), params.weight_decay))
+    return steps
+
+
+def gradip(pretrain_grad64: np.ndarray, z: torch.Tensor, g: float) -> float:
+    """GradIP = g * <g_p, z>: exact fp64 products, numpy pairwise sum (single-threaded, so every
+    rank computes the same number)."""
+    return float(g) * float(np.add.reduce(pretrain_grad64 * z.numpy().astype(np.float64)))
+
+
+def replay_client(values: torch.Tensor, steps: Iterable[ZOStep],
+                  pretrain_grad64: np.ndarray | None = None) -> tuple[torch.Tensor, list[float]]:
+    """Replay one client's virtual path from `values` (not modified).
+
+    Returns the client's final w_S (bit-identical to what the client computed) and, when the
+    masked pre-training gradient is given, GradIP per step (mean over the q perturbations).
+    """
+    out = values.clone()
+    k = out.numel()
+    gradips: list[float] = []
+    for step in steps:
+        zs = [gaussian_direction(seed, k) for seed in step.seeds]
+        if pretrain_grad64 is not None:
+            gradips.append(sum(gradip(pretrain_grad64, z, g) for z, g in zip(zs, step.grads)) / len(zs))
+        apply_step(out, step, directions=zs)
+    return out, gradips
+
+
+class FedAvg:
+    """Streaming example-weighted FedAvg with the exact arithmetic in the module docstring."""
+
+    def __init__(self, values: torch.Tensor, counts: dict[int, int]):
+        if any(n <= 0 for n in counts.values()):
+            raise ValueError("every aggregated client needs a positive example count")
+        self.base = values
+        self.base64 = values.double()
+        self.total = sum(counts.values())
+        self.counts = counts
+        self.acc = torch.zeros_like(self.base64)
+        self._last = -1
+
+    def add(self, client_id: int, delta64: torch.Tensor) -> None:
+        """Add one client's float64 delta; clients must come in ascending id order."""
+        if client_id <= self._last:
+            raise ValueError("FedAvg needs clients in ascending client-id order")
+        self._last = client_id
+        weight = self.counts[client_id] / self.total
+        self.acc.add_(delta64.mul(weight))
+
+    def add_state(self, client_id: int, client_values: torch.Tensor) -> None:
+        self.add(client_id, client_values.double().sub_(self.base64))
+
+    def result(self) -> torch.Tensor:
+        if not self.counts:
+            return self.base.clone()
+        return self.base64.add(self.acc).float()
+
+
+@dataclass
+class ClientPath:
+    """A replayed client: its final state's digest and its GradIP trajectory."""
+
+    client_id: int
+    num_examples: int
+    gradips: list[float]
+    final_digest: bytes
+
+
+def aggregate_zo_round(values: torch.Tensor, updates: Sequence, params: ProtocolParams, round_id: int,
+                       pretrain_grad64: np.ndarray | None = None,
+                       keep_final: bool = False) -> tuple[torch.Tensor, list[ClientPath], dict[int, torch.Tensor]]:
+    """One round of Meerkat: replay each accepted update's virtual path, FedAvg the endpoints.
+
+    `updates` are objects with `client_id`, `num_examples`, `grads`, `q`, `lrs` (uplinks or
+    downlink records). Used by the server to aggregate and by clients to apply a records downlink.
+    """
+    from .codec import state_digest
+
+    ordered = sorted(updates, key=lambda u: u.client_id)
+    avg = FedAvg(values, {u.client_id: u.num_examples for u in ordered})
+    paths: list[ClientPath] = []
+    finals: dict[int, torch.Tensor] = {}
+    for u in ordered:
+        steps = client_steps(params, round_id, u.client_id, u.grads, u.q, u.lrs)
+        final, gips = replay_client(values, steps, pretrain_grad64)
+        paths.append(ClientPath(u.client_id, u.num_examples, gips, state_digest(final)))
+        if keep_final:
+            finals[u.client_id] = final
+        avg.add_state(u.client_id, final)
+    return avg.result(), paths, finals
+
+
+def aggregate_dense_round(values: torch.Tensor, updates: Sequence) -> torch.Tensor:
+    """First-order FedAvg baseline: the uplinks carry dense fp32 deltas."""
+    ordered = sorted(updates, key=lambda u: u.client_id)
+    avg = FedAvg(values, {u.client_id: u.num_examples for u in ordered})
+    for u in ordered:
+        avg.add(u.client_id, u.delta.double())
+    return avg.result()
