@@ -41,13 +41,21 @@ class SparseView:
             offset += count
         self.k = offset
 
+    @staticmethod
+    def _index(s: _Slice) -> torch.Tensor | None:
+        """The slice's index on its parameter's current device (models move after wrapping, e.g. Trainer)."""
+        if s.index is not None and s.index.device != s.param.device:
+            s.index = s.index.to(s.param.device)
+        return s.index
+
     @torch.no_grad()
     def gather(self) -> torch.Tensor:
         """Current masked values as an fp32 CPU vector (canonical order)."""
         out = torch.empty(self.k, dtype=torch.float32)
         for s in self.slices:
             flat = s.param.detach().view(-1)
-            part = flat if s.index is None else flat.index_select(0, s.index)
+            index = self._index(s)
+            part = flat if index is None else flat.index_select(0, index)
             out[s.start : s.stop] = part.float().cpu()
         return out
 
@@ -63,7 +71,8 @@ class SparseView:
                 on_device[dev] = values.to(dev, non_blocking=True)
             chunk = on_device[dev][s.start : s.stop].to(s.param.dtype)
             flat = s.param.data.view(-1)
-            if s.index is None:
+            index = self._index(s)
+            if index is None:
                 flat.copy_(chunk)
             else:
-                flat.index_copy_(0, s.index, chunk)
+                flat.index_copy_(0, index, chunk)

@@ -12,7 +12,7 @@ import torch
 
 from conftest import tiny_model
 from hub_server import fake_hub, run_with_hub  # noqa: F401  (fixture)
-from meerkat_hf import MeerkatModel, SparseMask, SparseMaskConfig, compute_mask, get_meerkat_model
+from meerkat_hf import SparseMask, SparseMaskConfig, compute_mask, get_meerkat_model
 
 
 def test_mask_push_then_from_pretrained_by_repo_id(fake_hub, tmp_path, tiny_tokenizer, corpus):  # noqa: F811

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from conftest import make_corpus, tiny_model
+from conftest import tiny_model
 from meerkat_hf import MaskMismatchError, SelfGenerated, SparseMask, SparseMaskConfig, compute_mask
 from meerkat_hf.selection import select_global, select_per_tensor, selectable_parameters, target_size
 

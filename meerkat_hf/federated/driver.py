@@ -26,15 +26,14 @@ import numpy as np
 import torch
 
 from ..zo import derive_seed
+from .protocol import build_scheduler, build_server, protocol_params
 from .checkpoint import check_resumable, clear_checkpoints, load_latest_checkpoint, save_checkpoint
 from .client import ClientState, FederatedClient
 from .codec import KIND_DENSE, MessageError
 from .config import FederationConfig
 from .reporting import MetricsLog, write_plots
 from .runtime import LocalRuntime, make_runtime
-from .server import FederatedServer, gradip_stats
-from .virtual_path import LRSchedule, ProtocolParams
-from .vp import StepScheduler
+from .server import gradip_stats
 
 logger = logging.getLogger(__name__)
 
@@ -217,22 +216,15 @@ def _run(config: FederationConfig, model, tokenizer, runtime: LocalRuntime, hook
     k = wrapped.num_selected
     initial = wrapped.values.clone()
 
-    params = ProtocolParams(config.seed, LRSchedule(config.lr, config.lr_schedule, config.rounds, config.lr_min_ratio),
-                            config.q, config.weight_decay)
+    params = protocol_params(config)
     zo = config.local_optimizer == "zo"
-    server = FederatedServer(initial, mask.checksum, mask.fingerprint, params, num_clients=config.num_clients,
-                             pretrain_grad=mask.pretrain_grad, validation=config.validation,
-                             mode="zo" if zo else "dense")
-    if config.uses_lora:  # the adapter's initial values are not part of the base model: download them
-        server.synced = {c: None for c in range(config.num_clients)}
+    server = build_server(config, mask, initial)
     clients = [FederatedClient(c, data.client_examples[c], data.collate, batch_size=config.batch_size,
                                data_seed=config.seed, loss_fn=data.loss_fn) for c in range(config.num_clients)]
     if config.uses_lora:
         for cl in clients:
             cl.state.synced_round = None
-    scheduler = StepScheduler(config.scheduler_mode, config.local_steps, config.vp, config.seed)
-    if scheduler.needs_gradip and mask.pretrain_grad is None:
-        raise ValueError(f"{config.algorithm} needs the mask's pre-training gradient g_p, and this mask has none")
+    scheduler = build_scheduler(config, mask)
 
     global_states: dict[int, torch.Tensor] = {0: server.values}
     counters = {"uplink": 0, "downlink": 0, "fedavg_full": 0}

@@ -1,0 +1,1 @@
+"""Meerkat on Flower: thin entry points over `meerkat_hf.federated.flower`."""

@@ -1,0 +1,177 @@
+"""Flower deployment (the optional `flower` extra): Meerkat's ServerApp/ClientApp in Flower's
+simulation engine (Ray backend) reach the very bits of the in-process `run_federation`, and a
+client whose reply is malformed is dropped from the round with a logged reason.
+
+Skipped where flwr is not installed (the main test run). CI tests the extra on its own, in a
+separate virtualenv, with MEERKAT_REQUIRE_FLWR=1: there a missing flwr is an error, not a skip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # read when flwr is imported; no network here
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+if os.environ.get("MEERKAT_REQUIRE_FLWR") == "1":
+    import flwr  # noqa: F401  (hard import: the flower CI step must never skip)
+else:
+    pytest.importorskip("flwr")
+
+import torch
+
+from federated_support import base_config, make_model_dir, make_task_files
+from meerkat_hf.federated import FederationConfig, run_federation
+from meerkat_hf.federated.checkpoint import load_latest_checkpoint
+from meerkat_hf.federated.codec import decode_uplink, uplink_size
+from meerkat_hf.federated.driver import FederationHooks
+from meerkat_hf.federated.flower import (
+    FlowerOptions,
+    federation_config_from_run_config,
+    options_from_run_config,
+    run_flower_simulation,
+)
+from meerkat_hf.federated.flower import messages as M
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "flower"
+ROUNDS = 2
+CLIENTS = 3
+LOCAL_STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def fed_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flower")
+    return root, make_model_dir(root), make_task_files(root)
+
+
+def _config(fed_files, name: str) -> dict:
+    root, model_dir, files = fed_files
+    # Meerkat-VP with a 2-step window: clients are judged after round 0, so round 1's budgets
+    # come from the detector -- the scheduler is part of what must match.
+    return base_config(root / name, model_dir, files, algorithm="meerkat-vp", num_clients=CLIENTS, rounds=ROUNDS,
+                       local_steps=LOCAL_STEPS, partition={"scheme": "iid"}, vp={"min_steps": 2},
+                       output_dir=str(root / name / "out"))
+
+
+def _both(cfg: dict, hooks: FederationHooks | None = None):
+    ref = run_federation(FederationConfig.from_dict({**cfg, "output_dir": cfg["output_dir"] + "-driver"}), hooks=hooks)
+    res = run_flower_simulation(FederationConfig.from_dict(cfg), hooks=hooks, options=FlowerOptions(round_timeout=300))
+    return ref, res
+
+
+def _assert_same_federation(ref, res) -> None:
+    assert res.final_values.dtype == torch.float32
+    assert torch.equal(res.final_values, ref.final_values), "Flower's global w_S differs from run_federation's"
+    assert res.state_digest == ref.state_digest
+    # The same rounds: same participants, budgets (VP), accepted clients, state after every round.
+    for key in ("participants", "budgets", "accepted", "limited_clients", "state_digest", "uplink_bytes",
+                "downlink_bytes"):
+        assert [row[key] for row in res.metrics] == [row[key] for row in ref.metrics], key
+    assert res.limited_clients == ref.limited_clients
+    # The round checkpoint on disk holds the same bits.
+    ckpt = load_latest_checkpoint(res.output_dir)
+    assert ckpt["round"] == ROUNDS - 1 and torch.equal(ckpt["server"]["values"], ref.final_values)
+
+
+def _report_bytes(res) -> None:
+    print(f"\nbytes per round, {CLIENTS} clients x T={LOCAL_STEPS} (codec payload | serialized Flower messages):")
+    for row in res.metrics:
+        fm = row["flower_message_bytes"]
+        print(f"  round {row['round']}: uplink {row['uplink_bytes']} | {fm['uplink']}   "
+              f"downlink {row['downlink_bytes']} ({row['downlink_kinds']}) | {fm['downlink']}   hello | {fm['hello']}")
+
+
+def test_flower_simulation_matches_run_federation(fed_files):
+    ref, res = _both(_config(fed_files, "clean"))
+    _assert_same_federation(ref, res)
+    assert all(row["accepted"] == list(range(CLIENTS)) and not row["rejected"] for row in res.metrics)
+    assert sorted(res.clients) == list(range(CLIENTS))
+    assert all(not row["replay_mismatches"] for row in res.metrics)
+    # Every uplink is T float32 scalars + the 52-byte frame; the Flower message around it stays
+    # a few hundred bytes, independent of the model size.
+    row0 = res.metrics[0]
+    assert row0["uplink_bytes"] == sum(uplink_size(b) for b in row0["budgets"].values())
+    assert 0 < row0["flower_message_bytes"]["uplink"] < CLIENTS * 1024
+    _report_bytes(res)
+
+
+def tamper(round_id: int, client_id: int, data: bytes) -> list[bytes]:
+    """Round 0: client 1 sends garbage; round 1: client 2 signs with another mask's checksum."""
+    if round_id == 0 and client_id == 1:
+        return [b"garbage that is not a Meerkat uplink, long enough to pass the length check"]
+    if round_id == 1 and client_id == 2:
+        return [dataclasses.replace(decode_uplink(data), mask_checksum=bytes(16)).encode()]
+    return [data]
+
+
+def test_flower_drops_malformed_replies(fed_files, caplog):
+    caplog.set_level(logging.WARNING, logger="meerkat_hf")
+    hooks = FederationHooks(tamper_uplink=tamper)
+    ref, res = _both(_config(fed_files, "tampered"), hooks)
+    _assert_same_federation(ref, res)
+    r0, r1 = res.metrics
+    assert r0["accepted"] == [0, 2] and r1["accepted"] == [0, 1]
+    assert [(x["client_id"], x["reason"]) for x in r0["rejected"]] == [(None, "bad-magic")]
+    assert [(x["client_id"], x["reason"]) for x in r1["rejected"]] == [(2, "wrong-mask")]
+    logged = [rec.getMessage() for rec in caplog.records if "rejected uplink" in rec.getMessage()]
+    assert any("round 0" in m and "bad-magic" in m for m in logged), logged
+    assert any("round 1" in m and "client 2" in m and "wrong-mask" in m for m in logged), logged
+
+
+# -- no simulation: the adapter's pieces ------------------------------------------------------------
+def test_messages_round_trip_and_malformed_replies(monkeypatch):
+    data = bytes(range(200))
+    assert M.read_downlink(M.downlink_content(data, 7)) == (data, 7)
+    monkeypatch.setattr(M, "INLINE_LIMIT", 64)  # large downlinks ride in a chunked ArrayRecord
+    big = M.downlink_content(data, 8)
+    assert M.DOWNLINK in big and M.read_downlink(big) == (data, 8)
+
+    assert M.read_reply(M.uplink_content([data])).uplinks == [data]  # > INLINE_LIMIT: ArrayRecord
+    ok = M.read_reply(M.uplink_content([b"up"], mean_loss=0.5, final_digest=b"12345678"))
+    assert (ok.status, ok.uplinks, ok.mean_loss, ok.final_digest) == ("ok", [b"up"], 0.5, b"12345678")
+    assert M.read_reply(M.uplink_content([b"a", b"b"])).uplinks == [b"a", b"b"]
+    assert M.read_reply(M.need_dense_content("cache-mismatch")).status == M.STATUS_NEED_DENSE
+
+    from flwr.app import ConfigRecord, RecordDict
+
+    for content in (RecordDict(), RecordDict({M.META: ConfigRecord({"status": "bogus"})}),
+                    RecordDict({M.META: ConfigRecord({"status": "ok", "uplink": "not bytes"})})):
+        reply = M.read_reply(content)
+        assert reply.status == "malformed" and reply.reason == "malformed-reply"
+
+
+def test_run_config_to_federation_config(tmp_path):
+    (tmp_path / "fed.yaml").write_text("num_clients: 4\nmask: {density: 0.01}\n")
+    run_config = {"config-file": "fed.yaml", "local-steps": 7, "mask.calibration-num-sequences": 3,
+                  "task.verbalizer": '[" bad", " good"]', "task.prompt": "{text}:", "task.data-files": "x.csv",
+                  "flower.round-timeout": 0, "flower.min-nodes": 2, "flower.server-eval": False}
+    cfg = federation_config_from_run_config(run_config, tmp_path)
+    assert (cfg.num_clients, cfg.local_steps, cfg.mask.density, cfg.mask.calibration_num_sequences) == (4, 7, 0.01, 3)
+    assert cfg.task.verbalizer == [" bad", " good"]
+    assert options_from_run_config(run_config) == FlowerOptions(min_nodes=2, round_timeout=None, server_eval=False)
+    with pytest.raises(ValueError, match="unknown key"):
+        federation_config_from_run_config({"local-stepz": 3})
+    with pytest.raises(ValueError, match="unknown Flower option"):
+        options_from_run_config({"flower.round-timeuot": 3})
+
+
+def test_example_app_is_a_valid_flower_app():
+    """examples/flower passes flwr's own validation (components importable) and describes a
+    valid federation on the embedded default model."""
+    from flwr.cli.config_utils import load_and_validate
+    from flwr.common.config import flatten_dict
+
+    config, warnings = load_and_validate(EXAMPLE / "pyproject.toml", check_module=True)
+    assert not warnings, warnings
+    run_config = flatten_dict(config["tool"]["flwr"]["app"]["config"])
+    fed = federation_config_from_run_config(run_config, EXAMPLE)
+    assert fed.model.model_name_or_path == "smollm2"
+    assert fed.algorithm == "meerkat-vp"
+    options_from_run_config(run_config)
+    assert "tool" not in config or "federations" not in config["tool"]["flwr"]  # see README: flwr >= 1.3x migrates it
