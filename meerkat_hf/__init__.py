@@ -1,4 +1,8 @@
-"""meerkat-hf: zeroth-order federated fine-tuning of causal LMs with transferable sparsity."""
+"""meerkat-hf: zeroth-order federated fine-tuning of causal LMs with transferable sparsity.
+
+The trainer is imported lazily: `import meerkat_hf` for masks alone does not pay for
+`transformers.Trainer` (and its optional integrations).
+"""
 
 from .calibration import SelfGenerated
 from .compute import compute_mask
@@ -8,12 +12,30 @@ from .model import MeerkatModel, get_meerkat_model
 
 __version__ = "0.1.0"
 
+_LAZY = {"MeerkatZOTrainer": "trainer", "MeerkatZOArguments": "trainer", "CandidateAccuracy": "trainer",
+         "ZOSGD": "zo_optimizer", "lora_mask": "baselines", "full_mask": "baselines"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "CandidateAccuracy",
     "MaskMismatchError",
     "MeerkatModel",
+    "MeerkatZOArguments",
+    "MeerkatZOTrainer",
     "SelfGenerated",
     "SparseMask",
     "SparseMaskConfig",
+    "ZOSGD",
     "compute_mask",
+    "full_mask",
     "get_meerkat_model",
+    "lora_mask",
 ]

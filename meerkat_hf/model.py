@@ -69,6 +69,16 @@ class MeerkatModel(nn.Module):
     def delta(self) -> torch.Tensor:
         return self.values - self.base_values
 
+    @property
+    def is_quantized(self) -> bool:
+        """False: the *trainable* weights are never quantized (SparseView requires float tensors).
+
+        transformers flags every model loaded through a quantizer, GGUF included even when it was
+        dequantized to float32 on load, and `Trainer` refuses such models unless adapters are
+        attached. Meerkat only writes the masked coordinates, so the frozen rest may be anything.
+        """
+        return False
+
     # -- nn.Module / transformers behaviour ------------------------------------------------
     def forward(self, *args, **kwargs):
         return self.base_model(*args, **kwargs)

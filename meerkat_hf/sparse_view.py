@@ -33,6 +33,11 @@ class SparseView:
         offset = 0
         for name, count in mask.counts().items():
             param = params[name]
+            if not param.is_floating_point():
+                raise TypeError(
+                    f"masked parameter {name!r} is stored as {param.dtype} (quantized?); Meerkat writes the masked "
+                    "coordinates in place and needs them in a floating-point tensor: exclude it from the mask"
+                )
             if not param.is_contiguous():
                 raise ValueError(f"parameter {name!r} is not contiguous; Meerkat needs flat views of masked weights")
             idx = mask.indices[name]

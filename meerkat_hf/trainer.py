@@ -1,0 +1,421 @@
+"""`MeerkatZOTrainer`: swap it for `transformers.Trainer` and train a `MeerkatModel` with forward passes only.
+
+The trainer keeps Trainer's loop (data, accumulation, schedulers, logging, evaluation,
+checkpoints, callbacks) and changes only what ZO changes, at stable seams:
+
+* `training_step`: two forward passes per perturbation under `torch.no_grad()` in eval mode
+  (dropout off, so both passes evaluate the same function) and `zo.projected_gradient`; the
+  scalars go to the optimizer. The step seed is `zo.derive_seed(zo_seed, global_step, j)`:
+  resumed runs and every data-parallel rank regenerate the same perturbations.
+* `create_optimizer`: `ZOSGD` on the fp32 master, with `learning_rate` / `weight_decay`.
+* `_save` / `_load_from_checkpoint` / `_load_best_model`: checkpoints hold the sparse delta
+  (`MeerkatModel.save_pretrained`), not a full state dict.
+
+Gradient accumulation and data parallelism (the definition this trainer implements):
+    a micro-batch contributes the SPSA estimate of the loss exactly as `Trainer` would scale it
+    for `backward()`, estimates are summed over the micro-batches of an optimizer step (all with
+    the step's seeds) and averaged across ranks (like DDP averages gradients). For causal-LM
+    losses, where Trainer passes `num_items_in_batch`, each micro-batch loss is its token-loss sum
+    divided by the number of label tokens of the whole step (all micro-batches, all ranks), so
+    `gradient_accumulation_steps=G` with batch b is one ZO step on the G*b batch, and N ranks with
+    batch b are one step on the N*b batch, both up to float rounding. Losses that are per-batch
+    means (no `num_items_in_batch`, e.g. `zo_loss="candidates"`) are divided by G, which is the
+    same thing when micro-batches have equal size.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import EvalPrediction
+from transformers.utils.generic import can_return_loss, find_labels
+
+from . import zo
+from .model import DELTA_WEIGHTS_NAME, MeerkatModel
+from .zo_optimizer import ZOSGD
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ZO_LOSSES", "CandidateAccuracy", "MeerkatZOArguments", "MeerkatZOTrainer"]
+
+ZO_LOSSES = ("lm", "candidates")
+TRAINING_ARGS_NAME = "training_args.bin"  # what Trainer writes next to a checkpoint
+
+
+@dataclass
+class MeerkatZOArguments(TrainingArguments):
+    """`TrainingArguments` plus the zeroth-order settings (all parseable by `HfArgumentParser`)."""
+
+    zo_eps: float = field(
+        default=1e-3,
+        metadata={"help": "SPSA perturbation scale eps: the loss is evaluated at w + eps z and w - eps z, z ~ N(0, I_k)."},
+    )
+    zo_num_perturbations: int = field(
+        default=1,
+        metadata={"help": "q: perturbations per optimizer step (2 forward passes each); their estimates are averaged."},
+    )
+    zo_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "Base of the perturbation seed stream: step t, perturbation j uses derive_seed(zo_seed, t, j). "
+            "Defaults to --seed."
+        },
+    )
+    zo_loss: str = field(
+        default="lm",
+        metadata={
+            "help": "lm: the model's own LM loss on `labels`; candidates: cross-entropy over the label words only "
+            "(MeZO-style classification; pass candidate_ids= to the trainer).",
+            "choices": list(ZO_LOSSES),
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _ZOSettings.from_args(self)  # fail at argument time, not after the model is loaded
+        _check_backward_only_options(self)
+
+
+@dataclass(frozen=True)
+class _ZOSettings:
+    eps: float
+    q: int
+    seed: int
+    loss: str
+
+    @classmethod
+    def from_args(cls, args: TrainingArguments) -> _ZOSettings:
+        """Read the zo_* fields; a plain `TrainingArguments` gets the defaults (drop-in use)."""
+        eps = zo.check_eps(getattr(args, "zo_eps", 1e-3))
+        q = getattr(args, "zo_num_perturbations", 1)
+        if isinstance(q, bool) or not isinstance(q, int) or q < 1:
+            raise ValueError(f"zo_num_perturbations must be an integer >= 1, got {q!r}")
+        seed = getattr(args, "zo_seed", None)
+        seed = args.seed if seed is None else seed
+        loss = getattr(args, "zo_loss", "lm")
+        if loss not in ZO_LOSSES:
+            raise ValueError(f"zo_loss must be one of {ZO_LOSSES}, got {loss!r}")
+        return cls(eps=eps, q=q, seed=int(seed), loss=loss)
+
+
+def _check_backward_only_options(args: TrainingArguments) -> None:
+    """Options that only make sense with a backward pass, or that break the two-point estimate."""
+    if getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False):
+        raise ValueError(
+            "gradient/activation checkpointing saves memory in backward(); zeroth-order training runs no backward, "
+            "so it would only slow the forward passes. Set gradient_checkpointing=False."
+        )
+    if getattr(args, "deepspeed", None):
+        raise ValueError("DeepSpeed shards gradients and optimizer states, which ZO training does not have; remove deepspeed=")
+    if getattr(args, "fsdp", None):
+        raise ValueError(
+            "FSDP is not supported by MeerkatZOTrainer: the sparse master lives outside the sharded parameters. "
+            "Use plain data parallelism (accelerate launch / torchrun) instead."
+        )
+    if getattr(args, "neftune_noise_alpha", None) is not None:
+        raise ValueError(
+            "neftune_noise_alpha adds fresh random noise to every forward pass, so L(w + eps z) - L(w - eps z) would "
+            "measure the noise, not the loss; unset it for zeroth-order training"
+        )
+
+
+class MeerkatZOTrainer(Trainer):
+    """A `transformers.Trainer` that trains a `MeerkatModel` with seeded sparse SPSA (no backward pass).
+
+    Extra constructor argument:
+        candidate_ids: token ids of the label words (class order), required for
+            `zo_loss="candidates"`; see `meerkat_hf.tasks.candidate_token_ids`.
+
+    `args` may be a `MeerkatZOArguments` or a plain `TrainingArguments` (ZO defaults then apply).
+    After training, `trainer.zo_optimizer.history` is the run's virtual path (seeds, scalars, lr).
+    """
+
+    def __init__(self, model=None, args=None, *trainer_args, candidate_ids=None, **trainer_kwargs):
+        if args is None:
+            args = MeerkatZOArguments(output_dir="tmp_trainer")
+        if model is not None:
+            _check_model(model)
+        self.zo_settings = _ZOSettings.from_args(args)
+        _check_backward_only_options(args)
+        if self.zo_settings.loss == "candidates" and candidate_ids is None:
+            raise ValueError(
+                "zo_loss='candidates' needs the label words' token ids: "
+                "MeerkatZOTrainer(..., candidate_ids=meerkat_hf.tasks.candidate_token_ids(tokenizer, task))"
+            )
+        self.candidate_ids = None if candidate_ids is None else torch.as_tensor(candidate_ids, dtype=torch.long).reshape(-1)
+        if trainer_kwargs.get("optimizer_cls_and_kwargs") is not None:
+            raise ValueError("MeerkatZOTrainer always uses ZOSGD; drop optimizer_cls_and_kwargs")
+        optimizers = trainer_kwargs.get("optimizers")
+        if optimizers is not None and optimizers[0] is not None and not isinstance(optimizers[0], ZOSGD):
+            raise TypeError(f"MeerkatZOTrainer needs a ZOSGD optimizer, got {type(optimizers[0]).__name__}")
+        self.meerkat_model: MeerkatModel | None = model
+        self._zo_direction_cache: tuple[int, tuple[torch.Tensor, ...]] | None = None
+        self._warned_grad_norm = False
+
+        super().__init__(model, args, *trainer_args, **trainer_kwargs)
+
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(
+                "the accelerate config enables DeepSpeed/FSDP; MeerkatZOTrainer supports single-device and plain "
+                "data-parallel training only"
+            )
+        if getattr(self.accelerator, "scaler", None) is not None:
+            # A GradScaler scales a loss for backward and checks .grad for inf: with no backward it
+            # would find no gradients and refuse to step. Forward autocast stays on.
+            logger.info("fp16 mixed precision: the GradScaler is disabled (ZO has no backward pass)")
+            self.accelerator.scaler = None
+        self._fix_model_introspection()
+        self._prepare_forward_only()
+
+    def _prepare_forward_only(self) -> None:
+        """Have accelerate prepare the MeerkatModel in evaluation mode: placement, autocast, compile, no DDP.
+
+        DDP exists to all-reduce gradients after backward; ZO has neither (the projected
+        gradients are all-reduced by ZOSGD instead). accelerate would still wrap the model on
+        multi-CPU, and torch refuses DDP for a module with no trainable parameter.
+        """
+        prepare_model = self.accelerator.prepare_model
+
+        def prepare_model_forward_only(model, device_placement=None, evaluation_mode=False):
+            forward_only = evaluation_mode or isinstance(model, MeerkatModel)
+            return prepare_model(model, device_placement=device_placement, evaluation_mode=forward_only)
+
+        self.accelerator.prepare_model = prepare_model_forward_only
+
+    # -- the model ------------------------------------------------------------------------
+    def call_model_init(self, trial=None):
+        model = super().call_model_init(trial)
+        _check_model(model)
+        self.meerkat_model = model
+        return model
+
+    def _inner_model(self):
+        """The transformers model under the MeerkatModel (and under PEFT, if any)."""
+        inner = self.meerkat_model.base_model
+        return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+    def _fix_model_introspection(self) -> None:
+        """Read labels and `return_loss` from the wrapped model, not from `MeerkatModel.forward(*args, **kwargs)`.
+
+        Trainer inspects `type(model).forward`; for a MeerkatModel that would find no label
+        argument, and evaluation would silently stop reporting `eval_loss`.
+        """
+        inner = self._inner_model()
+        if self.args.label_names is None:
+            self.label_names = find_labels(inner.__class__)
+        self.can_return_loss = can_return_loss(inner.__class__)
+
+    def _set_signature_columns_if_needed(self):
+        # Same reason: `remove_unused_columns` keeps what the *wrapped* model's forward accepts,
+        # so a script behaves exactly as it did with the plain model.
+        if self._signature_columns is None:
+            columns = list(inspect.signature(self._inner_model().forward).parameters)
+            self._signature_columns = columns + list(set(["label", "label_ids"] + self.label_names))
+
+    # -- optimizer ------------------------------------------------------------------------
+    @property
+    def zo_optimizer(self) -> ZOSGD | None:
+        """The `ZOSGD` under accelerate's optimizer wrapper (None before training starts)."""
+        opt = self.optimizer
+        while opt is not None and not isinstance(opt, ZOSGD):
+            opt = getattr(opt, "optimizer", None)
+        return opt
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            if self.args.optim not in ("adamw_torch", "adamw_torch_fused"):
+                logger.info("optim=%s is ignored: MeerkatZOTrainer uses ZOSGD", self.args.optim)
+            self.optimizer = ZOSGD(self.meerkat_model, lr=self.args.learning_rate, weight_decay=self.args.weight_decay)
+        opt = self.zo_optimizer
+        if opt.model is not self.meerkat_model:
+            raise ValueError("the ZOSGD optimizer was built for another MeerkatModel than the trainer's model")
+        if self.accelerator.num_processes > 1 and opt.reduce is None:
+            opt.reduce = self._mean_over_processes
+        s = self.zo_settings
+        logger.info(
+            "Meerkat ZO: k=%d trainable coordinates (%s mask), q=%d, eps=%g, seed=%d, loss=%s, lr=%g, "
+            "weight_decay=%g, processes=%d", self.meerkat_model.num_selected, self.meerkat_model.mask.config.method,
+            s.q, s.eps, s.seed, s.loss, self.args.learning_rate, self.args.weight_decay, self.accelerator.num_processes,
+        )
+        return self.optimizer
+
+    def _mean_over_processes(self, grads: torch.Tensor) -> torch.Tensor:
+        """All-reduce (mean) the projected gradients so every replica applies the same step."""
+        return self.accelerator.reduce(grads.to(self.accelerator.device), reduction="mean").cpu()
+
+    # No gradient tensors: nothing to clip, and a gradient norm of 0 would be a misleading log.
+    def _clip_grad_norm(self, model):
+        if not self._warned_grad_norm:
+            logger.info("max_grad_norm=%s is ignored: ZO steps have no gradient tensors to clip", self.args.max_grad_norm)
+            self._warned_grad_norm = True
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        return None
+
+    # -- the ZO step ----------------------------------------------------------------------
+    def _step_directions(self) -> tuple[tuple[int, ...], tuple[torch.Tensor, ...]]:
+        """Seeds and z of the current optimizer step, drawn once and shared by its micro-batches."""
+        step = self.state.global_step
+        seeds = tuple(zo.derive_seed(self.zo_settings.seed, step, j) for j in range(self.zo_settings.q))
+        cached = self._zo_direction_cache
+        if cached is None or cached[0] != step:
+            k = self.meerkat_model.num_selected
+            cached = (step, tuple(zo.gaussian_direction(s, k) for s in seeds))
+            self._zo_direction_cache = cached
+        return seeds, cached[1]
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """2q forward passes, no backward: hand the projected gradients to ZOSGD, return the mean loss."""
+        model.eval()  # dropout off: both passes must evaluate the same function
+        inputs = self._prepare_inputs(inputs)
+        seeds, directions = self._step_directions()
+        losses: list[torch.Tensor] = []
+
+        def loss_fn() -> torch.Tensor:
+            loss = self.compute_zo_loss(model, inputs, num_items_in_batch).detach()
+            losses.append(loss.float().reshape(()))
+            return loss
+
+        opt = self.zo_optimizer
+        if opt is None:
+            raise RuntimeError("training_step needs the ZOSGD optimizer: call create_optimizer() first (train() does)")
+        grads = [zo.projected_gradient(self.meerkat_model, loss_fn, z, self.zo_settings.eps) for z in directions]
+        opt.accumulate(seeds, grads, directions)
+        return torch.stack(losses).mean().to(self.args.device)
+
+    def compute_zo_loss(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """The loss one micro-batch contributes, scaled for accumulation exactly as Trainer scales it for backward."""
+        if self.zo_settings.loss == "candidates":
+            from .tasks import candidate_loss
+
+            with self.compute_loss_context_manager():
+                loss = candidate_loss(self._forward_model(model), inputs, self.candidate_ids)
+            scaled = False  # a per-batch mean over examples
+        else:
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+            scaled = self.loss_is_scaled_for_ga
+            if scaled is None:  # Trainer's own rule (training_step)
+                scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                    self.compute_loss_func is not None
+                )
+        if self.args.n_gpu > 1:
+            loss = loss.mean()
+        if not scaled:
+            loss = loss / getattr(self, "current_gradient_accumulation_steps", 1)
+        return loss
+
+    def _forward_model(self, model):
+        # candidate scoring inspects forward() for `logits_to_keep`; the plain model exposes it
+        return self.meerkat_model.base_model if model is self.meerkat_model else model
+
+    # -- logging --------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        opt = self.zo_optimizer
+        if opt is not None and "loss" in logs:
+            logs = {**logs, **opt.pop_log_stats()}
+        super().log(logs, start_time)
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Save the mask and the sparse values (kilobytes to megabytes), never the dense weights."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        opt = self.zo_optimizer
+        summary = {
+            "trainer": "MeerkatZOTrainer",
+            "global_step": self.state.global_step,
+            "zo_eps": self.zo_settings.eps,
+            "zo_num_perturbations": self.zo_settings.q,
+            "zo_seed": self.zo_settings.seed,
+            "zo_loss": self.zo_settings.loss,
+            "learning_rate": self.args.learning_rate,
+            "zo_skipped_steps": 0 if opt is None else opt.num_skipped,
+        }
+        self.meerkat_model.save_pretrained(output_dir, training_summary=summary)
+        logger.info("saved Meerkat sparse delta (k=%d) to %s", self.meerkat_model.num_selected, output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        elif getattr(self.data_collator, "tokenizer", None) is not None:
+            self.data_collator.tokenizer.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_delta(self, folder: str) -> None:
+        if not (Path(folder) / DELTA_WEIGHTS_NAME).is_file():
+            raise ValueError(
+                f"{folder} has no {DELTA_WEIGHTS_NAME}: not a MeerkatZOTrainer checkpoint "
+                "(dense Trainer checkpoints cannot be resumed as Meerkat runs)"
+            )
+        self.meerkat_model.load_delta(folder)
+        logger.info("loaded Meerkat sparse delta (k=%d) from %s", self.meerkat_model.num_selected, folder)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        self._load_delta(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        logger.info("loading best model from %s (score: %s)", self.state.best_model_checkpoint, self.state.best_metric)
+        self._load_delta(self.state.best_model_checkpoint)
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, MeerkatModel):
+        raise TypeError(
+            f"MeerkatZOTrainer trains a MeerkatModel, got {type(model).__name__}. Wrap your model first: "
+            "model = meerkat_hf.get_meerkat_model(model, mask) (mask from compute_mask or SparseMask.from_pretrained)"
+        )
+
+
+class CandidateAccuracy:
+    """Offline accuracy over the label words for `Trainer.evaluate` (prompt classification).
+
+    Use the training encoding for the eval set (`encode_classification(..., include_label_word=True)`,
+    so `labels` marks the gold label token) and pass both hooks::
+
+        acc = CandidateAccuracy(candidate_ids)
+        MeerkatZOTrainer(..., compute_metrics=acc, preprocess_logits_for_metrics=acc.preprocess_logits_for_metrics)
+
+    `preprocess_logits_for_metrics` keeps only the candidate logits at the predicting position
+    ([batch, classes] instead of [batch, seq, vocab]), so evaluation memory stays small.
+    """
+
+    def __init__(self, candidate_ids: Sequence[int] | torch.Tensor):
+        self.candidate_ids = torch.as_tensor(candidate_ids, dtype=torch.long).reshape(-1)
+        if self.candidate_ids.numel() < 2:
+            raise ValueError("CandidateAccuracy needs the token ids of at least two label words")
+
+    def preprocess_logits_for_metrics(self, logits, labels: torch.Tensor) -> torch.Tensor:
+        from .tasks import prediction_positions
+
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
+        positions = prediction_positions({"labels": labels}).to(logits.device)
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        return logits[rows, positions][:, self.candidate_ids.to(logits.device)]
+
+    def __call__(self, eval_pred: EvalPrediction) -> dict[str, float]:
+        from .metrics import accuracy
+        from .tasks import IGNORE_INDEX
+
+        scores = torch.as_tensor(eval_pred.predictions)
+        labels = torch.as_tensor(eval_pred.label_ids)
+        if scores.dim() != 2 or scores.shape[1] != self.candidate_ids.numel():
+            raise ValueError(
+                f"expected [examples, {self.candidate_ids.numel()}] candidate scores, got {tuple(scores.shape)}: "
+                "pass preprocess_logits_for_metrics=CandidateAccuracy.preprocess_logits_for_metrics"
+            )
+        supervised = labels != IGNORE_INDEX
+        gold = labels[torch.arange(labels.shape[0]), supervised.int().argmax(dim=1)]
+        match = gold[:, None] == self.candidate_ids[None, :]
+        if not bool(match.any(dim=1).all()):
+            raise ValueError("an eval label token is not one of the candidate tokens")
+        return {"accuracy": accuracy(scores.argmax(dim=-1), match.int().argmax(dim=1))}
+
