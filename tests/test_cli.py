@@ -37,6 +37,14 @@ def test_mask_compute_then_info(tmp_path, model_dir, capsys):
     assert info["num_selected"] == mask.num_selected and info["checksum"] == mask.checksum
 
 
+def test_mask_compute_on_offline_python_docs(tmp_path, model_dir):
+    out = tmp_path / "mask"
+    assert main(["mask", "compute", "--model", str(model_dir), "--calibration", "python_docs", "--density", "0.01",
+                 "--num-sequences", "2", "--seq-len", "16", "--out", str(out)]) == 0
+    mask = SparseMask.from_pretrained(out)
+    assert "python_docs" in mask.config.calibration_source and mask.pretrain_grad is not None
+
+
 def test_cli_reports_bad_input_clearly(tmp_path, model_dir, capsys):
     rc = main(["mask", "compute", "--model", str(model_dir), "--calibration", str(tmp_path / "missing.txt"),
                "--out", str(tmp_path / "o")])

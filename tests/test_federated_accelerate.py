@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,14 +34,13 @@ def test_two_processes_equal_single_process(tmp_path):
     multi = base_config(tmp_path, model_dir, files, output_dir=str(tmp_path / "multi"), **kw)
     path = tmp_path / "fed.yaml"
     path.write_text(yaml.safe_dump(multi))
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
-    # `--multi_gpu` selects accelerate's torchrun launcher; with no visible GPU the ranks are CPU
-    # processes talking over gloo (plain `--cpu` would start a single process without mpirun).
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "meerkat_hf.federated", "--config", str(path), "--summary-json", str(tmp_path / "summary.json")]
+    # Through the example script a user would run (examples/accelerate_federation.sh).
+    script = Path(__file__).resolve().parents[1] / "examples" / "accelerate_federation.sh"
+    cmd = ["bash", str(script), "--config", str(path), "--summary-json", str(tmp_path / "summary.json")]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join(sys.path)}
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join(sys.path),
+           "NUM_PROCESSES": "2", "MAIN_PROCESS_PORT": str(_free_port()),
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=170)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -36,11 +36,16 @@ def test_cli_federate_writes_metrics_plots_and_counts_bytes(tmp_path, assets, ca
     path = tmp_path / "fed.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["federate", "--config", str(path), "--set", "local_steps=4"]) == 0
-    assert '"state_digest"' in capsys.readouterr().out  # the run's summary
+    report = capsys.readouterr().out  # the run's report, for a person
     out = tmp_path / "run"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     info = json.loads((out / "run_info.json").read_text())
+    before = info["initial_eval"]["accuracy"]  # the zero-shot evaluation ran before round 0
+    assert 0 <= before <= 1
+    assert f"zero-shot (before): {before:.4f}   after round 3: {rows[-1]['accuracy']:.4f}" in report
+    assert "full-model FedAvg" in report and "x more" in report
+    assert ("Meerkat-VP flagged" in report) == (cfg.get("algorithm") == "meerkat-vp")
     T = 4
     for r in rows:
         assert len(r["participants"]) == 3 and r["accepted"] == r["participants"] and not r["rejected"]
@@ -56,6 +61,9 @@ def test_cli_federate_writes_metrics_plots_and_counts_bytes(tmp_path, assets, ca
     for name in ("accuracy.png", "bytes.png", "gradip.png"):
         assert (out / "plots" / name).read_bytes()[:4] == b"\x89PNG"
     assert (out / "final" / "sparse_delta.safetensors").is_file()
+    card = (out / "final" / "README.md").read_text()  # ready for push_to_hub: rendered card with the results
+    assert "library_name: meerkat-hf" in card and "Accuracy before" in card and "Accuracy after" in card
+    assert "Full model fedavg bytes" in card
     # the partition from the config is the one the clients got
     from meerkat_hf.tasks import custom_task, load_task_dataset
 

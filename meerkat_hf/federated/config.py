@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ class MaskSection:
     seed: int = 0
     exclude_patterns: list[str] | None = None
     include_patterns: list[str] | None = None
+    cache: bool = True  # reuse a mask computed earlier for the same model, spec and calibration
 
 
 @dataclass
@@ -125,6 +127,7 @@ class FederationConfig:
     batch_size: int = 8
     max_length: int = 128
     eval_every: int = 5
+    eval_before: bool = True  # evaluate the initial (zero-shot) state before the first round
     eval_examples: int | None = 500
     eval_batch_size: int = 16
     seed: int = 42
@@ -246,7 +249,7 @@ class FederationConfig:
         if not p.is_file():
             raise FileNotFoundError(f"federation config {p} does not exist")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = _numeric(yaml.safe_load(p.read_text()) or {})
         except yaml.YAMLError as err:
             raise ConfigError(f"{p} is not valid YAML: {err}") from err
         return cls.from_dict(apply_overrides(data, overrides or []))
@@ -286,7 +289,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw)
+        value = _numeric(yaml.safe_load(raw))
         parts = key.strip().split(".")
         target = data
         for part in parts[:-1]:
@@ -294,3 +297,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             target = target[part]
         target[parts[-1]] = value
     return data
+
+
+_SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _numeric(value: Any) -> Any:
+    """YAML 1.1 reads `1e-3` (no dot) as a string; in a config it always means a number."""
+    if isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _numeric(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numeric(v) for v in value]
+    return value

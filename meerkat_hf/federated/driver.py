@@ -95,6 +95,7 @@ class FederationResult:
     num_params: int
     k: int
     model: object = field(default=None, repr=False)
+    initial_eval: dict = field(default_factory=dict)  # the zero-shot state, before round 0
 
 
 def sample_clients(seed: int, round_id: int, num_clients: int, fraction: float) -> list[int]:
@@ -129,11 +130,34 @@ def _calibration_source(config: FederationConfig, data):
     return src
 
 
+def _calibration_id(config: FederationConfig) -> str | None:
+    """What the calibration text is, for the mask cache key (None: do not cache)."""
+    import sys
+
+    src = config.mask.calibration
+    if src is None or src == "self":
+        return src
+    if src == "python_docs":  # stdlib docstrings change between Python versions
+        return f"python_docs:{sys.version_info[0]}.{sys.version_info[1]}"
+    if src == "task":
+        return f"task:{config.task.name}:{config.task.data_files}:{config.task.max_train_examples}:{config.seed}"
+    path = Path(src)
+    if path.is_file():
+        st = path.stat()
+        return f"file:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    return None  # directories, datasets: no cheap identity, compute every time
+
+
 def build_mask(config: FederationConfig, model, tokenizer, data, runtime, output_dir: Path):
-    """Load `mask.path`, or compute the configured mask once (main rank) and share it via disk."""
+    """Load `mask.path`, or compute the configured mask once (main rank) and share it via disk.
+
+    Computed masks are cached (`mask.cache`, see `meerkat_hf.mask_cache`), so the calibration
+    backprop runs once per model and spec, not once per run.
+    """
     from ..compute import compute_mask
     from ..config import CONFIG_NAME, DEFAULT_EXCLUDE, SparseMaskConfig
     from ..mask import SparseMask
+    from ..mask_cache import load_cached_mask, mask_cache_key, store_cached_mask
 
     if config.mask.path is not None:
         return SparseMask.from_pretrained(config.mask.path)
@@ -149,10 +173,16 @@ def build_mask(config: FederationConfig, model, tokenizer, data, runtime, output
                 calibration_num_sequences=m.calibration_num_sequences, calibration_seq_len=m.calibration_seq_len,
                 calibration_batch_size=m.calibration_batch_size,
             )
-            calibration = None if method == "full" else _calibration_source(config, data)
-            if isinstance(calibration, str) and config.mask.calibration in ("python_docs", "task"):
-                calibration = [calibration]
-            mask = compute_mask(model, spec, calibration, tokenizer, progress=False)
+            cal_id = None if method == "full" else _calibration_id(config)
+            key = mask_cache_key(model, spec, cal_id) if (m.cache and cal_id is not None) else None
+            mask = load_cached_mask(key) if key else None
+            if mask is None:
+                calibration = None if method == "full" else _calibration_source(config, data)
+                if isinstance(calibration, str) and config.mask.calibration in ("python_docs", "task"):
+                    calibration = [calibration]
+                mask = compute_mask(model, spec, calibration, tokenizer, progress=config.progress)
+                if key:
+                    store_cached_mask(key, mask)
             mask.save_pretrained(mask_dir, model_card=False)
         runtime.barrier()
     return SparseMask.from_pretrained(mask_dir)
@@ -177,6 +207,41 @@ def wrap_model(config: FederationConfig, model, tokenizer, data, runtime, output
         return get_meerkat_model(peft_model, mask), mask
     mask = build_mask(config, model, tokenizer, data, runtime, output_dir)
     return get_meerkat_model(model, mask), mask
+
+
+def _initial_evaluation(config: FederationConfig, data, wrapped, runtime, out: Path, start_round: int) -> dict:
+    """The zero-shot metrics (main rank); a resumed run reads them back from run_info.json."""
+    if not (config.eval_before and runtime.is_main):
+        return {}
+    if start_round > 0:
+        info_path = out / "run_info.json"
+        return json.loads(info_path.read_text()).get("initial_eval") or {} if info_path.is_file() else {}
+    t0 = time.perf_counter()
+    metrics = data.evaluate(wrapped)
+    logger.info("before round 0 (zero-shot): %s (%.1fs)",
+                ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), time.perf_counter() - t0)
+    return metrics
+
+
+def _training_summary(config: FederationConfig, data, initial_eval: dict, final_eval: dict, counters: dict,
+                      limited: list[int], digest: str) -> dict:
+    """The facts a reader of the delta's model card needs (rendered as its Training table)."""
+    summary: dict = {"algorithm": config.algorithm, "task": data.description, "num_clients": config.num_clients,
+                     "partition": f"{config.partition.scheme} (alpha={config.partition.alpha:g}, "
+                                  f"{config.partition.num_single_label_clients} single-label clients)",
+                     "rounds": config.rounds, "local_steps": config.local_steps, "learning_rate": config.lr,
+                     "zo_eps": config.eps}
+    for key, value in initial_eval.items():
+        summary[f"{key}_before"] = value
+    for key, value in final_eval.items():
+        summary[f"{key}_after"] = value
+    sent = counters["uplink"] + counters["downlink"]
+    summary.update({"uplink_bytes": counters["uplink"], "downlink_bytes": counters["downlink"],
+                    "full_model_fedavg_bytes": counters["fedavg_full"],
+                    "communication_reduction": f"{counters['fedavg_full'] / max(sent, 1):,.0f}x",
+                    "meerkat_vp_limited_clients": ", ".join(map(str, limited)) or "none",
+                    "state_digest": digest})
+    return summary
 
 
 # -- the loop ---------------------------------------------------------------------------------
@@ -247,8 +312,10 @@ def _run(config: FederationConfig, model, tokenizer, runtime: LocalRuntime, hook
         clear_checkpoints(out)
 
     log = MetricsLog(out, start_round) if runtime.is_main else None
+    initial_eval = _initial_evaluation(config, data, wrapped, runtime, out, start_round)
     if runtime.is_main and start_round == 0:
         info = {"config": config.to_dict(), "k": k, "num_params": num_params, "mask_checksum": mask.checksum,
+                "initial_eval": initial_eval,
                 "mask_method": mask.config.method, "has_pretrain_grad": mask.pretrain_grad is not None,
                 "data": data.description, "client_sizes": [len(e) for e in data.client_examples],
                 "num_processes": runtime.num_processes}
@@ -406,17 +473,16 @@ def _run(config: FederationConfig, model, tokenizer, runtime: LocalRuntime, hook
     rows = log.rows if log is not None else []
     if runtime.is_main:
         if config.plots and rows:
-            write_plots(rows, out / "plots", title=config.algorithm)
-        if config.save_final:
-            wrapped.save_pretrained(out / "final", model_card=False, training_summary={
-                "algorithm": config.algorithm, "rounds": config.rounds, "num_clients": config.num_clients,
-                "final_eval": last_eval, "state_digest": server.digest.hex()})
-    runtime.barrier()
+            write_plots(rows, out / "plots", title=config.algorithm, initial=initial_eval)
     if not last_eval and rows:
         last_eval = {k2: rows[-1][k2] for k2 in ("accuracy", "eval_loss") if rows[-1].get(k2) is not None}
+    if runtime.is_main and config.save_final:
+        wrapped.save_pretrained(out / "final", model_card=True, training_summary=_training_summary(
+            config, data, initial_eval, last_eval, counters, sorted(scheduler.limited), server.digest.hex()))
+    runtime.barrier()
     return FederationResult(
         config=config, final_values=server.values.clone(), initial_values=initial, mask=mask, metrics=rows,
-        output_dir=out, final_eval=last_eval, limited_clients=sorted(scheduler.limited),
+        output_dir=out, final_eval=last_eval, initial_eval=initial_eval, limited_clients=sorted(scheduler.limited),
         total_uplink_bytes=counters["uplink"], total_downlink_bytes=counters["downlink"],
         total_fedavg_full_bytes=counters["fedavg_full"], state_digest=server.digest.hex(), num_params=num_params,
         k=k, model=wrapped,

@@ -52,8 +52,11 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
-def write_plots(rows: list[dict], out_dir: str | os.PathLike, title: str = "") -> list[Path]:
-    """accuracy (or eval loss) vs round, cumulative bytes vs round, GradIP per client."""
+def write_plots(rows: list[dict], out_dir: str | os.PathLike, title: str = "", initial: dict | None = None) -> list[Path]:
+    """accuracy (or eval loss) vs round, cumulative bytes vs round, GradIP per client.
+
+    `initial` (the zero-shot metrics) is drawn at round 0, before any training.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -65,6 +68,8 @@ def write_plots(rows: list[dict], out_dir: str | os.PathLike, title: str = "") -
 
     key = "accuracy" if any(r.get("accuracy") is not None for r in rows) else "eval_loss"
     pts = [(r["round"] + 1, r[key]) for r in rows if r.get(key) is not None]
+    if initial and initial.get(key) is not None:
+        pts.insert(0, (0, initial[key]))
     fig, ax = plt.subplots(figsize=(6, 4))
     if pts:
         ax.plot(*zip(*pts), marker="o")

@@ -1,0 +1,84 @@
+"""A local cache of computed masks, so the calibration backprop runs once per (model, spec).
+
+Why our own and not `huggingface_hub`'s cache: that cache mirrors Hub repositories; a mask
+computed here has no repository yet. The key covers everything the mask depends on: the
+architecture fingerprint, a sample of the weights (two checkpoints of one architecture give
+different sensitivities), the selection spec and the calibration source, so a stale entry is
+never picked up. Entries are ordinary `SparseMask.save_pretrained` folders (atomic, hashed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import CONFIG_NAME, SparseMaskConfig
+from .mask import SparseMask, fingerprint, parameter_shapes
+
+logger = logging.getLogger(__name__)
+
+_SAMPLE = 64  # values read from each parameter for the weights' part of the key
+
+
+def default_cache_dir() -> Path:
+    """`$MEERKAT_HF_CACHE`, else `$HF_HOME/meerkat_hf/masks` (huggingface_hub's home)."""
+    env = os.environ.get("MEERKAT_HF_CACHE")
+    if env:
+        return Path(env).expanduser()
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HOME) / "meerkat_hf" / "masks"
+
+
+@torch.no_grad()
+def weights_sample_digest(model: nn.Module) -> str:
+    """SHA-256 of the first values of every parameter: tells two checkpoints apart, reads ~KBs."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().reshape(-1)[:_SAMPLE].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def mask_cache_key(model: nn.Module, spec: SparseMaskConfig, calibration_id: str | None) -> str:
+    """A stable key for `compute_mask(model, spec, <calibration>)`."""
+    spec_dict = {k: v for k, v in spec.to_dict().items() if k not in ("base_model_name_or_path", "revision")}
+    payload = {
+        "fingerprint": fingerprint(parameter_shapes(model)),
+        "weights": weights_sample_digest(model),
+        "spec": spec_dict,
+        "calibration": calibration_id,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def load_cached_mask(key: str, cache_dir: str | os.PathLike | None = None) -> SparseMask | None:
+    """The cached mask for `key`, or None (a corrupted entry is reported and ignored)."""
+    folder = Path(cache_dir or default_cache_dir()) / key
+    if not (folder / CONFIG_NAME).is_file():
+        return None
+    try:
+        mask = SparseMask.from_pretrained(folder)
+    except (ValueError, OSError) as err:
+        logger.warning("ignoring the corrupted cached mask %s: %s", folder, err)
+        return None
+    logger.info("mask: using the cached mask %s (k=%d)", folder, mask.num_selected)
+    return mask
+
+
+def store_cached_mask(key: str, mask: SparseMask, cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """Save `mask` under `key`; a cache that cannot be written is a warning, never an error."""
+    folder = Path(cache_dir or default_cache_dir()) / key
+    try:
+        mask.save_pretrained(folder, model_card=False)
+    except OSError as err:
+        logger.warning("could not cache the mask in %s: %s", folder, err)
+        return None
+    logger.info("mask: cached in %s", folder)
+    return folder
