@@ -9,10 +9,11 @@ Nothing can be downloaded here, so the candidates are what every machine has:
 
 For each source and size, this computes the sensitivity mask on the same model and reports its
 wall time, and the overlap |A ∩ B| / k of its selected coordinates with the reference mask
-(`self` at the largest size) and with every other mask, plus the squared-gradient mass the top
+(`--reference-mask`, or `self` at the largest size) and with every other mask, plus the squared-gradient mass the top
 0.1% captures. Same density, same exclusions, one process.
 
-    python benchmarks/calibration_sources.py --sizes 32x128 64x256 --json runs/calibration_sources.json
+    python benchmarks/mask_benchmark.py --calibration python-docs --num-sequences 64 --seq-len 256 --out runs/mask-64x256
+    python benchmarks/calibration_sources.py --sizes 32x128 --reference-mask runs/mask-64x256
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", nargs="+", default=["32x128", "64x256"], help="NUM_SEQUENCESxSEQ_LEN")
     ap.add_argument("--density", type=float, default=1e-3)
     ap.add_argument("--task", default="tweets_binary")
+    ap.add_argument("--reference-mask", default=None,
+                    help="a saved mask to compare with (e.g. benchmarks/mask_benchmark.py --out DIR at 64x256); "
+                         "default: the `self` mask at the largest size")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -66,15 +70,23 @@ def main(argv: list[str] | None = None) -> int:
                          "concentration_ratio": mask.statistics.get("concentration_ratio")})
             print(rows[-1], flush=True)
 
-    reference = ("self", args.sizes[-1]) if ("self", args.sizes[-1]) in masks else next(iter(masks))
-    ref = masks[reference]
+    if args.reference_mask:
+        from meerkat_hf import SparseMask
+
+        reference_mask = SparseMask.from_pretrained(args.reference_mask)
+        reference = (args.reference_mask, f"{reference_mask.config.calibration_source}, "
+                     f"{reference_mask.config.calibration_num_sequences}x{reference_mask.config.calibration_seq_len}")
+        ref = selected_set(reference_mask)
+    else:
+        reference = ("self", args.sizes[-1]) if ("self", args.sizes[-1]) in masks else next(iter(masks))
+        ref = masks[reference]
     for row in rows:
         row["overlap_with_reference"] = round(len(masks[(row["source"], row["size"])] & ref) / len(ref), 4)
     keys = list(masks)
     pairwise = {f"{a[0]}@{a[1]} vs {b[0]}@{b[1]}": round(len(masks[a] & masks[b]) / len(masks[a]), 4)
                 for i, a in enumerate(keys) for b in keys[i + 1:]}
 
-    print(f"\nreference: {reference[0]} at {reference[1]} (text sampled from the model itself)\n")
+    print(f"\nreference: {reference[0]} ({reference[1]})\n")
     print("| source | sequences x tokens | time | overlap with reference | top-0.1% grad-mass share |")
     print("|---|---|---|---|---|")
     for row in rows:

@@ -98,8 +98,12 @@ class MeerkatModel(nn.Module):
 
     # -- files -------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, *, training_summary: dict | None = None,
-                        repo_id: str | None = None, model_card: bool = True) -> None:
-        """Save the mask and the trained sparse values (a few MB at most), self-contained."""
+                        repo_id: str | None = None, model_card: bool = True, datasets: list[str] | None = None) -> None:
+        """Save the mask and the trained sparse values (a few MB at most), self-contained.
+
+        `datasets` (Hub dataset ids the delta was trained on) go into the model card's metadata;
+        by default they are read from `training_summary["datasets"]` when present.
+        """
         from .hub import render_card, sha256_bytes, write_files_atomically
 
         self.mask.save_pretrained(save_directory, model_card=False)
@@ -121,7 +125,8 @@ class MeerkatModel(nn.Module):
             card = render_card(
                 "delta_card.md",
                 {"library_name": "meerkat-hf", "base_model": base,
-                 "tags": ["meerkat", "zeroth-order", "federated-learning", "sparse"]},
+                 "tags": ["meerkat", "zeroth-order", "federated-learning", "sparse"],
+                 "datasets": datasets or (training_summary or {}).get("datasets") or None},
                 repo_id=repo_id or "path/to/this-delta", base_model=base, num_selected=self.sparse.k,
                 density=self.mask.config.density, mask_repo=repo_id, training=training_summary or {},
             )

@@ -106,3 +106,12 @@ def tiny_llama():
 @pytest.fixture(params=["llama", "qwen2", "gemma2"])
 def tiny_any(request):
     return tiny_model(request.param)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one intra-op thread is as fast, and immune to an oversubscribed CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -91,3 +91,14 @@ def test_mask_from_another_model_is_rejected(tiny_llama):
     mask = random_mask(tiny_model("qwen2"))
     with pytest.raises(ValueError, match="missing|shape"):
         get_meerkat_model(tiny_llama, mask)
+
+
+def test_delta_card_carries_hub_metadata_and_results(tmp_path, tiny_llama):
+    mm = get_meerkat_model(tiny_llama, compute_mask(tiny_llama, SparseMaskConfig(density=0.02, method="random"),
+                                                    progress=False))
+    mm.save_pretrained(tmp_path / "delta", training_summary={
+        "accuracy_before": 0.5, "accuracy_after": 0.75, "uplink_bytes": 1234, "datasets": ["nyu-mll/glue"]})
+    card = (tmp_path / "delta" / "README.md").read_text()
+    metadata = card.split("---")[1]
+    assert "library_name: meerkat-hf" in metadata and "- nyu-mll/glue" in metadata and "- zeroth-order" in metadata
+    assert "| Accuracy before | 0.5 |" in card and "| Accuracy after | 0.75 |" in card and "| Uplink bytes | 1,234 |" in card

@@ -25,13 +25,7 @@ from meerkat_hf.trainer import CandidateAccuracy, MeerkatZOArguments, MeerkatZOT
 TESTS_DIR = Path(__file__).resolve().parent
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one intra-op thread is as fast, and immune to oversubscribed CPUs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 # ------------------------------------------------------------------------------- helpers

@@ -13,13 +13,7 @@ from meerkat_hf import SparseMaskConfig, compute_mask, get_meerkat_model, zo
 from meerkat_hf.zo_optimizer import ZOSGD
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one intra-op thread is as fast, and immune to oversubscribed CPUs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def _meerkat(dtype=torch.float32, density=0.05, seed=0, exclude=None):

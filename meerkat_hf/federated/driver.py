@@ -223,6 +223,18 @@ def _initial_evaluation(config: FederationConfig, data, wrapped, runtime, out: P
     return metrics
 
 
+def _task_hub_dataset(config: FederationConfig) -> str | None:
+    """The Hub dataset id of a named task (for the card's `datasets` metadata); None for local data."""
+    if config.task.data_files is not None or config.task.prompt is not None or not config.task.name:
+        return None
+    from ..tasks import get_task
+
+    try:
+        return get_task(config.task.name).hub_path
+    except (KeyError, ValueError):
+        return None
+
+
 def _training_summary(config: FederationConfig, data, initial_eval: dict, final_eval: dict, counters: dict,
                       limited: list[int], digest: str) -> dict:
     """The facts a reader of the delta's model card needs (rendered as its Training table)."""
@@ -231,6 +243,9 @@ def _training_summary(config: FederationConfig, data, initial_eval: dict, final_
                                   f"{config.partition.num_single_label_clients} single-label clients)",
                      "rounds": config.rounds, "local_steps": config.local_steps, "learning_rate": config.lr,
                      "zo_eps": config.eps}
+    hub_dataset = _task_hub_dataset(config)
+    if hub_dataset:
+        summary["datasets"] = [hub_dataset]
     for key, value in initial_eval.items():
         summary[f"{key}_before"] = value
     for key, value in final_eval.items():

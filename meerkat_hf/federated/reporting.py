@@ -101,15 +101,22 @@ def write_plots(rows: list[dict], out_dir: str | os.PathLike, title: str = "", i
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    traj: dict[str, list[tuple[float, float]]] = {}
+    # One segment per participation: a line across rounds a client sat out would be made-up data.
+    traj: dict[str, list[list[tuple[float, float]]]] = {}
     for r in rows:
         for cid, steps in (r.get("gradip_steps") or {}).items():
             n = max(len(steps), 1)
-            traj.setdefault(cid, []).extend((r["round"] + t / n, g) for t, g in enumerate(steps) if g is not None)
+            segment = [(r["round"] + t / n, g) for t, g in enumerate(steps) if g is not None]
+            if segment:
+                traj.setdefault(cid, []).append(segment)
     limited = set(str(c) for c in (rows[-1].get("limited_clients") or [])) if rows else set()
-    for cid in sorted(traj, key=int):
-        xs, ys = zip(*traj[cid])
-        ax.plot(xs, ys, lw=1, ls="--" if cid in limited else "-", label=f"client {cid}" + (" (limited)" if cid in limited else ""))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, cid in enumerate(sorted(traj, key=int)):
+        style = dict(lw=1, ls="--" if cid in limited else "-", color=colors[i % len(colors)])
+        for j, segment in enumerate(traj[cid]):
+            xs, ys = zip(*segment)
+            label = (f"client {cid}" + (" (limited)" if cid in limited else "")) if j == 0 else None
+            ax.plot(xs, ys, marker="." if len(segment) == 1 else None, label=label, **style)
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xlabel("round (+ local step / T)")
     ax.set_ylabel("GradIP = g * <g_p, z>")
