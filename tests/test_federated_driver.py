@@ -204,6 +204,11 @@ def test_config_validation_and_yaml(tmp_path, assets):
     path.write_text(yaml.safe_dump(good))
     cfg = FederationConfig.from_yaml(path, ["rounds=7", "mask.density=0.5", "partition.scheme=shard"])
     assert cfg.rounds == 7 and cfg.mask.density == 0.5 and cfg.partition.scheme == "shard"
+    # YAML 1.1 reads `1e-3` (no dot) as a string; on the command line and in files it means a number.
+    path.write_text(yaml.safe_dump(good).replace("lr: 0.001", "lr: 1e-3"))
+    assert "lr: 1e-3" in path.read_text()
+    cfg = FederationConfig.from_yaml(path, ["eps=2e-3", "mask.density=5E-2", "output_dir=run1e5"])
+    assert (cfg.lr, cfg.eps, cfg.mask.density, cfg.output_dir) == (1e-3, 2e-3, 5e-2, "run1e5")
     bad = [
         ({"algorithm": "fedprox"}, "algorithm"),
         ({"rounds": 0}, "rounds"),
