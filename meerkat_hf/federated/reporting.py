@@ -61,6 +61,7 @@ def write_plots(rows: list[dict], out_dir: str | os.PathLike, title: str = "", i
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,7 +74,8 @@ def write_plots(rows: list[dict], out_dir: str | os.PathLike, title: str = "", i
     fig, ax = plt.subplots(figsize=(6, 4))
     if pts:
         ax.plot(*zip(*pts), marker="o")
-    ax.set_xlabel("round")
+    ax.set_xlabel("round (0 = before training)" if initial else "round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(key.replace("_", " "))
     ax.set_title(f"{title} {key.replace('_', ' ')}".strip())
     ax.grid(alpha=0.3)
@@ -92,6 +94,7 @@ def write_plots(rows: list[dict], out_dir: str | os.PathLike, title: str = "", i
             ax.plot(x, ys, label=label)
     ax.set_yscale("log")
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("cumulative bytes")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
