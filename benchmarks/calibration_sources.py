@@ -12,7 +12,7 @@ wall time, and the overlap |A ∩ B| / k of its selected coordinates with the re
 (`--reference-mask`, or `self` at the largest size) and with every other mask, plus the squared-gradient mass the top
 0.1% captures. Same density, same exclusions, one process.
 
-    python benchmarks/mask_benchmark.py --calibration python-docs --num-sequences 64 --seq-len 256 --out runs/mask-64x256
+    python benchmarks/mask_benchmark.py --calibration python_docs --num-sequences 64 --seq-len 256 --out runs/mask-64x256
     python benchmarks/calibration_sources.py --sizes 32x128 --reference-mask runs/mask-64x256
 """
 
@@ -44,7 +44,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from meerkat_hf import SparseMaskConfig, compute_mask
-    from meerkat_hf.calibration import python_docs_corpus
     from meerkat_hf.loading import load_model_and_tokenizer
     from meerkat_hf.tasks import get_task, load_task_dataset
 
@@ -52,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model_and_tokenizer(args.model, args.gguf_file)
     template = get_task(args.task)
     texts = {
-        "python_docs": python_docs_corpus(),
+        "python_docs": "python_docs",
         "self": "self",
         "task": [template.format_prompt(ex) for ex in load_task_dataset(args.task, "train", max_examples=2000)],
     }

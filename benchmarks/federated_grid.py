@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_cell(config_path: str | None, algorithm: str, local_steps: int, overrides: list[str], out: Path) -> dict:
     from meerkat_hf.federated import FederationConfig, run_federation
-    from meerkat_hf.federated.__main__ import DEFAULT_CONFIG
+    from meerkat_hf.federated.config import DEFAULT_CONFIG
 
     cell_overrides = [*overrides, f"algorithm={algorithm}", f"local_steps={local_steps}",
                       f"output_dir={out / f'{algorithm}-T{local_steps}'}", "progress=false"]
@@ -52,15 +52,9 @@ def run_cell(config_path: str | None, algorithm: str, local_steps: int, override
     }
 
 
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1000
-    return str(n)
-
-
 def table(rows: list[dict]) -> str:
+    from meerkat_hf.federated.reporting import format_bytes
+
     def acc(v):
         return "n/a" if v is None else f"{100 * v:.1f}"
 
@@ -71,8 +65,8 @@ def table(rows: list[dict]) -> str:
         sent = r["uplink_bytes"] + r["downlink_bytes"]
         lines.append(
             f"| {r['algorithm']} | {r['local_steps']} | {r['rounds']} | {r['k']:,} | {acc(r['accuracy_before'])} | "
-            f"{acc(r['accuracy_after'])} | {fmt_bytes(r['bytes_per_round'])} | "
-            f"{fmt_bytes(r['fedavg_full_bytes'] / max(r['rounds'], 1))} | {r['fedavg_full_bytes'] / max(sent, 1):,.0f}x | "
+            f"{acc(r['accuracy_after'])} | {format_bytes(r['bytes_per_round'])} | "
+            f"{format_bytes(r['fedavg_full_bytes'] / max(r['rounds'], 1))} | {r['fedavg_full_bytes'] / max(sent, 1):,.0f}x | "
             f"{', '.join(map(str, r['limited_clients'])) or '-'} | {r['wall_seconds']:.0f} s |")
     return "\n".join(lines)
 

@@ -26,7 +26,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--gguf-file", default=None)
-    ap.add_argument("--calibration", default="self", help="'self', 'python-docs', or a .txt/.jsonl path")
+    ap.add_argument("--calibration", default="self", help="'self', 'python_docs', or a .txt/.jsonl path")
     ap.add_argument("--num-sequences", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--density", type=float, default=1e-3)
@@ -35,17 +35,15 @@ def main() -> None:
     args = ap.parse_args()
 
     from meerkat_hf import SparseMaskConfig, compute_mask
-    from meerkat_hf.calibration import python_docs_corpus
     from meerkat_hf.cli import format_mask_info
     from meerkat_hf.loading import load_model_and_tokenizer, model_display_name
 
     model, tok = load_model_and_tokenizer(args.model, args.gguf_file)
     loaded_mib = vm_hwm_mib()
-    cal = python_docs_corpus() if args.calibration == "python-docs" else args.calibration
+    cal = "python_docs" if args.calibration == "python-docs" else args.calibration  # older spelling kept
     cfg = SparseMaskConfig(
         density=args.density, calibration_num_sequences=args.num_sequences, calibration_seq_len=args.seq_len,
         base_model_name_or_path=model_display_name(args.model),
-        calibration_source="python-docs (CPython stdlib docstrings)" if args.calibration == "python-docs" else None,
         **({"exclude_patterns": []} if args.include_all else {}),
     )
     t0 = time.perf_counter()

@@ -32,19 +32,15 @@ def main(argv: list[str] | None = None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from meerkat_hf import SparseMask, SparseMaskConfig, compute_mask
-    from meerkat_hf.calibration import python_docs_corpus
     from meerkat_hf.cli import format_mask_info
     from meerkat_hf.loading import load_model_and_tokenizer, model_display_name
 
     model, tokenizer = load_model_and_tokenizer(args.model, args.gguf_file)
-    calibration = python_docs_corpus() if args.calibration == "python_docs" else args.calibration
     config = SparseMaskConfig(
         density=args.density, method="sensitivity", calibration_num_sequences=args.num_sequences,
         calibration_seq_len=args.seq_len, base_model_name_or_path=model_display_name(args.model),
     )
-    mask = compute_mask(model, config, calibration, tokenizer)
-    if args.calibration == "python_docs":
-        mask.config.calibration_source = "python_docs (CPython standard-library docstrings)"
+    mask = compute_mask(model, config, args.calibration, tokenizer)
     mask.save_pretrained(args.out, repo_id=args.repo_id)
     print(format_mask_info(mask))
     print(f"saved to {args.out}")

@@ -38,7 +38,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     from meerkat_hf import MeerkatZOArguments, MeerkatZOTrainer, SparseMask, SparseMaskConfig, compute_mask  # Meerkat
     from meerkat_hf import CandidateAccuracy, get_meerkat_model  # Meerkat
-    from meerkat_hf.calibration import python_docs_corpus
     from meerkat_hf.loading import load_model_and_tokenizer
     from meerkat_hf.tasks import ClassificationCollator, candidate_token_ids, encode_classification, load_task_dataset
 
@@ -54,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         config = SparseMaskConfig(density=args.density, calibration_num_sequences=args.calibration_sequences,
                                   calibration_seq_len=args.calibration_seq_len)
-        mask = compute_mask(model, config, python_docs_corpus(), tokenizer)
+        mask = compute_mask(model, config, "python_docs", tokenizer)
     model = get_meerkat_model(model, mask)  # Meerkat: in place, like peft.get_peft_model
     model.print_trainable_parameters()
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 SELF_GENERATED = "self"
+PYTHON_DOCS = "python_docs"  # named source: CPython's docstrings, generic prose on every machine
 
 
 @dataclass
@@ -63,9 +64,15 @@ def _texts_from_file(path: Path, text_column: str) -> Iterator[str]:
 
 
 def iter_texts(source, text_column: str = "text") -> Iterator[str]:
-    """Texts from a list of strings, a `datasets` (Iterable)Dataset, or local .txt/.jsonl files/dirs."""
+    """Texts from a list of strings, a `datasets` (Iterable)Dataset, local .txt/.jsonl files/dirs,
+    or the named source `"python_docs"`."""
+    if source == PYTHON_DOCS:
+        yield from python_docs_corpus()
+        return
     if isinstance(source, str) and source != SELF_GENERATED and not os.path.exists(source):
-        raise FileNotFoundError(f"calibration source {source!r} is neither a file, a directory nor {SELF_GENERATED!r}")
+        raise FileNotFoundError(
+            f"calibration source {source!r} is neither a file, a directory, {PYTHON_DOCS!r} nor {SELF_GENERATED!r}"
+        )
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl", ".json", ".md")) if path.is_dir() else [path]
@@ -153,10 +160,27 @@ def calibration_blocks(model, source, tokenizer, num_sequences: int, seq_len: in
 def describe_source(source) -> str:
     if isinstance(source, SelfGenerated) or source == SELF_GENERATED:
         return "self-generated (text sampled from the base model)"
+    if source == PYTHON_DOCS:
+        return "python_docs (CPython standard-library docstrings)"
     if isinstance(source, (str, os.PathLike)):
         return str(source)
     name = getattr(getattr(source, "info", None), "dataset_name", None)
     return f"dataset:{name}" if name else f"{type(source).__name__} of texts"
+
+
+def source_identity(source) -> str | None:
+    """A cheap identity of a calibration source, for cache keys; None when there is none to be had
+    (in-memory lists and datasets, directories)."""
+    import sys
+
+    if isinstance(source, SelfGenerated) or source == SELF_GENERATED:
+        return SELF_GENERATED
+    if source == PYTHON_DOCS:  # the docstrings change between Python versions
+        return f"{PYTHON_DOCS}:{sys.version_info[0]}.{sys.version_info[1]}"
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_file():
+        st = Path(source).stat()
+        return f"file:{Path(source).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    return None
 
 
 @dataclass

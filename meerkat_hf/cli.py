@@ -56,13 +56,7 @@ def cmd_mask_compute(args) -> int:
         calibration_batch_size=args.batch_size, seed=args.seed,
         base_model_name_or_path=model_display_name(args.model), revision=args.revision,
     )
-    calibration = args.calibration
-    if calibration == "python_docs":  # offline generic prose (CPython's docstrings), as in `federate`
-        from .calibration import python_docs_corpus
-
-        calibration = python_docs_corpus()
-        config.calibration_source = "python_docs (CPython standard-library docstrings)"
-    mask = compute_mask(model, config, calibration, tokenizer, text_column=args.text_column,
+    mask = compute_mask(model, config, args.calibration, tokenizer, text_column=args.text_column,
                         gradient_checkpointing=args.gradient_checkpointing)
     mask.save_pretrained(args.out, repo_id=args.push_to_hub)
     print(format_mask_info(mask))

@@ -10,16 +10,15 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
+
+from .config import DEFAULT_CONFIG
+from .reporting import format_report
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m meerkat_hf.federated", description=__doc__)
     add_federate_arguments(p)
     return p
-
-
-DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 
 
 def add_federate_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,52 +67,12 @@ def federate(args) -> int:
         summary["initial_eval"] = result.initial_eval
         print(format_report(result))
         if args.push_to_hub:
-            summary["pushed"] = result.model.push_to_hub(
-                args.push_to_hub, training_summary=_card_summary(result.output_dir))
+            summary["pushed"] = result.model.push_to_hub(args.push_to_hub, training_summary=result.training_summary)
             print(f"pushed the sparse delta to {summary['pushed']}")
         if args.summary_json:
             with open(args.summary_json, "w") as fh:
                 json.dump(summary, fh, indent=2)
     return 0
-
-
-def _card_summary(output_dir: Path) -> dict | None:
-    """The training summary recorded in final/meerkat_config.json (so the pushed card matches)."""
-    cfg = Path(output_dir) / "final" / "meerkat_config.json"
-    return json.loads(cfg.read_text()).get("training") if cfg.is_file() else None
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1000
-    return str(n)
-
-
-def format_report(result) -> str:
-    """What a person wants to read at the end of a run."""
-    cfg = result.config
-    lines = [f"== {cfg.algorithm}: {cfg.rounds} rounds, {cfg.num_clients} clients, T={cfg.local_steps}, "
-             f"k={result.k:,} of {result.num_params:,} parameters ({100 * result.k / result.num_params:.3g}%)"]
-    for key in ("accuracy", "eval_loss"):
-        before, after = result.initial_eval.get(key), result.final_eval.get(key)
-        if before is not None or after is not None:
-            show = (lambda v: "n/a" if v is None else f"{v:.4f}")
-            lines.append(f"{key:<9} zero-shot (before): {show(before)}   after round {cfg.rounds}: {show(after)}")
-    sent = result.total_uplink_bytes + result.total_downlink_bytes
-    full = result.total_fedavg_full_bytes
-    lines.append(f"bytes sent: {_fmt_bytes(sent)} (uplink {_fmt_bytes(result.total_uplink_bytes)}, downlink "
-                 f"{_fmt_bytes(result.total_downlink_bytes)}); full-model FedAvg: {_fmt_bytes(full)} "
-                 f"({full / max(sent, 1):,.0f}x more)")
-    if cfg.scheduler_mode != "none":
-        who = "Meerkat-VP flagged" if cfg.scheduler_mode == "vp" else "randomly early-stopped"
-        lines.append(f"{who} (limited to {cfg.vp.limited_steps} local step/round): "
-                     f"{', '.join(f'client {c}' for c in result.limited_clients) or 'no client'}")
-    out = Path(result.output_dir)
-    lines.append(f"outputs: {out}/metrics.jsonl, {out}/plots/*.png, {out}/final/ (mask + sparse delta + README.md; "
-                 f"publish with --push-to-hub or MeerkatModel.push_to_hub)")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

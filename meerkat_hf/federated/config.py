@@ -37,6 +37,9 @@ TASK_TYPES = ("classification", "lm")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")  # the embedded default job (`meerkat-hf federate`)
+
+
 class ConfigError(ValueError):
     """An invalid federation config; the message names the offending key."""
 
@@ -222,6 +225,7 @@ class FederationConfig:
     def from_dict(cls, data: dict[str, Any]) -> "FederationConfig":
         if not isinstance(data, dict):
             raise ConfigError(f"federation config must be a mapping, got {type(data).__name__}")
+        data = _numeric(data)  # YAML files, --set overrides and Flower run configs all come through here
         sections = {"model": ModelSection, "mask": MaskSection, "task": TaskSection, "partition": PartitionSection,
                     "vp": VPConfig, "validation": ValidationConfig, "lora": LoRASection}
         known = {f.name for f in dataclasses.fields(cls)}
@@ -249,7 +253,7 @@ class FederationConfig:
         if not p.is_file():
             raise FileNotFoundError(f"federation config {p} does not exist")
         try:
-            data = _numeric(yaml.safe_load(p.read_text()) or {})
+            data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{p} is not valid YAML: {err}") from err
         return cls.from_dict(apply_overrides(data, overrides or []))
@@ -289,7 +293,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
         key, raw = item.split("=", 1)
-        value = _numeric(yaml.safe_load(raw))
+        value = yaml.safe_load(raw)
         parts = key.strip().split(".")
         target = data
         for part in parts[:-1]:

@@ -96,6 +96,7 @@ class FederationResult:
     k: int
     model: object = field(default=None, repr=False)
     initial_eval: dict = field(default_factory=dict)  # the zero-shot state, before round 0
+    training_summary: dict = field(default_factory=dict)  # what final/'s model card reports (and a push)
 
 
 def sample_clients(seed: int, round_id: int, num_clients: int, fraction: float) -> list[int]:
@@ -116,36 +117,25 @@ def load_base_model(config: FederationConfig):
 
 
 def _calibration_source(config: FederationConfig, data):
-    from ..calibration import SelfGenerated, python_docs_corpus
+    """The configured calibration source; "task" means the task's own prompts (not pre-training-like)."""
+    from ..calibration import SelfGenerated
 
     src = config.mask.calibration
-    if src is None:
-        return None
-    if src == "python_docs":
-        return python_docs_corpus()
     if src == "self":
         return SelfGenerated()
     if src == "task":
         return list(data.calibration_texts or [])
-    return src
+    return src  # None, "python_docs" or a path: calibration.py resolves them
 
 
 def _calibration_id(config: FederationConfig) -> str | None:
     """What the calibration text is, for the mask cache key (None: do not cache)."""
-    import sys
+    from ..calibration import source_identity
 
-    src = config.mask.calibration
-    if src is None or src == "self":
-        return src
-    if src == "python_docs":  # stdlib docstrings change between Python versions
-        return f"python_docs:{sys.version_info[0]}.{sys.version_info[1]}"
-    if src == "task":
-        return f"task:{config.task.name}:{config.task.data_files}:{config.task.max_train_examples}:{config.seed}"
-    path = Path(src)
-    if path.is_file():
-        st = path.stat()
-        return f"file:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    return None  # directories, datasets: no cheap identity, compute every time
+    if config.mask.calibration == "task":
+        t = config.task
+        return f"task:{t.name}:{t.data_files}:{t.max_train_examples}:{config.seed}"
+    return source_identity(config.mask.calibration)
 
 
 def build_mask(config: FederationConfig, model, tokenizer, data, runtime, output_dir: Path):
@@ -178,8 +168,6 @@ def build_mask(config: FederationConfig, model, tokenizer, data, runtime, output
             mask = load_cached_mask(key) if key else None
             if mask is None:
                 calibration = None if method == "full" else _calibration_source(config, data)
-                if isinstance(calibration, str) and config.mask.calibration in ("python_docs", "task"):
-                    calibration = [calibration]
                 mask = compute_mask(model, spec, calibration, tokenizer, progress=config.progress)
                 if key:
                     store_cached_mask(key, mask)
@@ -491,14 +479,15 @@ def _run(config: FederationConfig, model, tokenizer, runtime: LocalRuntime, hook
             write_plots(rows, out / "plots", title=config.algorithm, initial=initial_eval)
     if not last_eval and rows:
         last_eval = {k2: rows[-1][k2] for k2 in ("accuracy", "eval_loss") if rows[-1].get(k2) is not None}
+    summary = _training_summary(config, data, initial_eval, last_eval, counters, sorted(scheduler.limited),
+                                server.digest.hex())
     if runtime.is_main and config.save_final:
-        wrapped.save_pretrained(out / "final", model_card=True, training_summary=_training_summary(
-            config, data, initial_eval, last_eval, counters, sorted(scheduler.limited), server.digest.hex()))
+        wrapped.save_pretrained(out / "final", model_card=True, training_summary=summary)
     runtime.barrier()
     return FederationResult(
         config=config, final_values=server.values.clone(), initial_values=initial, mask=mask, metrics=rows,
         output_dir=out, final_eval=last_eval, initial_eval=initial_eval, limited_clients=sorted(scheduler.limited),
         total_uplink_bytes=counters["uplink"], total_downlink_bytes=counters["downlink"],
         total_fedavg_full_bytes=counters["fedavg_full"], state_digest=server.digest.hex(), num_params=num_params,
-        k=k, model=wrapped,
+        k=k, model=wrapped, training_summary=summary,
     )

@@ -131,3 +131,37 @@ def write_plots(rows: list[dict], out_dir: str | os.PathLike, title: str = "", i
     fig.savefig(written[-1], dpi=100)
     plt.close(fig)
     return written
+
+
+def format_bytes(n: float) -> str:
+    """1,234 B / 12.3 KB / 4.5 GB (powers of 1000, as network traffic is counted)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def format_report(result) -> str:
+    """What a person wants to read at the end of a run (a `FederationResult`)."""
+    cfg = result.config
+    lines = [f"== {cfg.algorithm}: {cfg.rounds} rounds, {cfg.num_clients} clients, T={cfg.local_steps}, "
+             f"k={result.k:,} of {result.num_params:,} parameters ({100 * result.k / result.num_params:.3g}%)"]
+    for key in ("accuracy", "eval_loss"):
+        before, after = result.initial_eval.get(key), result.final_eval.get(key)
+        if before is not None or after is not None:
+            show = (lambda v: "n/a" if v is None else f"{v:.4f}")
+            lines.append(f"{key:<9} zero-shot (before): {show(before)}   after round {cfg.rounds}: {show(after)}")
+    sent = result.total_uplink_bytes + result.total_downlink_bytes
+    full = result.total_fedavg_full_bytes
+    lines.append(f"bytes sent: {format_bytes(sent)} (uplink {format_bytes(result.total_uplink_bytes)}, downlink "
+                 f"{format_bytes(result.total_downlink_bytes)}); full-model FedAvg: {format_bytes(full)} "
+                 f"({full / max(sent, 1):,.0f}x more)")
+    if cfg.scheduler_mode != "none":
+        who = "Meerkat-VP flagged" if cfg.scheduler_mode == "vp" else "randomly early-stopped"
+        lines.append(f"{who} (limited to {cfg.vp.limited_steps} local step/round): "
+                     f"{', '.join(f'client {c}' for c in result.limited_clients) or 'no client'}")
+    out = Path(result.output_dir)
+    lines.append(f"outputs: {out}/metrics.jsonl, {out}/plots/*.png, {out}/final/ (mask + sparse delta + README.md; "
+                 f"publish with --push-to-hub or MeerkatModel.push_to_hub)")
+    return "\n".join(lines)
