@@ -15,6 +15,7 @@ from meerkat_hf.tasks import (
     IGNORE_INDEX,
     TASKS,
     TWEETS_TEST_FRACTION,
+    TWEETS_VALIDATION_FRACTION,
     ClassificationCollator,
     candidate_logits,
     candidate_loss,
@@ -263,17 +264,20 @@ def test_evaluate_accuracy(tiny_tokenizer, tiny_llama, movie_task, movie_data):
 
 def test_tweets_load_offline_with_expected_labels():
     train = load_task_dataset("tweets", "train")
+    val = load_task_dataset("tweets", "validation")
     test = load_task_dataset("tweets", "test")
     assert isinstance(train, datasets.Dataset)
-    counts = collections.Counter(train["label"][:]) + collections.Counter(test["label"][:])
+    counts = sum((collections.Counter(d["label"][:]) for d in (train, val, test)), collections.Counter())
     assert counts[0] == pytest.approx(16_000, rel=0.05)  # negative
     assert counts[1] == pytest.approx(15_000, rel=0.05)  # neutral
     assert counts[2] == pytest.approx(7_000, rel=0.05)  # positive
-    total = len(train) + len(test)
+    total = len(train) + len(val) + len(test)
     assert len(test) == round(TWEETS_TEST_FRACTION * total)
+    assert len(val) == round(TWEETS_VALIDATION_FRACTION * total)
     assert train.features["label"].names == ["negative", "neutral", "positive"]
     everything = collections.Counter(load_task_dataset("tweets", "all")["text"][:])
-    assert collections.Counter(train["text"][:]) + collections.Counter(test["text"][:]) == everything
+    # three disjoint slices of one permutation: together exactly the corpus
+    assert sum((collections.Counter(d["text"][:]) for d in (train, val, test)), collections.Counter()) == everything
 
 
 def test_tweets_split_is_deterministic_by_seed():
@@ -286,9 +290,8 @@ def test_tweets_split_is_deterministic_by_seed():
 
 
 def test_tweets_binary_drops_neutral():
-    train = load_task_dataset("tweets_binary", "train")
-    test = load_task_dataset("tweets_binary", "test")
-    counts = collections.Counter(train["label"][:]) + collections.Counter(test["label"][:])
+    splits = [load_task_dataset("tweets_binary", s) for s in ("train", "validation", "test")]
+    counts = sum((collections.Counter(d["label"][:]) for d in splits), collections.Counter())
     full = collections.Counter(load_task_dataset("tweets", "all")["label"][:])
     assert counts == {0: full[0], 1: full[2]}
 

@@ -7,13 +7,21 @@ token of the gold label word; :func:`candidate_logits`/:func:`candidate_loss`/:f
 score the label words at the position that predicts them.
 """
 
-from .loading import OFFLINE_TASKS, TWEETS_TEST_FRACTION, hub_offline, load_task_dataset, tweets_csv_path
+from .loading import (
+    OFFLINE_TASKS,
+    TWEETS_TEST_FRACTION,
+    TWEETS_VALIDATION_FRACTION,
+    hub_offline,
+    load_task_dataset,
+    tweets_csv_path,
+)
 from .templates import TASKS, TaskTemplate, custom_task, get_task, list_tasks
 from .verbalizer import (
     IGNORE_INDEX,
     ClassificationCollator,
     candidate_logits,
     candidate_loss,
+    candidate_scores,
     candidate_token_ids,
     encode_classification,
     encode_prompt_ids,
@@ -31,6 +39,7 @@ __all__ = [
     "list_tasks",
     "OFFLINE_TASKS",
     "TWEETS_TEST_FRACTION",
+    "TWEETS_VALIDATION_FRACTION",
     "hub_offline",
     "load_task_dataset",
     "tweets_csv_path",
@@ -38,6 +47,7 @@ __all__ = [
     "ClassificationCollator",
     "candidate_logits",
     "candidate_loss",
+    "candidate_scores",
     "candidate_token_ids",
     "encode_classification",
     "encode_prompt_ids",

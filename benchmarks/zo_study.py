@@ -1,0 +1,294 @@
+"""The recipe study: why large ZO steps collapse, and which single-site setting learns.
+
+Two commands, both resumable (a finished run is skipped; an interrupted one continues from its
+last checkpoint bit for bit):
+
+    python benchmarks/zo_study.py prepare --out runs/study
+        calibration gradient statistics once (python_docs, 64x256 and 32x128), sensitivity masks
+        at densities 1e-5..1e-2 cut from them, and the zero-shot label logits of the validation
+        and test splits (the zero-shot and prior-corrected zero-shot baselines).
+
+    python benchmarks/zo_study.py run --out runs/study --name NAME --set lr=1e-4 --set steps=600 ...
+        one single-site ZO run on the validation split: every `eval_every` steps the candidate
+        loss, balanced accuracy, accuracy and AUC on a fixed held-out batch of validation
+        examples are appended to runs/study/runs/NAME.jsonl; at the end the |delta w| spread per
+        module and a forgetting probe (held-out generic text perplexity).
+
+The loop is the library's own arithmetic (`zo.gaussian_direction`, `zo.projected_gradient`,
+`zo.apply_step` on `MeerkatModel`), written out here so each switch under study (loss, scalar
+clipping, step schedule, Fisher preconditioning) is one visible line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from meerkat_hf import zo
+from meerkat_hf.calibration import calibration_blocks, gradient_statistics, python_docs_corpus
+from meerkat_hf.classification_metrics import ClassifierScores, fit_prior_offsets
+from meerkat_hf.config import SparseMaskConfig
+from meerkat_hf.loading import load_model_and_tokenizer
+from meerkat_hf.mask import SparseMask, parameter_shapes
+from meerkat_hf.model import MeerkatModel
+from meerkat_hf.selection import select_global, selectable_parameters, target_size
+from meerkat_hf.tasks import (
+    ClassificationCollator,
+    candidate_logits,
+    candidate_scores,
+    candidate_token_ids,
+    encode_classification,
+    load_task_dataset,
+)
+
+TASK = "tweets_binary"
+CALIBRATIONS = {"docs64x256": (64, 256), "docs32x128": (32, 128)}
+DENSITIES = (1e-5, 1e-4, 1e-3, 1e-2)
+
+
+def _log(msg: str) -> None:
+    print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+
+# ------------------------------------------------------------------------------------- prepare
+def prepare(out: Path) -> None:
+    model, tok = load_model_and_tokenizer("smollm2")
+    torch.manual_seed(0)
+    masks = out / "masks"
+    for cal, (n, length) in CALIBRATIONS.items():
+        if all((masks / f"{cal}-{d:g}" / "mask_config.json").is_file() for d in DENSITIES):
+            continue
+        spec = SparseMaskConfig(calibration_num_sequences=n, calibration_seq_len=length)
+        params = selectable_parameters(model, spec)
+        t0 = time.perf_counter()
+        blocks = calibration_blocks(model, python_docs_corpus(), tok, n, length, 0)
+        stats = gradient_statistics(model, params, blocks, 1, False, True)
+        _log(f"{cal}: gradient statistics in {time.perf_counter() - t0:.0f}s")
+        total = sum(p.numel() for _, p in params)
+        for d in DENSITIES:
+            k = target_size(total, d)
+            indices = select_global(stats.sq_mean, k)
+            g_p = torch.cat([stats.mean[nm].reshape(-1)[i] for nm, i in indices.items()])
+            sq = torch.cat([stats.sq_mean[nm].reshape(-1)[i] for nm, i in indices.items()])
+            cfg = SparseMaskConfig(density=d, calibration_num_sequences=n, calibration_seq_len=length,
+                                   calibration_source="python_docs", base_model_name_or_path="smollm2")
+            mask = SparseMask(config=cfg, indices=indices, shapes=parameter_shapes(model), pretrain_grad=g_p)
+            target = masks / f"{cal}-{d:g}"
+            mask.save_pretrained(target, model_card=False)
+            torch.save(sq, target / "sq_grad.pt")
+            _log(f"mask {target.name}: k={k}")
+        del stats
+    for split in ("validation", "test"):
+        path = out / f"zeroshot_{split}.pt"
+        if path.is_file():
+            continue
+        ds = load_task_dataset(TASK, split)
+        t0 = time.perf_counter()
+        scores, labels = candidate_scores(model, tok, TASK, ds, batch_size=32, max_length=64)
+        torch.save({"scores": scores, "labels": labels}, path)
+        _log(f"zero-shot {split}: {len(labels)} examples in {time.perf_counter() - t0:.0f}s")
+    val = torch.load(out / "zeroshot_validation.pt")
+    test = torch.load(out / "zeroshot_test.pt")
+    offsets = fit_prior_offsets(val["scores"].numpy(), val["labels"].numpy())
+    summary = {}
+    for split, d in (("validation", val), ("test", test)):
+        cs = ClassifierScores(d["scores"].numpy(), d["labels"].numpy())
+        summary[split] = {"zero_shot": cs.report(), "prior_corrected": cs.report(offsets)}
+    summary["offsets"] = offsets.tolist()
+    (out / "baselines.json").write_text(json.dumps(summary, indent=1))
+    for split in ("validation", "test"):
+        z, p = summary[split]["zero_shot"], summary[split]["prior_corrected"]
+        _log(f"{split}: zero-shot acc {z['accuracy']:.4f} bal {z['balanced_accuracy']:.4f} auc {z['auc']:.4f} | "
+             f"prior-corrected acc {p['accuracy']:.4f} bal {p['balanced_accuracy']:.4f}")
+
+
+# ----------------------------------------------------------------------------------------- run
+@dataclass
+class RunConfig:
+    mask: str = "docs64x256-0.001"
+    lr: float = 1e-4
+    eps: float = 1e-3
+    q: int = 1
+    batch_size: int = 16
+    max_length: int = 64
+    loss: str = "candidates"  # candidates | lm | balanced (class-weighted candidate CE)
+    steps: int = 600
+    schedule: str = "constant"  # constant | linear | cosine
+    warmup: int = 0
+    clip: float = 0.0  # |g| clipped to this (0 = off)
+    precond: str = "none"  # none | fisher: z scaled by (sq_grad + damp)^-1/2, unit mean square
+    precond_damp: float = 0.0  # relative to the mean masked sq_grad
+    seed: int = 0
+    eval_every: int = 100
+    eval_examples: int = 512
+    train_examples: int = 0  # 0 = the whole train split
+
+
+def _parse_sets(pairs: list[str]) -> RunConfig:
+    kinds = {f.name: f.type for f in fields(RunConfig)}
+    values = {}
+    for pair in pairs:
+        key, _, raw = pair.partition("=")
+        if key not in kinds:
+            raise SystemExit(f"unknown setting {key!r}; known: {', '.join(kinds)}")
+        kind = kinds[key]
+        values[key] = raw if kind in ("str", str) else (int(float(raw)) if kind in ("int", int) else float(raw))
+    return RunConfig(**values)
+
+
+def _lr_at(cfg: RunConfig, step: int) -> float:
+    scale = 1.0
+    if cfg.warmup and step < cfg.warmup:
+        scale = (step + 1) / cfg.warmup
+    elif cfg.schedule == "linear":
+        scale = 1.0 - (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    elif cfg.schedule == "cosine":
+        scale = 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
+    return cfg.lr * scale
+
+
+def _module_kind(name: str) -> str:
+    return name.split(".")[-2] if name.endswith(".weight") else name
+
+
+def run(out: Path, name: str, cfg: RunConfig) -> None:
+    runs = out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    log_path, ckpt_path = runs / f"{name}.jsonl", runs / f"{name}.ckpt.pt"
+    if log_path.is_file() and any(json.loads(line).get("final") for line in log_path.read_text().splitlines()):
+        _log(f"{name}: finished already")
+        return
+    torch.manual_seed(0)
+    model, tok = load_model_and_tokenizer("smollm2")
+    mask = SparseMask.from_pretrained(out / "masks" / cfg.mask)
+    mm = MeerkatModel(model, mask)
+    k = mm.num_selected
+    cand = candidate_token_ids(tok, TASK)
+    collate = ClassificationCollator(tok)
+    train = load_task_dataset(TASK, "train")
+    if cfg.train_examples:
+        train = train.select(range(min(cfg.train_examples, len(train))))
+    train_enc = encode_classification(tok, TASK, train, cfg.max_length).with_format(None).to_dict()
+    val = load_task_dataset(TASK, "validation").select(range(cfg.eval_examples))
+    val_enc = encode_classification(tok, TASK, val, cfg.max_length, include_label_word=False)
+    n_train = len(train_enc["label"])
+    prior = np.bincount(train_enc["label"], minlength=len(cand)) / n_train
+    class_weight = torch.tensor(1.0 / (len(cand) * prior), dtype=torch.float32)
+    scale = None
+    if cfg.precond == "fisher":
+        sq = torch.load(out / "masks" / cfg.mask / "sq_grad.pt").float()
+        sq = sq + cfg.precond_damp * sq.mean()
+        scale = sq.rsqrt()
+        scale = scale / scale.pow(2).mean().sqrt()  # unit mean square: E|s*z|^2 = k, lr stays comparable
+    base_model = mm.base_model
+
+    def batch_loss(batch) -> torch.Tensor:
+        if cfg.loss == "lm":
+            return base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              labels=batch["labels"], use_cache=False).loss
+        logits = candidate_logits(base_model, batch, cand).float()
+        weight = class_weight if cfg.loss == "balanced" else None
+        return F.cross_entropy(logits, batch["label"], weight=weight)
+
+    def evaluate() -> dict:
+        scores, labels = candidate_scores(base_model, tok, TASK, val_enc, batch_size=32)
+        loss = float(F.cross_entropy(scores, labels))
+        rep = ClassifierScores(scores.numpy(), labels.numpy()).report(resamples=200)
+        return {"val_loss": loss, "bal_acc": rep["balanced_accuracy"], "acc": rep["accuracy"], "auc": rep.get("auc"),
+                "pred_pos": rep["predicted_rate"][1]}
+
+    start, history = 0, []
+    if ckpt_path.is_file():
+        state = torch.load(ckpt_path)
+        mm.set_values(state["values"])
+        start, history = state["step"], state["history"]
+        _log(f"{name}: resumed at step {start}")
+    else:
+        log_path.write_text("")
+        row = {"step": 0, "forward_passes": 0, **evaluate(), "config": asdict(cfg), "k": k}
+        with log_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        _log(f"{name} step 0: {row}")
+    rng_seed = zo.derive_seed(cfg.seed, 7)
+    t0 = time.perf_counter()
+    abs_g: list[float] = []
+    skipped = 0
+    for step in range(start, cfg.steps):
+        order = np.random.default_rng(zo.derive_seed(rng_seed, step)).choice(n_train, cfg.batch_size, replace=False)
+        batch = collate([{c: train_enc[c][i] for c in ("input_ids", "attention_mask", "labels", "label")} for i in order])
+        seeds = tuple(zo.derive_seed(cfg.seed, step, j) for j in range(cfg.q))
+        dirs = [zo.gaussian_direction(s, k) for s in seeds]
+        if scale is not None:
+            dirs = [z * scale for z in dirs]
+        grads = [zo.projected_gradient(mm, lambda: batch_loss(batch), z, cfg.eps) for z in dirs]
+        if not all(math.isfinite(g) for g in grads):
+            skipped += 1
+            continue
+        abs_g.append(float(np.mean(np.abs(grads))))
+        if cfg.clip > 0:
+            grads = [max(-cfg.clip, min(cfg.clip, g)) for g in grads]
+        zo.apply_step(mm.values, zo.ZOStep(seeds, tuple(grads), _lr_at(cfg, step)), directions=dirs)
+        mm.sync_weights()
+        done = step + 1
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            elapsed = time.perf_counter() - t0
+            delta = mm.delta
+            row = {"step": done, "forward_passes": 2 * cfg.q * cfg.batch_size * done, **evaluate(),
+                   "mean_abs_g": float(np.mean(abs_g)) if abs_g else None, "skipped": skipped,
+                   "delta_norm": float(delta.norm()), "delta_max": float(delta.abs().max()),
+                   "sec_per_step": elapsed / max(1, len(abs_g))}
+            abs_g = []
+            if done == cfg.steps:
+                row["final"] = True
+                row["delta_by_module"] = _delta_by_module(mm)
+            with log_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            torch.save({"values": mm.values.clone(), "step": done, "history": history}, ckpt_path)
+            _log(f"{name} step {done}: " + " ".join(f"{k2}={v:.4g}" for k2, v in row.items() if isinstance(v, float)))
+            t0 = time.perf_counter()
+
+
+def _delta_by_module(mm: MeerkatModel) -> dict:
+    """Share of the squared delta per module kind and the share held by the top 10 coordinates."""
+    delta = mm.delta
+    sq = delta.pow(2)
+    total = float(sq.sum()) or 1.0
+    out: dict[str, float] = {}
+    for s in mm.sparse.slices:
+        kind = _module_kind(s.name)
+        out[kind] = out.get(kind, 0.0) + float(sq[s.start : s.stop].sum()) / total
+    out["top10_share"] = float(torch.topk(sq, min(10, sq.numel())).values.sum()) / total
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pp = sub.add_parser("prepare")
+    pp.add_argument("--out", default="runs/study")
+    pr = sub.add_parser("run")
+    pr.add_argument("--out", default="runs/study")
+    pr.add_argument("--name", required=True)
+    pr.add_argument("--set", action="append", default=[])
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.cmd == "prepare":
+        prepare(out)
+    else:
+        run(out, args.name, _parse_sets(args.set))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
