@@ -73,7 +73,23 @@ def write_plots(rows: list[dict], out_dir: str | os.PathLike, title: str = "", i
         pts.insert(0, (0, initial[key]))
     fig, ax = plt.subplots(figsize=(6, 4))
     if pts:
-        ax.plot(*zip(*pts), marker="o")
+        ax.plot(*zip(*pts), marker="o", label=key.replace("_", " "))
+    if key == "accuracy":
+        bal = [(r["round"] + 1, r) for r in rows if r.get("balanced_accuracy") is not None]
+        if initial and initial.get("balanced_accuracy") is not None:
+            bal.insert(0, (0, initial))
+        if bal:
+            xs = [x for x, _ in bal]
+            ax.plot(xs, [r["balanced_accuracy"] for _, r in bal], marker="s", label="balanced accuracy")
+            if all(r.get("balanced_accuracy_ci_low") is not None for _, r in bal):
+                ax.fill_between(xs, [r["balanced_accuracy_ci_low"] for _, r in bal],
+                                [r["balanced_accuracy_ci_high"] for _, r in bal], alpha=0.2, label="95% CI")
+        majority = next((r.get("majority_rate") for r in ([initial] if initial else []) + rows
+                         if r and r.get("majority_rate") is not None), None)
+        if majority is not None:
+            ax.axhline(majority, color="grey", ls="--", lw=1, label="majority-class rate")
+        ax.set_ylim(0.4, 1.0)  # a fixed range: a 2-point wobble must not look like a peak
+        ax.legend(fontsize=8)
     ax.set_xlabel("round (0 = before training)" if initial else "round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(key.replace("_", " "))
@@ -147,11 +163,19 @@ def format_report(result) -> str:
     cfg = result.config
     lines = [f"== {cfg.algorithm}: {cfg.rounds} rounds, {cfg.num_clients} clients, T={cfg.local_steps}, "
              f"k={result.k:,} of {result.num_params:,} parameters ({100 * result.k / result.num_params:.3g}%)"]
-    for key in ("accuracy", "eval_loss"):
+    for key in ("balanced_accuracy", "accuracy", "eval_loss"):
         before, after = result.initial_eval.get(key), result.final_eval.get(key)
         if before is not None or after is not None:
-            show = (lambda v: "n/a" if v is None else f"{v:.4f}")
-            lines.append(f"{key:<9} zero-shot (before): {show(before)}   after round {cfg.rounds}: {show(after)}")
+            def show(v, ev):
+                if v is None:
+                    return "n/a"
+                lo, hi = ev.get(f"{key}_ci_low"), ev.get(f"{key}_ci_high")
+                return f"{v:.4f}" + (f" [95% CI {lo:.3f}-{hi:.3f}]" if lo is not None else "")
+            lines.append(f"{key:<17} zero-shot (before): {show(before, result.initial_eval)}   "
+                         f"after round {cfg.rounds}: {show(after, result.final_eval)}")
+    if result.initial_eval.get("majority_rate") is not None:
+        lines.append(f"(always answering the majority class scores accuracy {result.initial_eval['majority_rate']:.4f}, "
+                     "balanced accuracy 0.5)")
     sent = result.total_uplink_bytes + result.total_downlink_bytes
     full = result.total_fedavg_full_bytes
     lines.append(f"bytes sent: {format_bytes(sent)} (uplink {format_bytes(result.total_uplink_bytes)}, downlink "

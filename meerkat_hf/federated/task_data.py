@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..classification_metrics import ClassifierScores
 from .config import FederationConfig
 
 logger = logging.getLogger(__name__)
@@ -73,9 +74,9 @@ def build_classification_data(config: FederationConfig, tokenizer) -> FederatedD
     from ..tasks import (
         ClassificationCollator,
         candidate_loss,
+        candidate_scores,
         candidate_token_ids,
         encode_classification,
-        evaluate_accuracy,
         load_task_dataset,
     )
 
@@ -96,9 +97,16 @@ def build_classification_data(config: FederationConfig, tokenizer) -> FederatedD
         return candidate_loss(forward_model(model), batch, cand)
 
     def evaluate(model) -> dict[str, float]:
-        acc = evaluate_accuracy(forward_model(model), tokenizer, template, eval_encoded,
-                                batch_size=config.eval_batch_size, max_length=config.max_length)
-        return {"accuracy": float(acc)}
+        scores, gold = candidate_scores(forward_model(model), tokenizer, template, eval_encoded,
+                                        batch_size=config.eval_batch_size, max_length=config.max_length)
+        rep = ClassifierScores(scores.numpy(), gold.numpy()).report()
+        # accuracy stays the headline key for old readers; the prior-proof metrics sit beside it
+        out = {key: float(rep[key]) for key in ("accuracy", "balanced_accuracy", "macro_f1", "majority_rate")}
+        out.update({f"{key}_ci_low": float(rep[f"{key}_ci"][0]) for key in ("balanced_accuracy", "macro_f1")})
+        out.update({f"{key}_ci_high": float(rep[f"{key}_ci"][1]) for key in ("balanced_accuracy", "macro_f1")})
+        if "auc" in rep:
+            out["auc"] = float(rep["auc"])
+        return out
 
     prompts = [template.format_prompt(train[i]) for i in range(min(len(train), 256))]
     return FederatedData(
