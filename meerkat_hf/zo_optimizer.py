@@ -51,6 +51,7 @@ class ZOSGD(torch.optim.Optimizer):
         *,
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
         keep_history: bool = True,
+        max_consecutive_skips: int = 20,
     ):
         if not isinstance(model, MeerkatModel):
             raise TypeError(
@@ -69,6 +70,8 @@ class ZOSGD(torch.optim.Optimizer):
         self.last_step: zo.ZOStep | None = None
         self.num_steps = 0  # applied steps
         self.num_skipped = 0  # steps dropped for a non-finite projected gradient
+        self.consecutive_skips = 0
+        self.max_consecutive_skips = int(max_consecutive_skips)
         self._abs_grad_sum, self._abs_grad_count = 0.0, 0  # for logging, reset by pop_log_stats()
         self._seeds: tuple[int, ...] | None = None
         self._grads: list[float] | None = None
@@ -123,11 +126,19 @@ class ZOSGD(torch.optim.Optimizer):
         grads = tuple(float(g) for g in vector.tolist())
         if not all(math.isfinite(g) for g in grads):
             self.num_skipped += 1
+            self.consecutive_skips += 1
+            if self.max_consecutive_skips and self.consecutive_skips >= self.max_consecutive_skips:
+                group = self.param_groups[0]
+                raise FloatingPointError(
+                    f"{self.consecutive_skips} ZO steps in a row had a NaN/inf loss (lr={group['lr']:g}, "
+                    f"weight_decay={group['weight_decay']:g}); the model diverged or eps is too large: lower lr or eps"
+                )
             logger.warning(
                 "ZO step skipped: non-finite projected gradient %s (a NaN/inf loss); weights untouched "
                 "(%d step(s) skipped so far)", grads, self.num_skipped,
             )
             return
+        self.consecutive_skips = 0
         group = self.param_groups[0]
         step = zo.ZOStep(seeds=seeds, grads=grads, lr=float(group["lr"]), weight_decay=float(group["weight_decay"]))
         zo.apply_step(self.model.values, step, directions=directions)

@@ -205,6 +205,23 @@ def test_zosgd_skips_non_finite_steps(caplog):
     assert torch.equal(m.values, start) and not opt.pending
 
 
+def test_zosgd_stops_with_a_clear_error_when_every_loss_is_nan():
+    m = _meerkat()
+    opt = ZOSGD(m, lr=0.5, max_consecutive_skips=3)
+    opt.accumulate((1,), [float("nan")])
+    opt.step()
+    opt.accumulate((2,), [1.0])
+    opt.step()  # a finite step resets the run of skips
+    assert opt.consecutive_skips == 0
+    for seed in (3, 4):
+        opt.accumulate((seed,), [float("inf")])
+        opt.step()
+    opt.accumulate((5,), [float("nan")])
+    with pytest.raises(FloatingPointError, match=r"3 ZO steps in a row had a NaN/inf loss \(lr=0.5"):
+        opt.step()
+    assert opt.num_skipped == 4
+
+
 def test_zosgd_state_dict_round_trip():
     m = _meerkat()
     opt = ZOSGD(m, lr=0.1)
