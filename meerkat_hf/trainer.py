@@ -402,6 +402,7 @@ class CandidateAccuracy:
         return logits[rows, positions][:, self.candidate_ids.to(logits.device)]
 
     def __call__(self, eval_pred: EvalPrediction) -> dict[str, float]:
+        from .classification_metrics import balanced_accuracy, macro_f1
         from .metrics import accuracy
         from .tasks import IGNORE_INDEX
 
@@ -417,5 +418,12 @@ class CandidateAccuracy:
         match = gold[:, None] == self.candidate_ids[None, :]
         if not bool(match.any(dim=1).all()):
             raise ValueError("an eval label token is not one of the candidate tokens")
-        return {"accuracy": accuracy(scores.argmax(dim=-1), match.int().argmax(dim=1))}
+        preds, gold_class = scores.argmax(dim=-1), match.int().argmax(dim=1)
+        num_classes = self.candidate_ids.numel()
+        return {
+            "accuracy": accuracy(preds, gold_class),
+            # the prior cannot fool these (a constant guess scores 1 / num_classes)
+            "balanced_accuracy": balanced_accuracy(preds.numpy(), gold_class.numpy(), num_classes),
+            "macro_f1": macro_f1(preds.numpy(), gold_class.numpy(), num_classes),
+        }
 

@@ -476,7 +476,8 @@ def test_candidate_loss_classification_with_offline_accuracy(tmp_path):
     start = trainer.evaluate()
     trainer.train()
     end = trainer.evaluate()
-    assert {"eval_loss", "eval_accuracy"} <= set(end)
+    assert {"eval_loss", "eval_accuracy", "eval_balanced_accuracy", "eval_macro_f1"} <= set(end)
     assert end["eval_accuracy"] >= start["eval_accuracy"] + 0.15 and end["eval_accuracy"] >= 0.7, (start, end)
+    assert end["eval_balanced_accuracy"] >= 0.7, end  # learned the keyword, not the label prior
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert losses[-1] < losses[0]  # the candidate cross-entropy (what is logged as loss) falls
