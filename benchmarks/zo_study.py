@@ -207,11 +207,11 @@ def run(out: Path, name: str, cfg: RunConfig) -> None:
         return {"val_loss": loss, "bal_acc": rep["balanced_accuracy"], "acc": rep["accuracy"], "auc": rep.get("auc"),
                 "pred_pos": rep["predicted_rate"][1]}
 
-    start, history = 0, []
+    start = 0
     if ckpt_path.is_file():
         state = torch.load(ckpt_path)
         mm.set_values(state["values"])
-        start, history = state["step"], state["history"]
+        start = state["step"]
         _log(f"{name}: resumed at step {start}")
     else:
         log_path.write_text("")
@@ -253,7 +253,7 @@ def run(out: Path, name: str, cfg: RunConfig) -> None:
                 row["delta_by_module"] = _delta_by_module(mm)
             with log_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-            torch.save({"values": mm.values.clone(), "step": done, "history": history}, ckpt_path)
+            torch.save({"values": mm.values.clone(), "step": done}, ckpt_path)
             _log(f"{name} step {done}: " + " ".join(f"{k2}={v:.4g}" for k2, v in row.items() if isinstance(v, float)))
             t0 = time.perf_counter()
 

@@ -77,16 +77,10 @@ def roc_auc(margins: Any, references: Any) -> float:
     pos, neg = int((y == 1).sum()), int((y == 0).sum())
     if pos == 0 or neg == 0:
         return float("nan")
-    order = np.argsort(m, kind="mergesort")
-    ranks = np.empty(m.size, dtype=np.float64)
-    sorted_m = m[order]
-    i = 0
-    while i < m.size:  # average ranks over ties
-        j = i
-        while j + 1 < m.size and sorted_m[j + 1] == sorted_m[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
+    # average ranks over ties, vectorised: rank of a value = its first position + (ties - 1) / 2
+    values, inverse, counts = np.unique(m, return_inverse=True, return_counts=True)
+    first = np.cumsum(counts) - counts + 1
+    ranks = (first + (counts - 1) / 2.0)[inverse]
     return float((ranks[y == 1].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
 
 
