@@ -114,15 +114,89 @@ def _add_federate_command(sub) -> None:
 def cmd_federate(args) -> int:
     from .federated.__main__ import federate
 
+    if args.model:  # a missing directory or an unreachable Hub id: one line, before anything else starts
+        from .loading import check_model_source
+
+        check_model_source(args.model, args.gguf_file)
     return federate(args)
+
+
+def _add_predict_command(sub) -> None:
+    pred = sub.add_parser(
+        "predict", help="classify or continue text with a trained delta (loads its recorded base model)",
+        description="Classify TEXT with the task the delta was trained on (its prompt and label words), or "
+                    "continue TEXT for a language-modelling delta or with --generate. The base model recorded "
+                    "in the delta is loaded (the embedded SmolLM2 GGUF offline).")
+    pred.add_argument("run_or_delta", metavar="RUN_OR_DELTA",
+                      help="a run folder (runs/NAME, uses its final/), a delta folder, or a Hub repo id")
+    pred.add_argument("texts", nargs="+", metavar="TEXT",
+                      help="input text(s); for a task with several text columns a JSON object of them")
+    pred.add_argument("--task", default=None, help="task name from meerkat_hf.tasks (default: the run's own task)")
+    pred.add_argument("--generate", action="store_true", help="continue the text instead of classifying it")
+    pred.add_argument("--max-new-tokens", type=int, default=32)
+    pred.add_argument("--max-length", type=int, default=None, help="prompt length limit in tokens (default: the run's)")
+    pred.add_argument("--base", default=None, metavar="MODEL",
+                      help="load this base instead of the recorded one (Hub id, local directory or 'smollm2')")
+    pred.add_argument("--json", action="store_true", help="one JSON object per text")
+    pred.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args) -> int:
+    from .predict import predict_texts
+
+    predictions, template = predict_texts(
+        args.run_or_delta, args.texts, task=args.task, force_generate=args.generate, base_model=args.base,
+        max_new_tokens=args.max_new_tokens, max_length=args.max_length)
+    if args.json:
+        for p in predictions:
+            print(json.dumps(p.to_dict(), ensure_ascii=False))
+        return 0
+    if template is not None:
+        print(f"task {template.name}: labels {', '.join(template.label_names)}")
+        for p in predictions:
+            scores = ", ".join(f"{k} {v:.3f}" for k, v in p.scores.items())
+            print(f"{p.label}\t({scores})\t{p.text}")
+    else:
+        for p in predictions:
+            print(f"{p.text}{p.generated}")
+    return 0
+
+
+def _version() -> str:
+    import platform
+
+    from . import __version__
+
+    parts = [f"meerkat-hf {__version__}", f"Python {platform.python_version()}"]
+    for dist in ("torch", "transformers", "peft", "huggingface-hub"):
+        try:
+            from importlib.metadata import version
+
+            parts.append(f"{dist} {version(dist)}")
+        except Exception:  # noqa: BLE001  (not installed)
+            pass
+    return " | ".join(parts)
+
+
+class _VersionAction(argparse.Action):
+    """`--version`, computed only when asked (reading package metadata costs a little)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_version())
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meerkat-hf", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--version", action=_VersionAction, help="print the versions of meerkat-hf and its core libraries")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_mask_commands(sub)
     _add_federate_command(sub)
+    _add_predict_command(sub)
     return parser
 
 

@@ -282,6 +282,8 @@ def read_delta_config(folder: Path) -> dict:
         raise ValueError(f"{cfg_path} is damaged or not a Meerkat delta config: it lacks {', '.join(missing)}")
     if cfg.get("format_version", 1) > DELTA_FORMAT_VERSION:
         raise ValueError(f"{cfg_path} uses delta format {cfg['format_version']}; upgrade meerkat-hf")
+    if "config_sha256" not in cfg and ("files_sha256" in cfg or "base_model" in cfg or "format_version" in cfg):
+        raise ValueError(f"{cfg_path} is damaged: its content hash (config_sha256) is missing")
     if "config_sha256" in cfg and config_content_sha256(cfg) != cfg["config_sha256"]:
         raise ValueError(f"{cfg_path} was edited or damaged (content hash mismatch); "
                          "pass the base model explicitly instead of editing the file")
