@@ -77,7 +77,7 @@ def check_model_source(name_or_path: str, gguf_file: str | None = None, revision
         raise OSError(f"model '{name_or_path}' is neither a local directory nor in the local Hub cache, and "
                       "HF_HUB_OFFLINE=1 forbids downloading it (download it once online, or pass a local directory)")
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
         HfApi().model_info(name_or_path, revision=revision, timeout=HUB_CHECK_TIMEOUT_S)
@@ -88,6 +88,12 @@ def check_model_source(name_or_path: str, gguf_file: str | None = None, revision
                       "(no such repo, or private: run `hf auth login`)") from err
     except RevisionNotFoundError as err:
         raise OSError(f"Hub model '{name_or_path}' has no revision '{revision}'") from err
+    except HfHubHTTPError as err:
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if status in (401, 403, 404):
+            raise OSError(f"model '{name_or_path}' is not a local directory and not a Hub model you can access "
+                          f"(HTTP {status})") from err
+        raise OSError(f"the Hub answered HTTP {status} for model '{name_or_path}': {str(err).splitlines()[0]}") from err
     except Exception as err:  # noqa: BLE001  (timeouts, DNS, proxies: all mean "unreachable")
         raise OSError(f"could not reach the Hub within {HUB_CHECK_TIMEOUT_S:g} s to fetch model '{name_or_path}' "
                       f"({type(err).__name__}); it is not in the local cache. Check the network, or pass a local "
