@@ -218,6 +218,13 @@ def write_directory_atomically(directory: str | os.PathLike[str], files: Mapping
     names = {name: _check_relative_name(name) for name in files}
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"Cannot save into '{target}': it is a file, not a directory.")
+    cwd = Path.cwd().resolve()
+    if target.is_dir() and (target.resolve() == cwd or target.resolve() in cwd.parents or os.path.ismount(target)):
+        # Renaming the working directory (or a mount point) away is impossible or would strand this process.
+        logger.warning("Saving into %s file by file (it is the working directory or a mount point); "
+                       "save into a subfolder for a single-rename commit.", target)
+        write_files_atomically(target, files)
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(target)
     token = uuid.uuid4().hex[:12]
@@ -313,6 +320,32 @@ def _looks_like_local_path(path_or_repo_id: str | os.PathLike[str]) -> bool:
     return not _is_repo_id(name)
 
 
+def hub_check_timeout() -> float:
+    """Seconds to wait for the Hub before calling it unreachable (env `MEERKAT_HF_HUB_CHECK_TIMEOUT`, default 5)."""
+    try:
+        return max(0.1, float(os.environ.get("MEERKAT_HF_HUB_CHECK_TIMEOUT", "5")))
+    except ValueError:
+        return 5.0
+
+
+def _hub_unreachable(repo_id: str, revision: str | None, token) -> Exception | None:
+    """None if the Hub answers about `repo_id` within `hub_check_timeout()` (whatever the answer), else the error.
+
+    `snapshot_download` waits for long timeouts and retries before it gives up on a silent network;
+    one short request first turns that into seconds.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        HfApi(token=token).model_info(repo_id, revision=revision or "main", timeout=hub_check_timeout())
+    except HfHubHTTPError as err:  # the Hub answered (404, 401, ...): snapshot_download explains it
+        return None if getattr(err, "response", None) is not None else err
+    except Exception as err:  # noqa: BLE001  (timeouts, DNS, refused connections, proxies)
+        return err
+    return None
+
+
 def resolve_folder(
     path_or_repo_id: str | os.PathLike[str],
     *,
@@ -364,6 +397,19 @@ def resolve_folder(
     )
 
     where = f"'{repo_id}' (revision '{revision or 'main'}')"
+    if not constants.is_offline_mode():
+        unreachable = _hub_unreachable(repo_id, revision, token)
+        if unreachable is not None:
+            try:  # a repo downloaded before still loads from the cache
+                return Path(huggingface_hub.snapshot_download(repo_id=repo_id, revision=revision,
+                                                              allow_patterns=allow_patterns, cache_dir=cache_dir,
+                                                              repo_type="model", local_files_only=True))
+            except Exception:  # noqa: BLE001
+                raise OSError(
+                    f"{where} is not a local directory and is not in the local Hub cache, and the Hub did not "
+                    f"answer within {hub_check_timeout():g} s ({type(unreachable).__name__}). Check the network, "
+                    "or pass the path of a local directory instead."
+                ) from unreachable
     try:
         folder = huggingface_hub.snapshot_download(
             repo_id=repo_id,

@@ -36,15 +36,13 @@ def resolve_model_source(name_or_path: str, gguf_file: str | None = None) -> tup
     return name_or_path, gguf_file
 
 
-#: How long `check_model_source` waits for the Hub before calling a model id unreachable.
-HUB_CHECK_TIMEOUT_S = float(os.environ.get("MEERKAT_HF_HUB_CHECK_TIMEOUT", "5"))
 #: Attribute (on the loaded model) recording how `load_model_and_tokenizer` loaded it.
 BASE_SOURCE_ATTR = "_meerkat_base_source"
 
 
 def check_model_source(name_or_path: str, gguf_file: str | None = None, revision: str | None = None) -> None:
     """Fail fast, with one line, for a model that cannot be loaded: a missing local path, an
-    invalid or unknown Hub id, or a Hub that does not answer within `HUB_CHECK_TIMEOUT_S` seconds.
+    invalid or unknown Hub id, or a Hub that does not answer within `hub.hub_check_timeout()` seconds.
 
     Models already in the local Hub cache and `HF_HUB_OFFLINE=1` need no network here.
     """
@@ -79,8 +77,11 @@ def check_model_source(name_or_path: str, gguf_file: str | None = None, revision
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
+    from .hub import hub_check_timeout
+
+    timeout = hub_check_timeout()
     try:
-        HfApi().model_info(name_or_path, revision=revision, timeout=HUB_CHECK_TIMEOUT_S)
+        HfApi().model_info(name_or_path, revision=revision, timeout=timeout)
     except GatedRepoError:
         return  # gated models: transformers explains how to get access
     except RepositoryNotFoundError as err:
@@ -95,7 +96,7 @@ def check_model_source(name_or_path: str, gguf_file: str | None = None, revision
                           f"(HTTP {status})") from err
         raise OSError(f"the Hub answered HTTP {status} for model '{name_or_path}': {str(err).splitlines()[0]}") from err
     except Exception as err:  # noqa: BLE001  (timeouts, DNS, proxies: all mean "unreachable")
-        raise OSError(f"could not reach the Hub within {HUB_CHECK_TIMEOUT_S:g} s to fetch model '{name_or_path}' "
+        raise OSError(f"could not reach the Hub within {timeout:g} s to fetch model '{name_or_path}' "
                       f"({type(err).__name__}); it is not in the local cache. Check the network, or pass a local "
                       "directory (HF_HUB_OFFLINE=1 skips the Hub)") from err
 

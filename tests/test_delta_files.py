@@ -235,3 +235,11 @@ def test_hand_edited_mask_metadata_is_detected(tmp_path, base_dir):
     cfg.write_text(cfg.read_text().replace('"density": 0.02', '"density": 0.5'))
     with pytest.raises(ValueError, match="mask_config.json was edited or damaged"):
         SparseMask.from_pretrained(folder)
+
+
+def test_saving_into_the_working_directory_falls_back_to_file_by_file(tmp_path, base_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    mm = trained(base_dir)
+    mm.save_pretrained(".")
+    assert Path.cwd() == tmp_path and listing(tmp_path) == DELTA_FILES
+    assert torch.equal(MeerkatModel.from_pretrained(".").values, mm.values)

@@ -108,22 +108,24 @@ def test_unknown_hub_id_offline_and_on_an_unreachable_hub_fails_in_seconds(tmp_p
 
     import huggingface_hub.constants as constants
 
-    import meerkat_hf.loading as loading
-
     silent = socket.socket()  # accepts connections (kernel backlog), never answers
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
-    monkeypatch.setattr(loading, "HUB_CHECK_TIMEOUT_S", 1.0)
+    monkeypatch.setenv("MEERKAT_HF_HUB_CHECK_TIMEOUT", "1")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    t0 = time.perf_counter()
     try:
+        t0 = time.perf_counter()
         assert main(["federate", "--model", "someone/no-such-model", "--output-dir", str(tmp_path / "o")]) == 2
+        assert time.perf_counter() - t0 < 20
+        assert "could not reach the Hub within 1 s" in one_line_error(capsys)
+        t0 = time.perf_counter()  # a delta named by a Hub id: the same
+        assert main(["predict", "someone/no-such-delta", "hello"]) == 2
+        assert time.perf_counter() - t0 < 20
+        assert "did not answer within 1 s" in one_line_error(capsys)
     finally:
         silent.close()
-    assert time.perf_counter() - t0 < 20
-    assert "could not reach the Hub within 1 s" in one_line_error(capsys)
 
 
 def test_unknown_hub_id_on_a_reachable_hub(fake_hub, capsys, monkeypatch, tmp_path):  # noqa: F811
