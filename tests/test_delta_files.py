@@ -243,3 +243,21 @@ def test_saving_into_the_working_directory_falls_back_to_file_by_file(tmp_path, 
     mm.save_pretrained(".")
     assert Path.cwd() == tmp_path and listing(tmp_path) == DELTA_FILES
     assert torch.equal(MeerkatModel.from_pretrained(".").values, mm.values)
+
+
+def test_a_delta_saved_before_bases_were_recorded_still_loads(tmp_path, base_dir):
+    import json
+
+    folder = tmp_path / "old-format"
+    mm = trained(base_dir)
+    mm.save_pretrained(folder, model_card=False)
+    cfg_path = folder / "meerkat_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    legacy = {k: cfg[k] for k in ("mask_checksum", "fingerprint", "num_selected", "weights_sha256", "training")}
+    legacy["base_model_name_or_path"] = str(base_dir)
+    cfg_path.write_text(json.dumps(legacy))
+    assert torch.equal(MeerkatModel.from_pretrained(folder).values, mm.values)
+    del legacy["weights_sha256"]
+    cfg_path.write_text(json.dumps(legacy))
+    with pytest.raises(ValueError, match=r"meerkat_config.json is damaged .* lacks weights_sha256"):
+        MeerkatModel.from_pretrained(folder)
