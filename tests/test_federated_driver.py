@@ -63,7 +63,7 @@ def test_cli_federate_writes_metrics_plots_and_counts_bytes(tmp_path, assets, ca
     assert (out / "final" / "sparse_delta.safetensors").is_file()
     card = (out / "final" / "README.md").read_text()  # ready for push_to_hub: rendered card with the results
     assert "library_name: meerkat-hf" in card and "Accuracy before" in card and "Accuracy after" in card
-    assert "Full model fedavg bytes" in card
+    assert "Full-model FedAvg bytes" in card and "ZO eps" in card  # readable labels (issue 12)
     # the partition from the config is the one the clients got
     from meerkat_hf.tasks import custom_task, load_task_dataset
 
