@@ -5,6 +5,8 @@ file's SHA-256. They are saved, pushed, downloaded and described the same way, s
 
 * `write_files_atomically` – save a set of files so that a crash never leaves a half-written file under
   its final name; the config (written last) acts as the commit marker.
+* `write_directory_atomically` – save a whole artifact (a trained delta: mask + values + config) as ONE
+  unit: a new sibling folder renamed into place, the previous version removed only after that succeeded.
 * `sha256_bytes` – the hash stored in the config, checked at load time to detect a mismatched pair.
 * `resolve_folder` – accept a local directory or a Hub repo id and return a local folder, with error
   messages that say what to do (offline, missing repo, typo in a local path).

@@ -121,7 +121,7 @@ def test_embedded_default_records_the_gguf_and_its_snippet_runs_offline(tmp_path
     mm.save_pretrained(folder, training_summary={"rounds": 1})
     sha = file_sha256(os.path.join(embedded_model_dir(), EMBEDDED_GGUF))
     card = (folder / "README.md").read_text()
-    assert EMBEDDED_GGUF in card and sha in card and "offline" in card
+    assert EMBEDDED_GGUF in card and sha in card and "offline" in card and "not the full-precision" in card
     base = __import__("json").loads((folder / "meerkat_config.json").read_text())["base_model"]
     assert base["kind"] == "embedded" and base["gguf_sha256"] == sha
     del model, mm
