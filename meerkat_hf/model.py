@@ -29,6 +29,7 @@ DELTA_CONFIG_NAME = "meerkat_config.json"
 # Not `adapter_model.safetensors`: PEFT and Trainer treat that name as a LoRA adapter.
 DELTA_WEIGHTS_NAME = "sparse_delta.safetensors"
 DELTA_FORMAT_VERSION = 2
+_CARD_MARKER = b"Rendered by meerkat-hf from model_cards/delta_card.md"
 
 
 class MeerkatModel(nn.Module):
@@ -142,8 +143,11 @@ class MeerkatModel(nn.Module):
             files["README.md"] = str(self.model_card(repo_id or os.fspath(save_directory), training_summary, datasets,
                                                      base=base, push_repo=repo_id)).encode()
         files[DELTA_CONFIG_NAME] = json.dumps(config, indent=2).encode()
-        write_directory_atomically(save_directory, files,
-                                   replace_names=(CONFIG_NAME, MASK_WEIGHTS_NAME, DELTA_WEIGHTS_NAME, DELTA_CONFIG_NAME))
+        replace = [CONFIG_NAME, MASK_WEIGHTS_NAME, DELTA_WEIGHTS_NAME, DELTA_CONFIG_NAME]
+        old_card = Path(save_directory) / "README.md"
+        if not model_card and old_card.is_file() and _CARD_MARKER in old_card.read_bytes():
+            replace.append("README.md")  # our card of the previous save would describe the wrong values
+        write_directory_atomically(save_directory, files, replace_names=tuple(replace))
 
     def model_card(self, load_path: str, training_summary: dict | None = None, datasets: list[str] | None = None,
                    *, base: dict | None = None, push_repo: str | None = None):

@@ -140,8 +140,12 @@ def test_save_keeps_other_files_and_leaves_nothing_behind(tmp_path, base_dir):
     (folder / "tokenizer.json").write_text("tok")
     mm = trained(base_dir)
     mm.save_pretrained(folder)
-    mm.save_pretrained(folder, model_card=False)  # a second save replaces the unit
-    assert listing(folder) == sorted(DELTA_FILES + ["checkpoint-1", "tokenizer.json"])
+    assert "README.md" in listing(folder)
+    mm.save_pretrained(folder, model_card=False)  # a second save replaces the unit, and drops our stale card
+    assert listing(folder) == sorted(set(DELTA_FILES) - {"README.md"} | {"checkpoint-1", "tokenizer.json"})
+    (folder / "README.md").write_text("the user's own notes")
+    mm.save_pretrained(folder, model_card=False)  # a README we did not render is kept
+    assert (folder / "README.md").read_text() == "the user's own notes"
     assert (folder / "checkpoint-1" / "trainer_state.json").read_text() == "{}"
     assert listing(tmp_path) == ["out"]  # no .tmp / .old beside it
     assert torch.equal(MeerkatModel.from_pretrained(tiny_model("llama"), folder).values, mm.values)
