@@ -61,12 +61,13 @@ def _log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------- prepare
-def prepare(out: Path) -> None:
+def prepare(out: Path, calibrations=tuple(CALIBRATIONS), densities=DENSITIES) -> None:
     model, tok = load_model_and_tokenizer("smollm2")
     torch.manual_seed(0)
     masks = out / "masks"
-    for cal, (n, length) in CALIBRATIONS.items():
-        if all((masks / f"{cal}-{d:g}" / "mask_config.json").is_file() for d in DENSITIES):
+    for cal in calibrations:
+        n, length = CALIBRATIONS[cal]
+        if all((masks / f"{cal}-{d:g}" / "mask_config.json").is_file() for d in densities):
             continue
         spec = SparseMaskConfig(calibration_num_sequences=n, calibration_seq_len=length)
         params = selectable_parameters(model, spec)
@@ -75,7 +76,7 @@ def prepare(out: Path) -> None:
         stats = gradient_statistics(model, params, blocks, 1, False, True)
         _log(f"{cal}: gradient statistics in {time.perf_counter() - t0:.0f}s")
         total = sum(p.numel() for _, p in params)
-        for d in DENSITIES:
+        for d in densities:
             k = target_size(total, d)
             indices = select_global(stats.sq_mean, k)
             g_p = torch.cat([stats.mean[nm].reshape(-1)[i] for nm, i in indices.items()])
@@ -170,7 +171,7 @@ def run(out: Path, name: str, cfg: RunConfig) -> None:
         return
     torch.manual_seed(0)
     model, tok = load_model_and_tokenizer("smollm2")
-    mask = SparseMask.from_pretrained(out / "masks" / cfg.mask)
+    mask = build_mask(out, cfg.mask, model, tok)
     mm = MeerkatModel(model, mask)
     k = mm.num_selected
     cand = candidate_token_ids(tok, TASK)
@@ -271,21 +272,174 @@ def _delta_by_module(mm: MeerkatModel) -> dict:
     return out
 
 
+# -------------------------------------------------------------------------------------- diagnose
+def _masked_grad(model, mask: SparseMask) -> torch.Tensor:
+    """The gradient at the masked coordinates, canonical order (a k-vector)."""
+    params = dict(model.named_parameters())
+    parts = []
+    for nm, idx in mask.indices.items():
+        g = params[nm].grad.reshape(-1)
+        parts.append((g if idx is None else g[idx]).float().clone())
+    return torch.cat(parts)
+
+
+def _random_mask(model, k: int, seed: int) -> SparseMask:
+    spec = SparseMaskConfig(method="random", seed=seed)
+    params = selectable_parameters(model, spec)
+    gen = torch.Generator().manual_seed(seed)
+    scores = {nm: torch.rand(p.numel(), generator=gen) for nm, p in params}
+    indices = select_global(scores, k)
+    return SparseMask(config=spec, indices=indices, shapes=parameter_shapes(model),
+                      pretrain_grad=torch.zeros(sum(int(i.numel()) for i in indices.values())))
+
+
+def _head_mask(model, tok) -> SparseMask:
+    """The label words' rows of the (tied) embedding: a 2 x hidden "task head", study-only."""
+    shapes = parameter_shapes(model)
+    name = next(n for n, _ in model.named_parameters() if "embed_tokens" in n)
+    hidden = shapes[name][1]
+    rows = sorted(candidate_token_ids(tok, TASK))
+    idx = torch.cat([torch.arange(r * hidden, (r + 1) * hidden) for r in rows])
+    return SparseMask(config=SparseMaskConfig(method="random"), indices={name: idx}, shapes=shapes,
+                      pretrain_grad=torch.zeros(idx.numel()))
+
+
+def _union(a: SparseMask, b: SparseMask) -> SparseMask:
+    indices = dict(a.indices)
+    for nm, idx in b.indices.items():
+        indices[nm] = idx if nm not in indices else torch.unique(torch.cat([indices[nm], idx]))
+    return SparseMask(config=a.config, indices=indices, shapes=a.shapes)
+
+
+def build_mask(out: Path, spec: str, model, tok) -> SparseMask:
+    """`NAME` (under out/masks), `random-NAME` (random, same k), `head`, or `A+B` (union)."""
+    if "+" in spec:
+        parts = [build_mask(out, s, model, tok) for s in spec.split("+")]
+        mask = parts[0]
+        for m in parts[1:]:
+            mask = _union(mask, m)
+        return mask
+    if spec == "head":
+        return _head_mask(model, tok)
+    if spec.startswith("random-"):
+        ref = SparseMask.from_pretrained(out / "masks" / spec[len("random-"):])
+        return _random_mask(model, ref.num_selected, 0)
+    return SparseMask.from_pretrained(out / "masks" / spec)
+
+
+def diagnose(out: Path, masks: list[str], n_batches: int, batch_size: int, curv_dirs: int, loss_kind: str) -> None:
+    """Predict what ZO-SGD can gain per step on each mask, from first-order measurements.
+
+    For SPSA with z ~ N(0, diag(s^2)) and a minibatch gradient g_b, one step of size lr changes the
+    loss by  -lr |s*G|^2  +  lr^2/2 * E[(z.g_b)^2] * E[z^T H z]  (G: the full-data gradient).
+    The best lr is  lr* = |s*G|^2 / (E|s*g_b|^2 * E[z^T H z])  and it buys
+    delta* = |s*G|^4 / (2 E|s*g_b|^2 E[z^T H z])  per step. We measure |s*G|^2 (unbiased, from
+    n_batches minibatch gradients), E|s*g_b|^2, and E[z^T H z] by second differences along
+    curv_dirs random directions on a fixed 64-example batch. First-order SGD's descent at its own
+    lr is the comparison.
+    """
+    torch.manual_seed(0)
+    model, tok = load_model_and_tokenizer("smollm2")
+    cand = candidate_token_ids(tok, TASK)
+    collate = ClassificationCollator(tok)
+    train = load_task_dataset(TASK, "train")
+    enc = encode_classification(tok, TASK, train, 64).with_format(None).to_dict()
+    n_train = len(enc["label"])
+    prior = np.bincount(enc["label"], minlength=len(cand)) / n_train
+    weight = torch.tensor(1.0 / (len(cand) * prior), dtype=torch.float32) if loss_kind == "balanced" else None
+    rng = np.random.default_rng(123)
+
+    def make(idx):
+        return collate([{c: enc[c][i] for c in ("input_ids", "attention_mask", "labels", "label")} for i in idx])
+
+    batches = [make(rng.choice(n_train, batch_size, replace=False)) for _ in range(n_batches)]
+    fixed = make(rng.choice(n_train, 64, replace=False))
+
+    def loss_of(batch):
+        return F.cross_entropy(candidate_logits(model, batch, cand).float(), batch["label"], weight=weight)
+
+    results = out / "diagnose.jsonl"
+    for spec in masks:
+        name, _, pre = spec.partition(":")
+        mask = build_mask(out, name, model, tok)
+        k = mask.num_selected
+        scale = torch.ones(k)
+        if pre.startswith("fisher"):
+            damp = float(pre.split("=")[1]) if "=" in pre else 0.01
+            sq = torch.load(out / "masks" / name / "sq_grad.pt").float()
+            scale = (sq + damp * sq.mean()).rsqrt()
+            scale = scale / scale.pow(2).mean().sqrt()
+        names = set(mask.indices)
+        for nm, p in model.named_parameters():
+            p.requires_grad_(nm in names)
+        t0 = time.perf_counter()
+        grads = []
+        for b in batches:
+            model.zero_grad(set_to_none=True)
+            loss_of(b).backward()
+            grads.append(_masked_grad(model, mask) * scale)
+        G = torch.stack(grads)  # [n, k], already in the s-scaled coordinates
+        model.zero_grad(set_to_none=True)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        mean = G.mean(0)
+        noise = (G - mean).pow(2).sum(1).mean()  # E|g_b - G|^2 (per minibatch)
+        full_sq = float(mean.pow(2).sum() - noise / n_batches)  # unbiased |s*G|^2
+        mb_sq = float(G.pow(2).sum(1).mean())
+        mm = MeerkatModel(model, mask)
+        base = mm.values.clone()
+        with torch.no_grad():
+            l0 = float(loss_of(fixed))
+            curv = []
+            for j in range(curv_dirs):
+                z = zo.gaussian_direction(zo.derive_seed(99, j), k) * scale
+                for eps in (1e-3, 3e-3):
+                    mm.set_values(base + eps * z); lp = float(loss_of(fixed))
+                    mm.set_values(base - eps * z); lm = float(loss_of(fixed))
+                    curv.append({"eps": eps, "zHz": (lp + lm - 2 * l0) / eps**2})
+            mm.set_values(base)
+        zhz = float(np.mean([c["zHz"] for c in curv if c["eps"] == 3e-3]))
+        zhz_small = float(np.mean([c["zHz"] for c in curv if c["eps"] == 1e-3]))
+        lr_star = full_sq / (mb_sq * zhz) if zhz > 0 and full_sq > 0 else float("nan")
+        delta_star = full_sq**2 / (2 * mb_sq * zhz) if zhz > 0 and full_sq > 0 else float("nan")
+        row = {"mask": spec, "k": k, "loss": loss_kind, "batch_size": batch_size, "full_grad_sq": full_sq,
+               "minibatch_grad_sq": mb_sq, "zHz_eps3e-3": zhz, "zHz_eps1e-3": zhz_small, "zHz_per_coord": zhz / k,
+               "lr_star": lr_star, "loss_drop_per_step_at_lr_star": delta_star,
+               "steps_for_0.01_loss_drop": 0.01 / delta_star if delta_star > 0 else None,
+               "top1pct_grad_share": float(torch.topk(mean.pow(2), max(1, k // 100)).values.sum() / mean.pow(2).sum()),
+               "sec": time.perf_counter() - t0}
+        del mm
+        with results.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        _log(" ".join(f"{a}={b:.4g}" if isinstance(b, float) else f"{a}={b}" for a, b in row.items()))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("prepare")
     pp.add_argument("--out", default="runs/study")
+    pp.add_argument("--calibrations", nargs="+", default=list(CALIBRATIONS), choices=list(CALIBRATIONS))
+    pp.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
     pr = sub.add_parser("run")
     pr.add_argument("--out", default="runs/study")
     pr.add_argument("--name", required=True)
     pr.add_argument("--set", action="append", default=[])
+    pd = sub.add_parser("diagnose")
+    pd.add_argument("--out", default="runs/study")
+    pd.add_argument("--masks", nargs="+", default=["docs64x256-0.001", "docs64x256-0.001:fisher"])
+    pd.add_argument("--batches", type=int, default=24)
+    pd.add_argument("--batch-size", type=int, default=8)
+    pd.add_argument("--dirs", type=int, default=6)
+    pd.add_argument("--loss", default="balanced")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.cmd == "prepare":
-        prepare(out)
+        prepare(out, tuple(args.calibrations), tuple(args.densities))
+    elif args.cmd == "diagnose":
+        diagnose(out, args.masks, args.batches, args.batch_size, args.dirs, args.loss)
     else:
         run(out, args.name, _parse_sets(args.set))
 
