@@ -311,6 +311,18 @@ def _union(a: SparseMask, b: SparseMask) -> SparseMask:
     return SparseMask(config=a.config, indices=indices, shapes=a.shapes)
 
 
+def _top_subset(mask: SparseMask, sq: torch.Tensor, k: int) -> SparseMask:
+    keep = torch.zeros(sq.numel(), dtype=torch.bool)
+    keep[torch.topk(sq, k).indices] = True
+    indices, start = {}, 0
+    for nm, idx in mask.indices.items():
+        part = keep[start:start + idx.numel()]
+        if part.any():
+            indices[nm] = idx[part]
+        start += idx.numel()
+    return SparseMask(config=mask.config, indices=indices, shapes=mask.shapes, pretrain_grad=mask.pretrain_grad[keep])
+
+
 def build_mask(out: Path, spec: str, model, tok) -> SparseMask:
     """`NAME` (under out/masks), `random-NAME` (random, same k), `head`, or `A+B` (union)."""
     if "+" in spec:
@@ -321,6 +333,9 @@ def build_mask(out: Path, spec: str, model, tok) -> SparseMask:
         return mask
     if spec == "head":
         return _head_mask(model, tok)
+    if "@" in spec:  # NAME@K: the K most sensitive coordinates of a saved mask (= the global top K)
+        name, _, kk = spec.partition("@")
+        return _top_subset(SparseMask.from_pretrained(out / "masks" / name), torch.load(out / "masks" / name / "sq_grad.pt"), int(kk))
     if spec.startswith("random-"):
         ref = SparseMask.from_pretrained(out / "masks" / spec[len("random-"):])
         return _random_mask(model, ref.num_selected, 0)
