@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import compute as _compute  # looked up at call time: tests count calls by patching compute.compute_mask
+from .calibration import source_identity
 from .config import CONFIG_NAME, SparseMaskConfig
 from .mask import SparseMask, fingerprint, parameter_shapes
 
@@ -82,3 +84,24 @@ def store_cached_mask(key: str, mask: SparseMask, cache_dir: str | os.PathLike |
         return None
     logger.info("mask: cached in %s", folder)
     return folder
+
+
+def get_or_compute_mask(model: nn.Module, spec: SparseMaskConfig, calibration=None, tokenizer=None, *,
+                        cache: bool | str | os.PathLike | None = True, calibration_id: str | None = None,
+                        **compute_kwargs) -> SparseMask:
+    """`compute_mask(model, spec, calibration, tokenizer, **compute_kwargs)`, through the cache.
+
+    `cache`: True (the default folder, see `default_cache_dir`), a folder, or False/None (always
+    compute). `calibration_id` names calibration text that has no identity of its own (a list
+    of strings); by default it is `calibration.source_identity(calibration)`. A calibration
+    without an identity is never cached: the key could not tell two texts apart.
+    """
+    cal_id = calibration_id if calibration_id is not None else source_identity(calibration)
+    key = mask_cache_key(model, spec, cal_id) if (cache and cal_id is not None) else None
+    cache_dir = None if isinstance(cache, bool) else cache
+    mask = load_cached_mask(key, cache_dir) if key else None
+    if mask is None:
+        mask = _compute.compute_mask(model, spec, calibration, tokenizer, **compute_kwargs)
+        if key:
+            store_cached_mask(key, mask, cache_dir)
+    return mask

@@ -34,9 +34,15 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from ...mask import SparseMask
+from ...model import get_meerkat_model
+from ..assets import default_mask_location, load_base_model, wrap_model
 from ..client import ClientState, FederatedClient
 from ..codec import MessageError
 from ..config import FederationConfig
+from ..protocol import protocol_params
+from ..runtime import LocalRuntime
+from ..task_data import build_federated_data
 from . import messages as M
 from .run_config import (
     NODE_DATA_FILES,
@@ -67,10 +73,6 @@ class ClientRuntime:
     device: torch.device
     initial: torch.Tensor = field(repr=False, default=None)  # w_S of the base model: the round-0 state
 
-    @property
-    def zo(self) -> bool:
-        return self.config.local_optimizer == "zo"
-
 
 _MODELS: dict[str, tuple] = {}
 _DATA: dict[str, Any] = {}
@@ -81,24 +83,7 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def clear_caches() -> None:
-    """Drop the per-process model/data caches (tests, notebooks)."""
-    _MODELS.clear()
-    _DATA.clear()
-    _RUNTIMES.clear()
-
-
-def default_mask_location(config: FederationConfig) -> str:
-    """Where the server's mask is: `mask.path`, or the mask it computed into `<output_dir>/mask`."""
-    return config.mask.path if config.mask.path is not None else str(Path(config.output_dir) / "mask")
-
-
 def _load_model(config: FederationConfig, mask_location: str, device: torch.device):
-    from ..driver import load_base_model, wrap_model
-    from ...mask import SparseMask
-    from ...model import get_meerkat_model
-    from ..runtime import LocalRuntime
-
     key = _key(config.model, config.algorithm, config.lora, config.seed, mask_location, str(device))
     if key not in _MODELS:
         model, tokenizer = load_base_model(config)
@@ -129,8 +114,6 @@ def _site_config(config: FederationConfig, data_files: str) -> FederationConfig:
 
 
 def _load_examples(config: FederationConfig, client_id: int, tokenizer, data_files: str | None):
-    from ..task_data import build_federated_data
-
     if data_files:
         key = _key("site", config.task, config.max_length, config.seed, data_files)
         if key not in _DATA:
@@ -150,9 +133,6 @@ def _load_examples(config: FederationConfig, client_id: int, tokenizer, data_fil
 def client_runtime(config: FederationConfig, client_id: int, *, mask_location: str | None = None,
                    data_files: str | None = None, device: str | None = None) -> ClientRuntime:
     """Load (or reuse) model, mask, data and the `FederatedClient` of one Meerkat client."""
-    from ..runtime import LocalRuntime
-    from ..protocol import protocol_params
-
     mask_location = mask_location or default_mask_location(config)
     key = _key(config.to_dict(), client_id, mask_location, data_files, device)
     if key in _RUNTIMES:
@@ -210,7 +190,7 @@ def build_client_app(config: FederationConfig | None = None, *, app_dir: str | o
     """A Flower `ClientApp` running Meerkat clients.
 
     `config`: the federation (None: read from the run config, see `run_config`). `app_dir`:
-    where a run config's ``config-file`` is resolved. `hooks`: a `driver.FederationHooks` whose
+    where a run config's ``config-file`` is resolved. `hooks`: an `engine.FederationHooks` whose
     `before_client` / `tamper_uplink` are applied exactly as the in-process driver applies them
     (fault injection for tests).
     """
@@ -248,10 +228,8 @@ def build_client_app(config: FederationConfig | None = None, *, app_dir: str | o
             return Message(M.need_dense_content(err.reason, err.detail), reply_to=message)
         if hooks is not None and getattr(hooks, "before_client", None) is not None:
             hooks.before_client(round_id, client.client_id)
-        if rt.zo:
-            res = client.train_zo(rt.model, values, round_id, budget, rt.params, rt.mask.checksum, cfg.eps, rt.device)
-        else:
-            res = client.train_first_order(rt.model, values, round_id, budget, rt.params, rt.mask.checksum, rt.device)
+        res = client.train(cfg.local_optimizer, rt.model, values, round_id, budget, rt.params, rt.mask.checksum,
+                           eps=cfg.eps, device=rt.device)
         uplinks = [res.uplink]
         if hooks is not None and getattr(hooks, "tamper_uplink", None) is not None:
             uplinks = list(hooks.tamper_uplink(round_id, client.client_id, res.uplink))
