@@ -12,7 +12,7 @@ import torch
 
 from ..baselines import lora_mask
 from ..calibration import SelfGenerated, source_identity
-from ..config import CONFIG_NAME, DEFAULT_EXCLUDE, SparseMaskConfig
+from ..config import CONFIG_NAME
 from ..loading import load_model_and_tokenizer
 from ..mask import SparseMask
 from ..mask_cache import get_or_compute_mask
@@ -48,19 +48,6 @@ def _calibration_id(config: FederationConfig) -> str | None:
     return source_identity(config.mask.calibration)
 
 
-def mask_spec(config: FederationConfig) -> SparseMaskConfig:
-    """The `SparseMaskConfig` the config's mask section (and algorithm) describe."""
-    m = config.mask
-    method = config.mask_method
-    return SparseMaskConfig(
-        density=1.0 if method == "full" else m.density, method=method, scope=m.scope, seed=m.seed,
-        include_patterns=m.include_patterns,
-        exclude_patterns=list(DEFAULT_EXCLUDE) if m.exclude_patterns is None else m.exclude_patterns,
-        calibration_num_sequences=m.calibration_num_sequences, calibration_seq_len=m.calibration_seq_len,
-        calibration_batch_size=m.calibration_batch_size,
-    )
-
-
 def build_mask(config: FederationConfig, model, tokenizer, data, runtime, output_dir: Path) -> SparseMask:
     """Load `mask.path`, or compute the configured mask once (main rank) and share it via disk.
 
@@ -74,7 +61,7 @@ def build_mask(config: FederationConfig, model, tokenizer, data, runtime, output
         if runtime.is_main:
             full = config.mask_method == "full"
             mask = get_or_compute_mask(
-                model, mask_spec(config), None if full else _calibration_source(config, data), tokenizer,
+                model, config.mask.spec(config.mask_method), None if full else _calibration_source(config, data), tokenizer,
                 cache=config.mask.cache, calibration_id=None if full else _calibration_id(config),
                 progress=config.progress)
             mask.save_pretrained(mask_dir, model_card=False)
