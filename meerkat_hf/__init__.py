@@ -13,7 +13,7 @@ from .model import MeerkatModel, get_meerkat_model
 
 __version__ = "0.1.0"
 
-_LAZY = {"MeerkatZOTrainer": "trainer", "MeerkatZOArguments": "trainer", "CandidateAccuracy": "trainer",
+_LAZY = {"MeerkatZOTrainer": "trainer", "MeerkatZOArguments": "training_args", "CandidateAccuracy": "trainer",
          "ZOSGD": "zo_optimizer", "lora_mask": "baselines", "full_mask": "baselines"}
 
 
