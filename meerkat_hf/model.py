@@ -19,6 +19,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from .hub import push_folder, render_card, resolve_folder, sha256_bytes, write_files_atomically
 from .mask import SparseMask
 from .sparse_view import SparseView
 
@@ -104,7 +105,6 @@ class MeerkatModel(nn.Module):
         `datasets` (Hub dataset ids the delta was trained on) go into the model card's metadata;
         by default they are read from `training_summary["datasets"]` when present.
         """
-        from .hub import render_card, sha256_bytes, write_files_atomically
 
         self.mask.save_pretrained(save_directory, model_card=False)
         blob = save_safetensors(
@@ -136,7 +136,6 @@ class MeerkatModel(nn.Module):
 
     def load_delta(self, path_or_repo_id: str | os.PathLike, revision: str | None = None, **hub_kwargs) -> None:
         """Load trained sparse values saved by `save_pretrained` (checks mask and integrity)."""
-        from .hub import resolve_folder, sha256_bytes
 
         folder = Path(resolve_folder(path_or_repo_id, revision=revision, **hub_kwargs))
         cfg_path, weights_path = folder / DELTA_CONFIG_NAME, folder / DELTA_WEIGHTS_NAME
@@ -164,7 +163,6 @@ class MeerkatModel(nn.Module):
 
     def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload Meerkat sparse delta",
                     training_summary: dict | None = None, **hub_kwargs) -> str:
-        from .hub import push_folder
 
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, training_summary=training_summary, repo_id=repo_id)
@@ -174,6 +172,12 @@ class MeerkatModel(nn.Module):
         """Return the plain transformers model with the trained values written in."""
         self.sync_weights()
         return self.base_model
+
+
+def forward_module(model):
+    """The module to call for forward passes: a `MeerkatModel`'s base model (the transformers/PEFT
+    model, whose `forward` the tasks module inspects for `logits_to_keep`), else `model` itself."""
+    return model.base_model if isinstance(model, MeerkatModel) else model
 
 
 def get_meerkat_model(model: nn.Module, mask: SparseMask) -> MeerkatModel:

@@ -37,7 +37,10 @@ from transformers.trainer_utils import EvalPrediction
 from transformers.utils.generic import can_return_loss, find_labels
 
 from . import zo
-from .model import DELTA_WEIGHTS_NAME, MeerkatModel
+from .classification_metrics import balanced_accuracy, macro_f1
+from .metrics import accuracy
+from .model import DELTA_WEIGHTS_NAME, MeerkatModel, forward_module
+from .tasks import IGNORE_INDEX, candidate_loss, prediction_positions
 from .training_args import ZO_LOSSES, MeerkatZOArguments
 from .zo_optimizer import ZOSGD
 
@@ -214,10 +217,8 @@ class MeerkatZOTrainer(Trainer):
     def compute_zo_loss(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         """The loss one micro-batch contributes, scaled for accumulation exactly as Trainer scales it for backward."""
         if self.args.zo_loss == "candidates":
-            from .tasks import candidate_loss
-
             with self.compute_loss_context_manager():
-                loss = candidate_loss(self._forward_model(model), inputs, self.candidate_ids)
+                loss = candidate_loss(forward_module(model), inputs, self.candidate_ids)
             scaled = False  # a per-batch mean over examples
         else:
             with self.compute_loss_context_manager():
@@ -232,10 +233,6 @@ class MeerkatZOTrainer(Trainer):
         if not scaled:
             loss = loss / getattr(self, "current_gradient_accumulation_steps", 1)
         return loss
-
-    def _forward_model(self, model):
-        # candidate scoring inspects forward() for `logits_to_keep`; the plain model exposes it
-        return self.meerkat_model.base_model if model is self.meerkat_model else model
 
     # -- logging --------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -314,8 +311,6 @@ class CandidateAccuracy:
             raise ValueError("CandidateAccuracy needs the token ids of at least two label words")
 
     def preprocess_logits_for_metrics(self, logits, labels: torch.Tensor) -> torch.Tensor:
-        from .tasks import prediction_positions
-
         if isinstance(logits, (tuple, list)):
             logits = logits[0]
         positions = prediction_positions({"labels": labels}).to(logits.device)
@@ -323,10 +318,6 @@ class CandidateAccuracy:
         return logits[rows, positions][:, self.candidate_ids.to(logits.device)]
 
     def __call__(self, eval_pred: EvalPrediction) -> dict[str, float]:
-        from .classification_metrics import balanced_accuracy, macro_f1
-        from .metrics import accuracy
-        from .tasks import IGNORE_INDEX
-
         scores = torch.as_tensor(eval_pred.predictions)
         labels = torch.as_tensor(eval_pred.label_ids)
         if scores.dim() != 2 or scores.shape[1] != self.candidate_ids.numel():

@@ -6,7 +6,17 @@
 * `server`       validation, virtual-path replay, aggregation, downlink choice
 * `vp`           GradIP detector and local-step scheduler (Meerkat-VP, random early stop)
 * `partition`    IID / Dirichlet / shard / single-label client splits
-* `config`, `driver`, `runtime`, `checkpoint`, `reporting`, `task_data`: the simulation around them
+* `protocol`     the protocol objects (server, scheduler, lr schedule) built from a config
+
+The run around them:
+
+* `engine`       the round engine: set-up, resume, round planning, aggregation, the metrics
+                 row, checkpoints, final/ with its model card; transports only move messages
+* `driver`       the in-process transport (`run_federation`), also across Accelerate ranks
+  (`runtime`); `flower/` is the Flower transport (optional extra)
+* `assets`       base model, mask (computed or cached), wrapped model from a config
+* `config`, `task_data`, `checkpoint`, `reporting`: YAML config, client data, round
+  checkpoints, metrics/plots
 """
 
 from .client import ClientState, FederatedClient, LocalResult
@@ -25,6 +35,8 @@ from .codec import (
     uplink_size,
 )
 from .config import ALGORITHMS, ConfigError, FederationConfig
+from .driver import run_federation
+from .engine import FederationHooks, FederationResult, RoundEngine, SimulatedCrash, Transport, sample_clients
 from .server import FederatedServer, Rejection, RoundSummary, ValidationConfig
 from .virtual_path import FedAvg, LRSchedule, ProtocolParams, aggregate_zo_round, replay_client, step_seed
 from .vp import GradIPDetector, StepScheduler, VPConfig, evaluate_trajectories
@@ -49,8 +61,11 @@ __all__ = [
     "Record",
     "Rejection",
     "RoundRecords",
+    "RoundEngine",
     "RoundSummary",
+    "SimulatedCrash",
     "StepScheduler",
+    "Transport",
     "Uplink",
     "VPConfig",
     "ValidationConfig",
@@ -61,16 +76,9 @@ __all__ = [
     "decode_uplink",
     "evaluate_trajectories",
     "replay_client",
+    "sample_clients",
     "run_federation",
     "state_digest",
     "step_seed",
     "uplink_size",
 ]
-
-
-def __getattr__(name):  # the driver pulls in transformers/datasets: import it lazily
-    if name in ("run_federation", "FederationHooks", "FederationResult", "SimulatedCrash", "sample_clients"):
-        from . import driver
-
-        return getattr(driver, name)
-    raise AttributeError(name)

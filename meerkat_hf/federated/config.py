@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ..config import DEFAULT_EXCLUDE, METHODS, SparseMaskConfig
 from .server import ValidationConfig
 from .vp import VPConfig
@@ -276,8 +278,6 @@ class FederationConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, overrides: list[str] | None = None) -> "FederationConfig":
-        import yaml
-
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"federation config {p} does not exist")
@@ -289,11 +289,6 @@ class FederationConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def to_yaml(self, path: str | os.PathLike) -> None:
-        import yaml
-
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def _section(cls, name: str, value: Any):
@@ -315,8 +310,6 @@ def _section(cls, name: str, value: Any):
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `key=value` / `section.key=value` overrides (values parsed as YAML)."""
-    import yaml
-
     data = dict(data)
     for item in overrides:
         if "=" not in item:
