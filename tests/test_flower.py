@@ -29,7 +29,7 @@ import torch
 from federated_support import base_config, make_model_dir, make_task_files
 from meerkat_hf.federated import FederationConfig, run_federation
 from meerkat_hf.federated.checkpoint import load_latest_checkpoint
-from meerkat_hf.federated.codec import decode_uplink, uplink_size
+from meerkat_hf.federated.protocol.codec import decode_uplink, uplink_size
 from meerkat_hf.federated.driver import FederationHooks
 from meerkat_hf.federated.flower import (
     FlowerOptions,

@@ -1,7 +1,9 @@
-"""What a run is built on, from a `FederationConfig`: the base model, the mask, the wrapped model.
+"""What a run is built from a `FederationConfig`: the base model, the mask, the wrapped model,
+and the protocol objects (lr schedule, server, Meerkat-VP scheduler).
 
 Shared by every transport (the in-process driver, Accelerate ranks, the Flower server and
-clients), so they all train the same coordinates of the same model.
+clients), so they all train the same coordinates of the same model, and the set-up that
+decides bits exists once: `tests/test_flower.py` checks the driver and Flower agree bit for bit.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from ..mask import SparseMask
 from ..mask_cache import get_or_compute_mask
 from ..model import get_meerkat_model
 from .config import FederationConfig
+from .protocol.gradip import StepScheduler
+from .protocol.server import FederatedServer
+from .protocol.virtual_path import LRSchedule, ProtocolParams
 
 
 def load_base_model(config: FederationConfig):
@@ -84,3 +89,26 @@ def wrap_model(config: FederationConfig, model, tokenizer, data, runtime, output
         return get_meerkat_model(peft_model, mask), mask
     mask = build_mask(config, model, tokenizer, data, runtime, output_dir)
     return get_meerkat_model(model, mask), mask
+
+
+# -- the protocol objects ---------------------------------------------------------------------
+def protocol_params(config: FederationConfig) -> ProtocolParams:
+    return ProtocolParams(config.seed, LRSchedule(config.lr, config.lr_schedule, config.rounds, config.lr_min_ratio),
+                          config.q, config.weight_decay)
+
+
+def build_server(config: FederationConfig, mask, initial_values) -> FederatedServer:
+    zo = config.local_optimizer == "zo"
+    server = FederatedServer(initial_values, mask.checksum, mask.fingerprint, protocol_params(config),
+                             num_clients=config.num_clients, pretrain_grad=mask.pretrain_grad,
+                             validation=config.validation, mode="zo" if zo else "dense")
+    if config.uses_lora:  # the adapter's initial values are not part of the base model: download them
+        server.synced = {c: None for c in range(config.num_clients)}
+    return server
+
+
+def build_scheduler(config: FederationConfig, mask) -> StepScheduler:
+    scheduler = StepScheduler(config.scheduler_mode, config.local_steps, config.vp, config.seed)
+    if scheduler.needs_gradip and mask.pretrain_grad is None:
+        raise ValueError(f"{config.algorithm} needs the mask's pre-training gradient g_p, and this mask has none")
+    return scheduler

@@ -30,9 +30,9 @@ from typing import Any
 import yaml
 
 from ..config import DEFAULT_EXCLUDE, METHODS, SparseMaskConfig
-from .server import ValidationConfig
-from .vp import VPConfig
-from .virtual_path import LR_SCHEDULES
+from .protocol.server import ValidationConfig
+from .protocol.gradip import VPConfig
+from .protocol.virtual_path import LR_SCHEDULES
 
 ALGORITHMS = ("meerkat", "meerkat-vp", "random-early-stop", "full-fedzo", "lora-fedzo", "magnitude", "random", "fo-fedavg")
 PARTITION_SCHEMES = ("iid", "dirichlet", "shard", "shards", "single_label")

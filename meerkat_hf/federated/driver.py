@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from .client import ClientState, FederatedClient
-from .codec import KIND_DENSE, MessageError
+from .protocol.client import ClientState, FederatedClient
+from .protocol.codec import KIND_DENSE, MessageError
 from .config import FederationConfig
 from .engine import (  # noqa: F401  (FederationResult, SimulatedCrash, sample_clients: re-exported)
     ClientOutcome,
@@ -35,7 +35,7 @@ from .engine import (  # noqa: F401  (FederationResult, SimulatedCrash, sample_c
     torch_threads,
 )
 from .runtime import LocalRuntime, make_runtime
-from .server import RoundSummary
+from .protocol.server import RoundSummary
 
 logger = logging.getLogger(__name__)
 

@@ -35,13 +35,12 @@ from tqdm.auto import tqdm
 from ..tasks import get_task
 from ..zo import derive_seed
 from .checkpoint import check_resumable, clear_checkpoints, load_latest_checkpoint, save_checkpoint
-from .client import ClientState
-from .assets import load_base_model, wrap_model
+from .protocol.client import ClientState
+from .assets import build_scheduler, build_server, load_base_model, protocol_params, wrap_model
 from .config import FederationConfig
-from .protocol import build_scheduler, build_server, protocol_params
 from .reporting import MetricsLog, write_plots
 from .runtime import LocalRuntime
-from .server import Rejection, RoundSummary, gradip_stats
+from .protocol.server import Rejection, RoundSummary, gradip_stats
 from .task_data import build_federated_data
 
 logger = logging.getLogger(__name__)

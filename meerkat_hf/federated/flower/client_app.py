@@ -36,11 +36,10 @@ from flwr.clientapp import ClientApp
 
 from ...mask import SparseMask
 from ...model import get_meerkat_model
-from ..assets import default_mask_location, load_base_model, wrap_model
-from ..client import ClientState, FederatedClient
-from ..codec import MessageError
+from ..assets import default_mask_location, load_base_model, protocol_params, wrap_model
+from ..protocol.client import ClientState, FederatedClient
+from ..protocol.codec import MessageError
 from ..config import FederationConfig
-from ..protocol import protocol_params
 from ..runtime import LocalRuntime
 from ..task_data import build_federated_data
 from . import messages as M

@@ -31,11 +31,11 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from ..assets import default_mask_location
-from ..codec import KIND_DENSE, MessageError, decode_any_uplink
+from ..protocol.codec import KIND_DENSE, MessageError, decode_any_uplink
 from ..config import FederationConfig
 from ..engine import ClientOutcome, Delivery, FederationResult, RoundEngine, RoundPlan, Transport, result_fields, torch_threads
 from ..runtime import LocalRuntime
-from ..server import Rejection
+from ..protocol.server import Rejection
 from . import messages as M
 from .run_config import FlowerOptions, federation_config_from_run_config, options_from_run_config
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..zo import ZOStep, apply_step, derive_seed, gaussian_direction
+from ...zo import ZOStep, apply_step, derive_seed, gaussian_direction
 from .codec import state_digest
 
 LR_SCHEDULES = ("constant", "linear", "cosine")

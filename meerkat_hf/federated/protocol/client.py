@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..zo import ZOStep, apply_step, derive_seed, gaussian_direction, projected_gradient
+from ...zo import ZOStep, apply_step, derive_seed, gaussian_direction, projected_gradient
 from .codec import (
     KIND_DENSE,
     DenseUplink,
