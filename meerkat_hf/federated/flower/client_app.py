@@ -61,7 +61,7 @@ _NONE_ROUND = -1  # ConfigRecord has no None: "holds no usable global state"
 
 
 @dataclass
-class ClientRuntime:
+class LoadedClient:
     """Everything one Meerkat client needs, loaded once per (process, config, client)."""
 
     config: FederationConfig
@@ -75,7 +75,7 @@ class ClientRuntime:
 
 _MODELS: dict[str, tuple] = {}
 _DATA: dict[str, Any] = {}
-_RUNTIMES: dict[str, ClientRuntime] = {}
+_CLIENTS: dict[str, LoadedClient] = {}
 
 
 def _key(*parts: Any) -> str:
@@ -129,13 +129,13 @@ def _load_examples(config: FederationConfig, client_id: int, tokenizer, data_fil
     return data.client_examples[client_id], data
 
 
-def client_runtime(config: FederationConfig, client_id: int, *, mask_location: str | None = None,
-                   data_files: str | None = None, device: str | None = None) -> ClientRuntime:
+def load_client(config: FederationConfig, client_id: int, *, mask_location: str | None = None,
+                data_files: str | None = None, device: str | None = None) -> LoadedClient:
     """Load (or reuse) model, mask, data and the `FederatedClient` of one Meerkat client."""
     mask_location = mask_location or default_mask_location(config)
     key = _key(config.to_dict(), client_id, mask_location, data_files, device)
-    if key in _RUNTIMES:
-        return _RUNTIMES[key]
+    if key in _CLIENTS:
+        return _CLIENTS[key]
     if not 0 <= client_id < config.num_clients:
         raise ValueError(f"client id {client_id} is outside 0..{config.num_clients - 1} (num_clients={config.num_clients})")
     if config.torch_threads:
@@ -145,8 +145,8 @@ def client_runtime(config: FederationConfig, client_id: int, *, mask_location: s
     examples, data = _load_examples(config, client_id, tokenizer, data_files)
     client = FederatedClient(client_id, examples, data.collate, batch_size=config.batch_size,
                              data_seed=config.seed, loss_fn=data.loss_fn)
-    rt = ClientRuntime(config, client, wrapped, mask, protocol_params(config), dev, initial)
-    _RUNTIMES[key] = rt
+    rt = LoadedClient(config, client, wrapped, mask, protocol_params(config), dev, initial)
+    _CLIENTS[key] = rt
     logger.info("Meerkat client %d ready: %d examples, k=%d, mask %s", client_id, client.num_examples,
                 wrapped.num_selected, mask.checksum)
     return rt
@@ -157,7 +157,7 @@ def _initial_synced(config: FederationConfig) -> int | None:
     return None if config.uses_lora else 0  # LoRA: the adapter's start is not in the base model
 
 
-def load_client_state(context: Context, rt: ClientRuntime) -> tuple[ClientState, torch.Tensor | None]:
+def load_client_state(context: Context, rt: LoadedClient) -> tuple[ClientState, torch.Tensor | None]:
     """The client's `ClientState` and the global state it holds (that of `synced_round`)."""
     rec = context.state.config_records.get(STATE_CLIENT)
     if rec is None:  # first round of this node: it holds the base model, i.e. the round-0 state
@@ -195,7 +195,7 @@ def build_client_app(config: FederationConfig | None = None, *, app_dir: str | o
     """
     app = ClientApp()
 
-    def setup(message: Message, context: Context) -> tuple[FederationConfig, ClientRuntime]:
+    def setup(message: Message, context: Context) -> tuple[FederationConfig, LoadedClient]:
         cfg = config if config is not None else federation_config_from_run_config(context.run_config, app_dir)
         node = context.node_config
         client_id = node_client_id(node)
@@ -203,7 +203,7 @@ def build_client_app(config: FederationConfig | None = None, *, app_dir: str | o
         mask_location = str(node.get(NODE_MASK_PATH) or "") or (str(setup_rec["mask-path"]) if setup_rec else None)
         data_files = str(node.get(NODE_DATA_FILES) or "") or None
         device = str(node.get(NODE_DEVICE) or "") or None
-        return cfg, client_runtime(cfg, client_id, mask_location=mask_location, data_files=data_files, device=device)
+        return cfg, load_client(cfg, client_id, mask_location=mask_location, data_files=data_files, device=device)
 
     @app.query()
     def hello(message: Message, context: Context) -> Message:
