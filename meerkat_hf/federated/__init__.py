@@ -7,11 +7,11 @@
 * `driver`       the in-process transport (`run_federation`), also across Accelerate ranks
                  (`runtime`); `flower/` is the Flower transport (optional extra)
 * `assets`       base model, mask (computed or cached), wrapped model and protocol objects from a config
-* `config`, `task_data`, `partition`, `checkpoint`, `reporting`: the YAML config, client data and
+* `federation_config`, `task_data`, `partition`, `checkpoint`, `reporting`: the YAML config, client data and
                  its split, round checkpoints, metrics and plots
 """
 
-from .config import ALGORITHMS, ConfigError, FederationConfig
+from .federation_config import ALGORITHMS, ConfigError, FederationConfig
 from .driver import run_federation
 from .engine import FederationHooks, FederationResult, RoundEngine, SimulatedCrash, Transport, sample_clients
 from . import protocol

@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 
-from .config import DEFAULT_CONFIG, FederationConfig
+from .federation_config import DEFAULT_CONFIG, FederationConfig
 from .driver import run_federation
 from .reporting import format_report
 from .runtime import make_runtime

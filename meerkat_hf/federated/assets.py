@@ -19,7 +19,7 @@ from ..loading import load_model_and_tokenizer
 from ..mask import SparseMask
 from ..mask_cache import get_or_compute_mask
 from ..model import get_meerkat_model
-from .config import FederationConfig
+from .federation_config import FederationConfig
 from .protocol.gradip import StepScheduler
 from .protocol.server import FederatedServer
 from .protocol.virtual_path import LRSchedule, ProtocolParams

@@ -21,7 +21,7 @@ import torch
 
 from .protocol.client import ClientState, FederatedClient
 from .protocol.codec import KIND_DENSE, MessageError
-from .config import FederationConfig
+from .federation_config import FederationConfig
 from .engine import (  # noqa: F401  (FederationResult, SimulatedCrash, sample_clients: re-exported)
     ClientOutcome,
     Delivery,

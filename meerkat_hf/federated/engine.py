@@ -37,7 +37,7 @@ from ..zo import derive_seed
 from .checkpoint import check_resumable, clear_checkpoints, load_latest_checkpoint, save_checkpoint
 from .protocol.client import ClientState
 from .assets import build_scheduler, build_server, load_base_model, protocol_params, wrap_model
-from .config import FederationConfig
+from .federation_config import FederationConfig
 from .reporting import MetricsLog, write_plots
 from .runtime import LocalRuntime
 from .protocol.server import Rejection, RoundSummary, gradip_stats

@@ -29,7 +29,7 @@ from ..tasks import (
     get_task,
     load_task_dataset,
 )
-from .config import FederationConfig
+from .federation_config import FederationConfig
 from .partition import label_count_table, partition
 
 logger = logging.getLogger(__name__)

@@ -39,7 +39,7 @@ from ...model import get_meerkat_model
 from ..assets import default_mask_location, load_base_model, protocol_params, wrap_model
 from ..protocol.client import ClientState, FederatedClient
 from ..protocol.codec import MessageError
-from ..config import FederationConfig
+from ..federation_config import FederationConfig
 from ..runtime import LocalRuntime
 from ..task_data import build_federated_data
 from . import messages as M

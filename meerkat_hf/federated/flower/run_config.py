@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, FederationConfig
+from ..federation_config import ConfigError, FederationConfig
 
 CONFIG_FILE_KEY = "config-file"
 OPTIONS_PREFIX = "flower."

@@ -32,7 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..assets import default_mask_location
 from ..protocol.codec import KIND_DENSE, MessageError, decode_any_uplink
-from ..config import FederationConfig
+from ..federation_config import FederationConfig
 from ..engine import ClientOutcome, Delivery, FederationResult, RoundEngine, RoundPlan, Transport, result_fields, torch_threads
 from ..runtime import LocalRuntime
 from ..protocol.server import Rejection

@@ -12,7 +12,7 @@ import os
 import warnings
 from typing import Any
 
-from ..config import FederationConfig
+from ..federation_config import FederationConfig
 from .client_app import build_client_app
 from .run_config import FlowerOptions
 from .server_app import FlowerFederationResult, build_server_app
