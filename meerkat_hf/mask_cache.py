@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants
 from torch import nn
 
 from . import compute as _compute  # looked up at call time: tests count calls by patching compute.compute_mask
@@ -33,8 +34,6 @@ def default_cache_dir() -> Path:
     env = os.environ.get("MEERKAT_HF_CACHE")
     if env:
         return Path(env).expanduser()
-    from huggingface_hub import constants
-
     return Path(constants.HF_HOME) / "meerkat_hf" / "masks"
 
 

@@ -41,6 +41,7 @@ STATUS_HELLO = "hello"
 
 def message_nbytes(message: Message) -> int:
     """Serialized size of a Flower message: the message object plus all nested objects."""
+    # flwr's internal API (not its public one): imported only where the bytes are counted
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
