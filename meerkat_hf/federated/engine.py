@@ -302,11 +302,11 @@ class RoundEngine:
 
     # -- one round ----------------------------------------------------------------------------
     def plan_round(self, r: int) -> RoundPlan:
-        config = self.config
+        config, started = self.config, time.perf_counter()
         participants = sample_clients(config.seed, r, config.num_clients, config.client_fraction)
         budgets = self.scheduler.budgets(participants)
         self.server.begin_round(r, budgets)
-        return RoundPlan(r, participants, budgets)
+        return RoundPlan(r, participants, budgets, started)
 
     def aggregate(self, plan: RoundPlan, delivery: Delivery) -> tuple[RoundSummary, dict, list[int]]:
         """Uplinks to the server (ascending client id), replay + FedAvg, GradIP to the scheduler."""

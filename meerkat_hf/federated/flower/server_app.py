@@ -176,44 +176,13 @@ class MeerkatFlowerServer(Transport):
             sent.append(self._message(cid, encoded[downlink], r, "dense" if downlink[0] == KIND_DENSE else "records"))
         by_node, msg_down, msg_up = self._exchange(grid, sent)
 
-        def handle(batch: list[_Sent], replies: dict[int, Message], allow_fallback: bool) -> list[_Sent]:
-            retry: list[_Sent] = []
-            for s in batch:
-                o = outcomes[s.client_id]
-                o.downlink_kind = s.kind
-                o.downlink_bytes += s.payload
-                rep = replies.get(s.node_id)
-                if rep is None:
-                    o.dropped = "no reply" + (f" within {self.options.round_timeout:g} s" if self.options.round_timeout else "")
-                elif rep.has_error():
-                    o.dropped = f"ClientApp error: {rep.error.reason}"
-                else:
-                    reply = M.read_reply(rep.content)
-                    if reply.status == M.STATUS_NEED_DENSE and allow_fallback:
-                        o.fallback = reply.reason
-                        retry.append(s)
-                    elif reply.status == M.STATUS_NEED_DENSE:
-                        o.dropped = f"cannot apply the dense downlink either: {reply.reason} {reply.detail}"
-                    elif reply.status == M.STATUS_OK:
-                        uplinks[s.client_id] = reply.uplinks
-                        o.trained, o.mean_loss, o.final_digest = True, reply.mean_loss, reply.final_digest
-                    else:
-                        rej = Rejection(r, s.client_id, reply.reason or "malformed-reply",
-                                        reply.detail or f"status {reply.status!r}", M.records_nbytes(rep.content))
-                        rejected.append(rej)
-                        logger.warning("round %d: rejected reply from client %d: %s (%s)", r, s.client_id,
-                                       rej.reason, rej.detail)
-                if o.dropped:
-                    logger.warning("round %d: client %d dropped out: %s", r, s.client_id, o.dropped)
-            return retry
-
-        retry = handle(sent, by_node, allow_fallback=True)
+        retry = self._take_replies(r, sent, by_node, outcomes, uplinks, rejected, allow_fallback=True)
         if retry:
             dense = server.downlink_for(retry[0].client_id, force_dense=True)
             batch = [self._message(s.client_id, dense, r, "dense") for s in retry]
             by_node2, d2, u2 = self._exchange(grid, batch)
             msg_down, msg_up = msg_down + d2, msg_up + u2
-            handle(batch, by_node2, allow_fallback=False)
+            self._take_replies(r, batch, by_node2, outcomes, uplinks, rejected, allow_fallback=False)
 
         for cid in sorted(uplinks):  # a node may only speak for its own client
             for data in uplinks[cid]:
@@ -236,6 +205,39 @@ class MeerkatFlowerServer(Transport):
             "nodes": {str(c): n for c, n in sorted(self.node_of.items())},
         }
         return Delivery([outcomes[c] for c in sorted(outcomes)], rejected=rejected, row=row)
+
+    def _take_replies(self, r: int, batch: list[_Sent], replies: dict[int, Message], outcomes: dict[int, ClientOutcome],
+                      uplinks: dict[int, list[bytes]], rejected: list[Rejection], allow_fallback: bool) -> list[_Sent]:
+        """Read the replies to `batch` into the outcomes; returns the sends to repeat with the dense state."""
+        retry: list[_Sent] = []
+        for s in batch:
+            o = outcomes[s.client_id]
+            o.downlink_kind = s.kind
+            o.downlink_bytes += s.payload
+            rep = replies.get(s.node_id)
+            if rep is None:
+                o.dropped = "no reply" + (f" within {self.options.round_timeout:g} s" if self.options.round_timeout else "")
+            elif rep.has_error():
+                o.dropped = f"ClientApp error: {rep.error.reason}"
+            else:
+                reply = M.read_reply(rep.content)
+                if reply.status == M.STATUS_NEED_DENSE and allow_fallback:
+                    o.fallback = reply.reason
+                    retry.append(s)
+                elif reply.status == M.STATUS_NEED_DENSE:
+                    o.dropped = f"cannot apply the dense downlink either: {reply.reason} {reply.detail}"
+                elif reply.status == M.STATUS_OK:
+                    uplinks[s.client_id] = reply.uplinks
+                    o.trained, o.mean_loss, o.final_digest = True, reply.mean_loss, reply.final_digest
+                else:
+                    rej = Rejection(r, s.client_id, reply.reason or "malformed-reply",
+                                    reply.detail or f"status {reply.status!r}", M.records_nbytes(rep.content))
+                    rejected.append(rej)
+                    logger.warning("round %d: rejected reply from client %d: %s (%s)", r, s.client_id,
+                                   rej.reason, rej.detail)
+            if o.dropped:
+                logger.warning("round %d: client %d dropped out: %s", r, s.client_id, o.dropped)
+        return retry
 
     @staticmethod
     def _claimed_sender(data: bytes) -> int | None:
