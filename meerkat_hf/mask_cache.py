@@ -9,6 +9,7 @@ never picked up. Entries are ordinary `SparseMask.save_pretrained` folders (atom
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -49,7 +50,9 @@ def weights_sample_digest(model: nn.Module) -> str:
 
 def mask_cache_key(model: nn.Module, spec: SparseMaskConfig, calibration_id: str | None) -> str:
     """A stable key for `compute_mask(model, spec, <calibration>)`."""
-    spec_dict = {k: v for k, v in spec.to_dict().items() if k not in ("base_model_name_or_path", "revision")}
+    # The base model's name is recorded in the mask: part of the key when given (CLI), not when None (runs).
+    spec_dict = {k: v for k, v in spec.to_dict().items()
+                 if not (k in ("base_model_name_or_path", "revision") and v is None)}
     payload = {
         "fingerprint": fingerprint(parameter_shapes(model)),
         "weights": weights_sample_digest(model),
@@ -100,7 +103,8 @@ def get_or_compute_mask(model: nn.Module, spec: SparseMaskConfig, calibration=No
     cache_dir = None if isinstance(cache, bool) else cache
     mask = load_cached_mask(key, cache_dir) if key else None
     if mask is None:
-        mask = _compute.compute_mask(model, spec, calibration, tokenizer, **compute_kwargs)
+        # a copy: compute_mask records the calibration's description in its config, which would change the key
+        mask = _compute.compute_mask(model, dataclasses.replace(spec), calibration, tokenizer, **compute_kwargs)
         if key:
             store_cached_mask(key, mask, cache_dir)
     return mask
