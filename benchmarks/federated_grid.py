@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_cell(config_path: str | None, algorithm: str, local_steps: int, overrides: list[str], out: Path) -> dict:
     from meerkat_hf.federated import FederationConfig, run_federation
-    from meerkat_hf.federated.config import DEFAULT_CONFIG
+    from meerkat_hf.federated.federation_config import DEFAULT_CONFIG
 
     cell_overrides = [*overrides, f"algorithm={algorithm}", f"local_steps={local_steps}",
                       f"output_dir={out / f'{algorithm}-T{local_steps}'}", "progress=false"]

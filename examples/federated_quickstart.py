@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None):
     import yaml
 
     from meerkat_hf.federated import FederationConfig, run_federation
-    from meerkat_hf.federated.config import DEFAULT_CONFIG
+    from meerkat_hf.federated.federation_config import DEFAULT_CONFIG
     from meerkat_hf.federated.reporting import format_report
 
     out = Path(args.output_dir)

@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from meerkat_hf import MeerkatZOArguments, MeerkatZOTrainer, SparseMask, SparseMaskConfig, compute_mask  # Meerkat
+    from meerkat_hf import MeerkatZOArguments, MeerkatZOTrainer, SparseMask, SparseMaskConfig  # Meerkat
+    from meerkat_hf import get_or_compute_mask  # Meerkat
     from meerkat_hf import CandidateAccuracy, get_meerkat_model  # Meerkat
     from meerkat_hf.loading import load_model_and_tokenizer
     from meerkat_hf.tasks import ClassificationCollator, candidate_token_ids, encode_classification, load_task_dataset
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         config = SparseMaskConfig(density=args.density, calibration_num_sequences=args.calibration_sequences,
                                   calibration_seq_len=args.calibration_seq_len)
-        mask = compute_mask(model, config, "python_docs", tokenizer)
+        mask = get_or_compute_mask(model, config, "python_docs", tokenizer)  # computed once, then cached
     model = get_meerkat_model(model, mask)  # Meerkat: in place, like peft.get_peft_model
     model.print_trainable_parameters()
 

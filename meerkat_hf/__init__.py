@@ -8,11 +8,12 @@ from .calibration import SelfGenerated
 from .compute import compute_mask
 from .config import SparseMaskConfig
 from .mask import MaskMismatchError, SparseMask
+from .mask_cache import get_or_compute_mask
 from .model import MeerkatModel, get_meerkat_model
 
 __version__ = "0.1.0"
 
-_LAZY = {"MeerkatZOTrainer": "trainer", "MeerkatZOArguments": "trainer", "CandidateAccuracy": "trainer",
+_LAZY = {"MeerkatZOTrainer": "trainer", "MeerkatZOArguments": "training_args", "CandidateAccuracy": "trainer",
          "ZOSGD": "zo_optimizer", "lora_mask": "baselines", "full_mask": "baselines"}
 
 
@@ -37,5 +38,6 @@ __all__ = [
     "compute_mask",
     "full_mask",
     "get_meerkat_model",
+    "get_or_compute_mask",
     "lora_mask",
 ]

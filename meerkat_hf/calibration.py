@@ -8,9 +8,14 @@ post-accumulate hooks and freed at once, so no `.grad` is ever kept on the model
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import logging
 import os
+import pkgutil
+import sys
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,8 +176,6 @@ def describe_source(source) -> str:
 def source_identity(source) -> str | None:
     """A cheap identity of a calibration source, for cache keys; None when there is none to be had
     (in-memory lists and datasets, directories)."""
-    import sys
-
     if isinstance(source, SelfGenerated) or source == SELF_GENERATED:
         return SELF_GENERATED
     if source == PYTHON_DOCS:  # the docstrings change between Python versions
@@ -285,12 +288,6 @@ def python_docs_corpus(min_chars: int = 200) -> list[str]:
     A stand-in for pre-training text when nothing can be downloaded; the README reports how
     masks from it compare with masks from self-generated text.
     """
-    import importlib
-    import inspect
-    import pkgutil
-    import sys
-    import warnings
-
     texts: list[str] = []
     names = sorted(m.name for m in pkgutil.iter_modules() if m.name in sys.stdlib_module_names and not m.name.startswith("_"))
     skip = {"antigravity", "this", "idlelib", "turtledemo", "tkinter", "turtle", "test", "lib2to3", "ensurepip", "venv"}

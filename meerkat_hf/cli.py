@@ -3,11 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 
+from .config import DEFAULT_EXCLUDE, METHODS, SCOPES, SparseMaskConfig
+from .federated.__main__ import add_federate_arguments, federate
+from .loading import check_model_source, load_model_and_tokenizer, model_display_name
+from .mask import SparseMask
+from .mask_cache import get_or_compute_mask
+
 logger = logging.getLogger("meerkat_hf")
+
+
+_SPEC_FIELDS = {f.name: f for f in dataclasses.fields(SparseMaskConfig)}
+_SPEC_FLAGS: set[str] = set()  # the fields `mask compute` has flags for
+
+
+def _spec_argument(parser, flag: str, name: str, **kwargs) -> None:
+    """A flag for the `SparseMaskConfig` field `name`, with the field's default and help."""
+    f = _SPEC_FIELDS[name]
+    kwargs.setdefault("default", f.default)
+    kwargs.setdefault("help", f.metadata.get("help"))
+    if kwargs.get("action") != "store_true":
+        kwargs.setdefault("metavar", flag.lstrip("-").upper().replace("-", "_"))
+    parser.add_argument(flag, dest=name, **kwargs)
+    _SPEC_FLAGS.add(name)
 
 
 def _add_mask_commands(sub) -> None:
@@ -21,17 +43,23 @@ def _add_mask_commands(sub) -> None:
                          help="a .txt/.jsonl file or directory, 'python_docs' (CPython's docstrings, offline) "
                               "or 'self' (text sampled from the model)")
     compute.add_argument("--text-column", default="text")
-    compute.add_argument("--density", type=float, default=1e-3)
-    compute.add_argument("--method", default="sensitivity", choices=["sensitivity", "magnitude", "random", "full"])
-    compute.add_argument("--scope", default="global", choices=["global", "per_layer"])
-    compute.add_argument("--num-sequences", type=int, default=64)
-    compute.add_argument("--seq-len", type=int, default=256)
-    compute.add_argument("--batch-size", type=int, default=1)
-    compute.add_argument("--seed", type=int, default=0)
-    compute.add_argument("--exclude", action="append", default=None, help="regex of parameter names never selected (repeatable)")
-    compute.add_argument("--include", action="append", default=None, help="regex of parameter names that may be selected (repeatable)")
+    # The spec's flags come from SparseMaskConfig: its defaults, choices and help.
+    _spec_argument(compute, "--density", "density", type=float)
+    _spec_argument(compute, "--method", "method", choices=METHODS)
+    _spec_argument(compute, "--scope", "scope", choices=SCOPES)
+    _spec_argument(compute, "--num-sequences", "calibration_num_sequences", type=int)
+    _spec_argument(compute, "--seq-len", "calibration_seq_len", type=int)
+    _spec_argument(compute, "--batch-size", "calibration_batch_size", type=int)
+    _spec_argument(compute, "--seed", "seed", type=int)
+    _spec_argument(compute, "--exclude", "exclude_patterns", action="append", default=None,
+                   help="regex of parameter names never selected (repeatable; default: embeddings, lm_head)")
+    _spec_argument(compute, "--include", "include_patterns", action="append", default=None,
+                   help="regex of parameter names that may be selected (repeatable)")
     compute.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     compute.add_argument("--gradient-checkpointing", action="store_true")
+    compute.add_argument("--cache", action="store_true",
+                         help="reuse a mask computed earlier for the same weights, spec and calibration file "
+                              "(and cache this one): see meerkat_hf.mask_cache")
     compute.add_argument("--out", required=True, help="output directory")
     compute.add_argument("--push-to-hub", default=None, metavar="REPO_ID")
     compute.set_defaults(func=cmd_mask_compute)
@@ -44,20 +72,13 @@ def _add_mask_commands(sub) -> None:
 
 
 def cmd_mask_compute(args) -> int:
-    from .compute import compute_mask
-    from .config import DEFAULT_EXCLUDE, SparseMaskConfig
-    from .loading import load_model_and_tokenizer, model_display_name
-
     model, tokenizer = load_model_and_tokenizer(args.model, args.gguf_file, args.dtype, args.revision)
-    config = SparseMaskConfig(
-        density=args.density, method=args.method, scope=args.scope,
-        include_patterns=args.include, exclude_patterns=args.exclude if args.exclude is not None else list(DEFAULT_EXCLUDE),
-        calibration_num_sequences=args.num_sequences, calibration_seq_len=args.seq_len,
-        calibration_batch_size=args.batch_size, seed=args.seed,
-        base_model_name_or_path=model_display_name(args.model), revision=args.revision,
-    )
-    mask = compute_mask(model, config, args.calibration, tokenizer, text_column=args.text_column,
-                        gradient_checkpointing=args.gradient_checkpointing)
+    spec = {name: getattr(args, name) for name in _SPEC_FLAGS}
+    if spec["exclude_patterns"] is None:
+        spec["exclude_patterns"] = list(DEFAULT_EXCLUDE)
+    config = SparseMaskConfig(**spec, base_model_name_or_path=model_display_name(args.model), revision=args.revision)
+    mask = get_or_compute_mask(model, config, args.calibration, tokenizer, cache=args.cache, text_column=args.text_column,
+                               gradient_checkpointing=args.gradient_checkpointing)
     mask.save_pretrained(args.out, repo_id=args.push_to_hub)
     print(format_mask_info(mask))
     print(f"saved to {args.out}")
@@ -91,8 +112,6 @@ def format_mask_info(mask) -> str:
 
 
 def cmd_mask_info(args) -> int:
-    from .mask import SparseMask
-
     mask = SparseMask.from_pretrained(args.path, revision=args.revision)
     if args.json:
         print(json.dumps({"config": mask.config.to_dict(), "num_selected": mask.num_selected,
@@ -103,8 +122,6 @@ def cmd_mask_info(args) -> int:
 
 
 def _add_federate_command(sub) -> None:
-    from .federated.__main__ import add_federate_arguments
-
     fed = sub.add_parser("federate", help="run a federated Meerkat simulation from a YAML config "
                          "(under `accelerate launch` clients are split across ranks)")
     add_federate_arguments(fed)
@@ -112,11 +129,7 @@ def _add_federate_command(sub) -> None:
 
 
 def cmd_federate(args) -> int:
-    from .federated.__main__ import federate
-
     if args.model:  # a missing directory or an unreachable Hub id: one line, before anything else starts
-        from .loading import check_model_source
-
         check_model_source(args.model, args.gguf_file)
     return federate(args)
 

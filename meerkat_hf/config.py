@@ -11,9 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .hub import push_folder, resolve_folder, write_files_atomically
 
 CONFIG_NAME = "mask_config.json"
 
@@ -94,14 +97,12 @@ class SparseMaskConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        from .hub import write_files_atomically
 
         payload = json.dumps(self.to_dict(), indent=2, sort_keys=True).encode()
         write_files_atomically(save_directory, {CONFIG_NAME: payload})
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, revision: str | None = None, **hub_kwargs) -> "SparseMaskConfig":
-        from .hub import resolve_folder
 
         folder = resolve_folder(path_or_repo_id, revision=revision, allow_patterns=[CONFIG_NAME], **hub_kwargs)
         path = Path(folder) / CONFIG_NAME
@@ -114,9 +115,7 @@ class SparseMaskConfig:
         return cls.from_dict(data)
 
     def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload Meerkat mask config", **hub_kwargs) -> str:
-        import tempfile
 
-        from .hub import push_folder
 
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp)

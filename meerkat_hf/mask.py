@@ -22,6 +22,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from .config import CONFIG_NAME, SparseMaskConfig
+from .hub import push_folder, render_card, resolve_folder, sha256_bytes, write_files_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +131,6 @@ class SparseMask:
 
     def to_files(self, *, model_card: bool = True, repo_id: str | None = None) -> dict[str, bytes]:
         """The mask's files as bytes, in commit order (the config, which hashes the rest, last)."""
-        from .hub import sha256_bytes
-
         blob = save_safetensors(self._tensors(), metadata={"format": "pt", "meerkat": "mask"})
         meta = {
             "format_version": FORMAT_VERSION,
@@ -158,15 +157,12 @@ class SparseMask:
         The weights file is replaced first and the config (which records the weights' hash)
         last, so an interrupted save is detected at load time instead of silently mixing files.
         """
-        from .hub import write_files_atomically
-
         write_files_atomically(save_directory, self.to_files(model_card=model_card, repo_id=repo_id))
         logger.info("saved mask (k=%d, %s) to %s", self.num_selected, self.config.method, save_directory)
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, revision: str | None = None, **hub_kwargs) -> "SparseMask":
         """Load from a local directory or a Hub repo id; detects truncated or mismatched files."""
-        from .hub import resolve_folder, sha256_bytes
 
         folder = Path(resolve_folder(path_or_repo_id, revision=revision, allow_patterns=[CONFIG_NAME, MASK_WEIGHTS_NAME, "README.md"], **hub_kwargs))
         cfg_path, weights_path = folder / CONFIG_NAME, folder / MASK_WEIGHTS_NAME
@@ -216,7 +212,6 @@ class SparseMask:
         return mask
 
     def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload Meerkat sparse mask", **hub_kwargs) -> str:
-        from .hub import push_folder
 
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, repo_id=repo_id)
@@ -224,7 +219,6 @@ class SparseMask:
 
     # -- card --------------------------------------------------------------------------
     def model_card(self, repo_id: str | None = None):
-        from .hub import render_card
 
         cfg = self.config
         types = self.statistics.get("per_module_type", {})

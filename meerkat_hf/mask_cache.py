@@ -9,6 +9,7 @@ never picked up. Entries are ordinary `SparseMask.save_pretrained` folders (atom
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -16,8 +17,11 @@ import os
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants
 from torch import nn
 
+from . import compute as _compute  # looked up at call time: tests count calls by patching compute.compute_mask
+from .calibration import source_identity
 from .config import CONFIG_NAME, SparseMaskConfig
 from .mask import SparseMask, fingerprint, parameter_shapes
 
@@ -31,8 +35,6 @@ def default_cache_dir() -> Path:
     env = os.environ.get("MEERKAT_HF_CACHE")
     if env:
         return Path(env).expanduser()
-    from huggingface_hub import constants
-
     return Path(constants.HF_HOME) / "meerkat_hf" / "masks"
 
 
@@ -48,7 +50,9 @@ def weights_sample_digest(model: nn.Module) -> str:
 
 def mask_cache_key(model: nn.Module, spec: SparseMaskConfig, calibration_id: str | None) -> str:
     """A stable key for `compute_mask(model, spec, <calibration>)`."""
-    spec_dict = {k: v for k, v in spec.to_dict().items() if k not in ("base_model_name_or_path", "revision")}
+    # The base model's name is recorded in the mask: part of the key when given (CLI), not when None (runs).
+    spec_dict = {k: v for k, v in spec.to_dict().items()
+                 if not (k in ("base_model_name_or_path", "revision") and v is None)}
     payload = {
         "fingerprint": fingerprint(parameter_shapes(model)),
         "weights": weights_sample_digest(model),
@@ -82,3 +86,25 @@ def store_cached_mask(key: str, mask: SparseMask, cache_dir: str | os.PathLike |
         return None
     logger.info("mask: cached in %s", folder)
     return folder
+
+
+def get_or_compute_mask(model: nn.Module, spec: SparseMaskConfig, calibration=None, tokenizer=None, *,
+                        cache: bool | str | os.PathLike | None = True, calibration_id: str | None = None,
+                        **compute_kwargs) -> SparseMask:
+    """`compute_mask(model, spec, calibration, tokenizer, **compute_kwargs)`, through the cache.
+
+    `cache`: True (the default folder, see `default_cache_dir`), a folder, or False/None (always
+    compute). `calibration_id` names calibration text that has no identity of its own (a list
+    of strings); by default it is `calibration.source_identity(calibration)`. A calibration
+    without an identity is never cached: the key could not tell two texts apart.
+    """
+    cal_id = calibration_id if calibration_id is not None else source_identity(calibration)
+    key = mask_cache_key(model, spec, cal_id) if (cache and cal_id is not None) else None
+    cache_dir = None if isinstance(cache, bool) else cache
+    mask = load_cached_mask(key, cache_dir) if key else None
+    if mask is None:
+        # a copy: compute_mask records the calibration's description in its config, which would change the key
+        mask = _compute.compute_mask(model, dataclasses.replace(spec), calibration, tokenizer, **compute_kwargs)
+        if key:
+            store_cached_mask(key, mask, cache_dir)
+    return mask

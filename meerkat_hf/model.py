@@ -19,8 +19,17 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from .hub import sha256_bytes
-from .mask import SparseMask, config_content_sha256, read_json_config
+from .config import CONFIG_NAME
+from .hub import (
+    _is_repo_id,
+    find_interrupted_save,
+    push_folder,
+    render_card,
+    resolve_folder,
+    sha256_bytes,
+    write_directory_atomically,
+)
+from .mask import MASK_WEIGHTS_NAME, SparseMask, config_content_sha256, read_json_config
 from .sparse_view import SparseView
 
 logger = logging.getLogger(__name__)
@@ -114,10 +123,7 @@ class MeerkatModel(nn.Module):
         `datasets` (Hub dataset ids the delta was trained on) go into the model card's metadata;
         by default they are read from `training_summary["datasets"]` when present.
         """
-        from .config import CONFIG_NAME
-        from .hub import sha256_bytes, write_directory_atomically
-        from .loading import base_source
-        from .mask import MASK_WEIGHTS_NAME, config_content_sha256
+        from .loading import base_source  # loading imports transformers lazily; keep model.py light
 
         files = self.mask.to_files(model_card=False)
         blob = save_safetensors(
@@ -152,7 +158,6 @@ class MeerkatModel(nn.Module):
     def model_card(self, load_path: str, training_summary: dict | None = None, datasets: list[str] | None = None,
                    *, base: dict | None = None, push_repo: str | None = None):
         """The delta's model card; its usage snippet loads `load_path` (a Hub id or a local folder)."""
-        from .hub import render_card
         from .loading import base_source, describe_base
 
         base = base or base_source(self.base_model, fallback_name=self.mask.config.base_model_name_or_path)
@@ -234,7 +239,6 @@ class MeerkatModel(nn.Module):
 
     def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload Meerkat sparse delta",
                     training_summary: dict | None = None, **hub_kwargs) -> str:
-        from .hub import push_folder
 
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, training_summary=training_summary, repo_id=repo_id)
@@ -244,6 +248,12 @@ class MeerkatModel(nn.Module):
         """Return the plain transformers model with the trained values written in."""
         self.sync_weights()
         return self.base_model
+
+
+def forward_module(model):
+    """The module to call for forward passes: a `MeerkatModel`'s base model (the transformers/PEFT
+    model, whose `forward` the tasks module inspects for `logits_to_keep`), else `model` itself."""
+    return model.base_model if isinstance(model, MeerkatModel) else model
 
 
 def get_meerkat_model(model: nn.Module, mask: SparseMask) -> MeerkatModel:
@@ -259,8 +269,6 @@ def get_meerkat_model(model: nn.Module, mask: SparseMask) -> MeerkatModel:
 
 def _delta_folder(path_or_repo_id, revision, hub_kwargs) -> Path:
     """The local folder of a saved delta; a folder left missing by a killed save falls back to its previous version."""
-    from .hub import find_interrupted_save, resolve_folder
-
     previous = find_interrupted_save(path_or_repo_id) if not Path(os.fspath(path_or_repo_id)).exists() else None
     if previous is not None:
         logger.warning("%s is missing: a save was interrupted; loading its previous version %s",
@@ -316,8 +324,6 @@ def _legacy_source(cfg: dict, mask: SparseMask) -> dict:
             return {"kind": "embedded", "name_or_path": "smollm2", "display_name": name}
         except ImportError:
             pass
-    from .hub import _is_repo_id
-
     if name and os.path.isdir(os.path.expanduser(name)):
         return {"kind": "local", "name_or_path": name, "display_name": name, "path": os.path.abspath(os.path.expanduser(name))}
     return {"kind": "hub" if name and _is_repo_id(name) else "unknown", "name_or_path": name, "display_name": name}

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from .config import SparseMaskConfig
+from .zo import derive_seed
+
 
 
 def selectable_parameters(model: nn.Module, config: SparseMaskConfig) -> list[tuple[str, nn.Parameter]]:
@@ -109,8 +111,6 @@ def select_per_tensor(scores: dict[str, torch.Tensor], k: int) -> dict[str, torc
 
 def random_scores(params: list[tuple[str, nn.Parameter]], seed: int) -> Iterator[tuple[str, torch.Tensor]]:
     """Uniform scores, one seeded CPU generator per tensor so the draw is reproducible anywhere."""
-    from .zo import derive_seed
-
     for position, (name, param) in enumerate(params):
         gen = torch.Generator("cpu").manual_seed(derive_seed(seed, position))
         yield name, torch.rand(param.numel(), generator=gen)

@@ -29,101 +29,26 @@ import inspect
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 from transformers.trainer_utils import EvalPrediction
 from transformers.utils.generic import can_return_loss, find_labels
 
 from . import zo
-from .model import DELTA_WEIGHTS_NAME, MeerkatModel
+from .classification_metrics import balanced_accuracy, macro_f1
+from .metrics import accuracy
+from .model import DELTA_WEIGHTS_NAME, MeerkatModel, forward_module
+from .tasks import IGNORE_INDEX, candidate_loss, prediction_positions
+from .training_args import ZO_LOSSES, MeerkatZOArguments
 from .zo_optimizer import ZOSGD
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ZO_LOSSES", "CandidateAccuracy", "MeerkatZOArguments", "MeerkatZOTrainer"]
 
-ZO_LOSSES = ("lm", "candidates")
 TRAINING_ARGS_NAME = "training_args.bin"  # what Trainer writes next to a checkpoint
-
-
-@dataclass
-class MeerkatZOArguments(TrainingArguments):
-    """`TrainingArguments` plus the zeroth-order settings (all parseable by `HfArgumentParser`)."""
-
-    zo_eps: float = field(
-        default=1e-3,
-        metadata={"help": "SPSA perturbation scale eps: the loss is evaluated at w + eps z and w - eps z, z ~ N(0, I_k)."},
-    )
-    zo_num_perturbations: int = field(
-        default=1,
-        metadata={"help": "q: perturbations per optimizer step (2 forward passes each); their estimates are averaged."},
-    )
-    zo_seed: int | None = field(
-        default=None,
-        metadata={
-            "help": "Base of the perturbation seed stream: step t, perturbation j uses derive_seed(zo_seed, t, j). "
-            "Defaults to --seed."
-        },
-    )
-    zo_loss: str = field(
-        default="lm",
-        metadata={
-            "help": "lm: the model's own LM loss on `labels`; candidates: cross-entropy over the label words only "
-            "(MeZO-style classification; pass candidate_ids= to the trainer).",
-            "choices": list(ZO_LOSSES),
-        },
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _ZOSettings.from_args(self)  # fail at argument time, not after the model is loaded
-        _check_backward_only_options(self)
-
-
-@dataclass(frozen=True)
-class _ZOSettings:
-    eps: float
-    q: int
-    seed: int
-    loss: str
-
-    @classmethod
-    def from_args(cls, args: TrainingArguments) -> _ZOSettings:
-        """Read the zo_* fields; a plain `TrainingArguments` gets the defaults (drop-in use)."""
-        eps = zo.check_eps(getattr(args, "zo_eps", 1e-3))
-        q = getattr(args, "zo_num_perturbations", 1)
-        if isinstance(q, bool) or not isinstance(q, int) or q < 1:
-            raise ValueError(f"zo_num_perturbations must be an integer >= 1, got {q!r}")
-        seed = getattr(args, "zo_seed", None)
-        seed = args.seed if seed is None else seed
-        loss = getattr(args, "zo_loss", "lm")
-        if loss not in ZO_LOSSES:
-            raise ValueError(f"zo_loss must be one of {ZO_LOSSES}, got {loss!r}")
-        return cls(eps=eps, q=q, seed=int(seed), loss=loss)
-
-
-def _check_backward_only_options(args: TrainingArguments) -> None:
-    """Options that only make sense with a backward pass, or that break the two-point estimate."""
-    if getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False):
-        raise ValueError(
-            "gradient/activation checkpointing saves memory in backward(); zeroth-order training runs no backward, "
-            "so it would only slow the forward passes. Set gradient_checkpointing=False."
-        )
-    if getattr(args, "deepspeed", None):
-        raise ValueError("DeepSpeed shards gradients and optimizer states, which ZO training does not have; remove deepspeed=")
-    if getattr(args, "fsdp", None):
-        raise ValueError(
-            "FSDP is not supported by MeerkatZOTrainer: the sparse master lives outside the sharded parameters. "
-            "Use plain data parallelism (accelerate launch / torchrun) instead."
-        )
-    if getattr(args, "neftune_noise_alpha", None) is not None:
-        raise ValueError(
-            "neftune_noise_alpha adds fresh random noise to every forward pass, so L(w + eps z) - L(w - eps z) would "
-            "measure the noise, not the loss; unset it for zeroth-order training"
-        )
 
 
 class MeerkatZOTrainer(Trainer):
@@ -133,18 +58,16 @@ class MeerkatZOTrainer(Trainer):
         candidate_ids: token ids of the label words (class order), required for
             `zo_loss="candidates"`; see `meerkat_hf.tasks.candidate_token_ids`.
 
-    `args` may be a `MeerkatZOArguments` or a plain `TrainingArguments` (ZO defaults then apply).
+    `args` may be a `MeerkatZOArguments` or a plain `TrainingArguments`, converted once to a
+    `MeerkatZOArguments` with the ZO defaults (and validated there).
     After training, `trainer.zo_optimizer.history` is the run's virtual path (seeds, scalars, lr).
     """
 
     def __init__(self, model=None, args=None, *trainer_args, candidate_ids=None, **trainer_kwargs):
-        if args is None:
-            args = MeerkatZOArguments(output_dir="tmp_trainer")
         if model is not None:
             _check_model(model)
-        self.zo_settings = _ZOSettings.from_args(args)
-        _check_backward_only_options(args)
-        if self.zo_settings.loss == "candidates" and candidate_ids is None:
+        args = MeerkatZOArguments.from_training_arguments(args)  # converted once, validated there
+        if args.zo_loss == "candidates" and candidate_ids is None:
             raise ValueError(
                 "zo_loss='candidates' needs the label words' token ids: "
                 "MeerkatZOTrainer(..., candidate_ids=meerkat_hf.tasks.candidate_token_ids(tokenizer, task))"
@@ -238,11 +161,12 @@ class MeerkatZOTrainer(Trainer):
             raise ValueError("the ZOSGD optimizer was built for another MeerkatModel than the trainer's model")
         if self.accelerator.num_processes > 1 and opt.reduce is None:
             opt.reduce = self._mean_over_processes
-        s = self.zo_settings
+        a = self.args
         logger.info(
             "Meerkat ZO: k=%d trainable coordinates (%s mask), q=%d, eps=%g, seed=%d, loss=%s, lr=%g, "
             "weight_decay=%g, processes=%d", self.meerkat_model.num_selected, self.meerkat_model.mask.config.method,
-            s.q, s.eps, s.seed, s.loss, self.args.learning_rate, self.args.weight_decay, self.accelerator.num_processes,
+            a.zo_num_perturbations, a.zo_eps, a.zo_base_seed, a.zo_loss, a.learning_rate, a.weight_decay,
+            self.accelerator.num_processes,
         )
         return self.optimizer
 
@@ -263,7 +187,7 @@ class MeerkatZOTrainer(Trainer):
     def _step_directions(self) -> tuple[tuple[int, ...], tuple[torch.Tensor, ...]]:
         """Seeds and z of the current optimizer step, drawn once and shared by its micro-batches."""
         step = self.state.global_step
-        seeds = tuple(zo.derive_seed(self.zo_settings.seed, step, j) for j in range(self.zo_settings.q))
+        seeds = tuple(zo.derive_seed(self.args.zo_base_seed, step, j) for j in range(self.args.zo_num_perturbations))
         cached = self._zo_direction_cache
         if cached is None or cached[0] != step:
             k = self.meerkat_model.num_selected
@@ -286,17 +210,15 @@ class MeerkatZOTrainer(Trainer):
         opt = self.zo_optimizer
         if opt is None:
             raise RuntimeError("training_step needs the ZOSGD optimizer: call create_optimizer() first (train() does)")
-        grads = [zo.projected_gradient(self.meerkat_model, loss_fn, z, self.zo_settings.eps) for z in directions]
+        grads = [zo.projected_gradient(self.meerkat_model, loss_fn, z, float(self.args.zo_eps)) for z in directions]
         opt.accumulate(seeds, grads, directions)
         return torch.stack(losses).mean().to(self.args.device)
 
     def compute_zo_loss(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         """The loss one micro-batch contributes, scaled for accumulation exactly as Trainer scales it for backward."""
-        if self.zo_settings.loss == "candidates":
-            from .tasks import candidate_loss
-
+        if self.args.zo_loss == "candidates":
             with self.compute_loss_context_manager():
-                loss = candidate_loss(self._forward_model(model), inputs, self.candidate_ids)
+                loss = candidate_loss(forward_module(model), inputs, self.candidate_ids)
             scaled = False  # a per-batch mean over examples
         else:
             with self.compute_loss_context_manager():
@@ -311,10 +233,6 @@ class MeerkatZOTrainer(Trainer):
         if not scaled:
             loss = loss / getattr(self, "current_gradient_accumulation_steps", 1)
         return loss
-
-    def _forward_model(self, model):
-        # candidate scoring inspects forward() for `logits_to_keep`; the plain model exposes it
-        return self.meerkat_model.base_model if model is self.meerkat_model else model
 
     # -- logging --------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -334,10 +252,10 @@ class MeerkatZOTrainer(Trainer):
         summary = {
             "trainer": "MeerkatZOTrainer",
             "global_step": self.state.global_step,
-            "zo_eps": self.zo_settings.eps,
-            "zo_num_perturbations": self.zo_settings.q,
-            "zo_seed": self.zo_settings.seed,
-            "zo_loss": self.zo_settings.loss,
+            "zo_eps": float(self.args.zo_eps),
+            "zo_num_perturbations": self.args.zo_num_perturbations,
+            "zo_seed": self.args.zo_base_seed,
+            "zo_loss": self.args.zo_loss,
             "learning_rate": self.args.learning_rate,
             "zo_skipped_steps": 0 if opt is None else opt.num_skipped,
         }
@@ -393,8 +311,6 @@ class CandidateAccuracy:
             raise ValueError("CandidateAccuracy needs the token ids of at least two label words")
 
     def preprocess_logits_for_metrics(self, logits, labels: torch.Tensor) -> torch.Tensor:
-        from .tasks import prediction_positions
-
         if isinstance(logits, (tuple, list)):
             logits = logits[0]
         positions = prediction_positions({"labels": labels}).to(logits.device)
@@ -402,10 +318,6 @@ class CandidateAccuracy:
         return logits[rows, positions][:, self.candidate_ids.to(logits.device)]
 
     def __call__(self, eval_pred: EvalPrediction) -> dict[str, float]:
-        from .classification_metrics import balanced_accuracy, macro_f1
-        from .metrics import accuracy
-        from .tasks import IGNORE_INDEX
-
         scores = torch.as_tensor(eval_pred.predictions)
         labels = torch.as_tensor(eval_pred.label_ids)
         if scores.dim() != 2 or scores.shape[1] != self.candidate_ids.numel():

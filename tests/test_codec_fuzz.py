@@ -19,7 +19,7 @@ import zlib
 import pytest
 import torch
 
-from meerkat_hf.federated.codec import (
+from meerkat_hf.federated.protocol.codec import (
     KIND_DENSE,
     KIND_RECORDS,
     DenseUplink,

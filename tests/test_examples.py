@@ -84,8 +84,8 @@ def test_compute_and_push_mask_example(fake_hub, tmp_path):  # noqa: F811
 def test_main_job_command_runs_the_packaged_default_on_any_model(tmp_path, capsys):
     """`meerkat-hf federate --model DIR` = the README's main job (default config) on another model."""
     from meerkat_hf.cli import main
-    from meerkat_hf.federated.config import DEFAULT_CONFIG
-    from meerkat_hf.federated.config import FederationConfig
+    from meerkat_hf.federated.federation_config import DEFAULT_CONFIG
+    from meerkat_hf.federated.federation_config import FederationConfig
 
     default = FederationConfig.from_yaml(DEFAULT_CONFIG)  # the packaged default is valid as shipped
     assert default.model.model_name_or_path == "smollm2" and default.algorithm == "meerkat-vp"

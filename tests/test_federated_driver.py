@@ -11,7 +11,7 @@ import yaml
 
 from federated_support import base_config, make_model_dir, make_task_files
 from meerkat_hf.federated import ConfigError, FederationConfig, decode_uplink
-from meerkat_hf.federated.codec import Uplink
+from meerkat_hf.federated.protocol.codec import Uplink
 from meerkat_hf.federated.driver import FederationHooks, SimulatedCrash, run_federation
 
 

@@ -22,8 +22,8 @@ from meerkat_hf.federated import (
     decode_uplink,
     state_digest,
 )
-from meerkat_hf.federated.codec import KIND_DENSE, KIND_RECORDS, Uplink
-from meerkat_hf.federated.virtual_path import FedAvg, client_steps, replay_client
+from meerkat_hf.federated.protocol.codec import KIND_DENSE, KIND_RECORDS, Uplink
+from meerkat_hf.federated.protocol.virtual_path import FedAvg, client_steps, replay_client
 
 
 class _LMCollate:

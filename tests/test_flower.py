@@ -9,6 +9,7 @@ separate virtualenv, with MEERKAT_REQUIRE_FLWR=1: there a missing flwr is an err
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from pathlib import Path
@@ -28,7 +29,7 @@ import torch
 from federated_support import base_config, make_model_dir, make_task_files
 from meerkat_hf.federated import FederationConfig, run_federation
 from meerkat_hf.federated.checkpoint import load_latest_checkpoint
-from meerkat_hf.federated.codec import decode_uplink, uplink_size
+from meerkat_hf.federated.protocol.codec import decode_uplink, uplink_size
 from meerkat_hf.federated.driver import FederationHooks
 from meerkat_hf.federated.flower import (
     FlowerOptions,
@@ -175,3 +176,41 @@ def test_example_app_is_a_valid_flower_app():
     assert fed.algorithm == "meerkat-vp"
     options_from_run_config(run_config)
     assert "tool" not in config or "federations" not in config["tool"]["flwr"]  # see README: flwr >= 1.3x migrates it
+
+
+def _final_contents(folder: Path) -> dict:
+    """final/'s files, read back: safetensors as metadata + tensors, JSON parsed, the rest as text.
+
+    Left out: the mask computation's wall time ("seconds") and the files' SHA-256 ("weights_sha256"):
+    safetensors writes its metadata map in no fixed order, so equal tensors and metadata may hash
+    differently from one save to the next (the tensors and metadata themselves are compared)."""
+    from safetensors import safe_open
+
+    def untimed(value):
+        if isinstance(value, dict):
+            return {k: untimed(v) for k, v in value.items() if k not in ("seconds", "weights_sha256")}
+        return value
+
+    contents = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix == ".json":
+            contents[path.name] = untimed(json.loads(path.read_text()))
+        elif path.suffix == ".safetensors":
+            with safe_open(str(path), "pt") as fh:
+                contents[path.name] = (fh.metadata(), {k: fh.get_tensor(k).tolist() for k in fh.keys()})
+        else:
+            contents[path.name] = path.read_text()
+    return contents
+
+
+def test_flower_and_driver_write_the_same_final_folder(fed_files):
+    """One round engine: whichever transport ran the config, final/ holds the same mask, delta,
+    model card and training summary."""
+    cfg = {**_config(fed_files, "final"), "save_final": True}
+    ref, res = _both(cfg)
+    assert res.state_digest == ref.state_digest
+    driver, flower = _final_contents(ref.output_dir / "final"), _final_contents(res.output_dir / "final")
+    assert sorted(flower) == sorted(driver) and "README.md" in flower and "meerkat_config.json" in flower
+    for name in driver:
+        assert flower[name] == driver[name], name
+    assert res.training_summary == ref.training_summary and res.training_summary["state_digest"] == ref.state_digest

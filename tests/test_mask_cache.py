@@ -53,3 +53,24 @@ def test_federation_reuses_the_cached_mask(tmp_path, monkeypatch):
     no_cache = base_config(tmp_path, model_dir, files, output_dir=str(tmp_path / "c"), mask={"cache": False}, **kw)
     run_federation(FederationConfig.from_dict(no_cache))
     assert len(calls) == 2
+
+
+def test_get_or_compute_mask_computes_once(tmp_path, monkeypatch, corpus, tiny_tokenizer):
+    from meerkat_hf import compute as compute_module
+    from meerkat_hf import get_or_compute_mask
+
+    calls = []
+    real = compute_module.compute_mask
+    monkeypatch.setattr(compute_module, "compute_mask", lambda *a, **k: calls.append(1) or real(*a, **k))
+    spec = SparseMaskConfig(density=0.01, calibration_num_sequences=2, calibration_seq_len=16)
+    texts = tmp_path / "cal.txt"
+    texts.write_text("\n".join(corpus))
+    first = get_or_compute_mask(tiny_model("llama"), spec, str(texts), tiny_tokenizer, cache=tmp_path / "c", progress=False)
+    again = get_or_compute_mask(tiny_model("llama"), spec, str(texts), tiny_tokenizer, cache=tmp_path / "c", progress=False)
+    assert len(calls) == 1 and again.checksum == first.checksum
+    # in-memory text has no identity of its own: computed every time unless it is named
+    for _ in range(2):
+        get_or_compute_mask(tiny_model("llama"), spec, corpus, tiny_tokenizer, cache=tmp_path / "c", progress=False)
+    assert len(calls) == 3
+    get_or_compute_mask(tiny_model("llama"), spec, corpus, tiny_tokenizer, cache=False, progress=False)
+    assert len(calls) == 4

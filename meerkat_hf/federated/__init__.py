@@ -1,76 +1,32 @@
-"""Federated Meerkat: seed-replay protocol, round driver (single process or Accelerate), Meerkat-VP.
+"""Federated Meerkat: seed-replay protocol, a round engine, and its transports.
 
-* `codec`        wire messages as bytes (uplink: T float32 scalars + 48-byte header)
-* `virtual_path` the shared arithmetic: step seeds, lr schedule, replay, exact FedAvg
-* `client`       local ZO (or first-order baseline) steps with a persistent data pointer
-* `server`       validation, virtual-path replay, aggregation, downlink choice
-* `vp`           GradIP detector and local-step scheduler (Meerkat-VP, random early stop)
-* `partition`    IID / Dirichlet / shard / single-label client splits
-* `config`, `driver`, `runtime`, `checkpoint`, `reporting`, `task_data`: the simulation around them
+* `protocol/`    the protocol core: codec (wire bytes), virtual_path (seeds, replay, exact
+                 FedAvg), client, server, gradip (Meerkat-VP); it imports nothing from the run
+* `engine`       the round engine: set-up, resume, round planning, aggregation, the metrics
+                 row, checkpoints, final/ with its model card
+* `driver`       the in-process transport (`run_federation`), also across Accelerate ranks
+                 (`runtime`); `flower/` is the Flower transport (optional extra)
+* `assets`       base model, mask (computed or cached), wrapped model and protocol objects from a config
+* `federation_config`, `task_data`, `partition`, `checkpoint`, `reporting`: the YAML config, client data and
+                 its split, round checkpoints, metrics and plots
 """
 
-from .client import ClientState, FederatedClient, LocalResult
-from .codec import (
-    DenseUplink,
-    Downlink,
-    MessageError,
-    Record,
-    RoundRecords,
-    Uplink,
-    decode_any_uplink,
-    decode_dense_uplink,
-    decode_downlink,
-    decode_uplink,
-    state_digest,
-    uplink_size,
-)
-from .config import ALGORITHMS, ConfigError, FederationConfig
-from .server import FederatedServer, Rejection, RoundSummary, ValidationConfig
-from .virtual_path import FedAvg, LRSchedule, ProtocolParams, aggregate_zo_round, replay_client, step_seed
-from .vp import GradIPDetector, StepScheduler, VPConfig, evaluate_trajectories
+from .federation_config import ALGORITHMS, ConfigError, FederationConfig
+from .driver import run_federation
+from .engine import FederationHooks, FederationResult, RoundEngine, SimulatedCrash, Transport, sample_clients
+from . import protocol
+from .protocol import *  # noqa: F403  (the protocol core's API: see protocol/__init__.py)
 
 __all__ = [
     "ALGORITHMS",
-    "ClientState",
     "ConfigError",
-    "DenseUplink",
-    "Downlink",
-    "FedAvg",
-    "FederatedClient",
-    "FederatedServer",
     "FederationConfig",
     "FederationHooks",
     "FederationResult",
-    "GradIPDetector",
-    "LRSchedule",
-    "LocalResult",
-    "MessageError",
-    "ProtocolParams",
-    "Record",
-    "Rejection",
-    "RoundRecords",
-    "RoundSummary",
-    "StepScheduler",
-    "Uplink",
-    "VPConfig",
-    "ValidationConfig",
-    "aggregate_zo_round",
-    "decode_any_uplink",
-    "decode_dense_uplink",
-    "decode_downlink",
-    "decode_uplink",
-    "evaluate_trajectories",
-    "replay_client",
+    "RoundEngine",
+    "SimulatedCrash",
+    "Transport",
     "run_federation",
-    "state_digest",
-    "step_seed",
-    "uplink_size",
+    "sample_clients",
+    *protocol.__all__,
 ]
-
-
-def __getattr__(name):  # the driver pulls in transformers/datasets: import it lazily
-    if name in ("run_federation", "FederationHooks", "FederationResult", "SimulatedCrash", "sample_clients"):
-        from . import driver
-
-        return getattr(driver, name)
-    raise AttributeError(name)

@@ -11,8 +11,10 @@ import json
 import logging
 import sys
 
-from .config import DEFAULT_CONFIG
+from .federation_config import DEFAULT_CONFIG, FederationConfig
+from .driver import run_federation
 from .reporting import format_report
+from .runtime import make_runtime
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,10 +40,6 @@ def add_federate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def federate(args) -> int:
-    from .config import FederationConfig
-    from .driver import run_federation
-    from .runtime import make_runtime
-
     overrides = list(args.overrides or [])
     if args.model:
         overrides += [f"model.model_name_or_path={args.model}", f"model.gguf_file={args.gguf_file or 'null'}"]

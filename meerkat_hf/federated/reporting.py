@@ -45,19 +45,12 @@ class MetricsLog:
             fh.flush()
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    p = Path(path)
-    if p.is_dir():
-        p = p / METRICS_NAME
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-
-
 def write_plots(rows: list[dict], out_dir: str | os.PathLike, title: str = "", initial: dict | None = None) -> list[Path]:
     """accuracy (or eval loss) vs round, cumulative bytes vs round, GradIP per client.
 
     `initial` (the zero-shot metrics) is drawn at round 0, before any training.
     """
-    import matplotlib
+    import matplotlib  # lazy: ~0.6 s to import, needed only for plots
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt

@@ -7,7 +7,7 @@ token of the gold label word; :func:`candidate_logits`/:func:`candidate_loss`/:f
 score the label words at the position that predicts them.
 """
 
-from .loading import (
+from .data import (
     OFFLINE_TASKS,
     TWEETS_TEST_FRACTION,
     TWEETS_VALIDATION_FRACTION,

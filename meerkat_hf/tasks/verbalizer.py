@@ -146,7 +146,7 @@ def encode_classification(
     ``include_label_word=False`` (evaluation) the rows are the prompt alone, whose last token is
     the predicting position. Sequences are at most ``max_length`` tokens.
     """
-    import datasets
+    import datasets  # lazy: ~0.6 s to import, needed only where data is read
 
     template = get_task(task)
     if not isinstance(dataset, datasets.Dataset):

@@ -11,7 +11,7 @@ Needs the optional extra: ``pip install "meerkat-hf[flower]"``.
 A ready-made Flower app project is in ``examples/flower``.
 """
 
-from .client_app import build_client_app, client_runtime
+from .client_app import build_client_app, load_client
 from .run_config import FlowerOptions, federation_config_from_run_config, options_from_run_config
 from .server_app import FlowerFederationResult, MeerkatFlowerServer, build_server_app
 from .simulation import default_backend_config, run_flower_simulation
@@ -22,7 +22,7 @@ __all__ = [
     "MeerkatFlowerServer",
     "build_client_app",
     "build_server_app",
-    "client_runtime",
+    "load_client",
     "default_backend_config",
     "federation_config_from_run_config",
     "options_from_run_config",

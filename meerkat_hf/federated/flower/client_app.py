@@ -34,9 +34,14 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from ..client import ClientState, FederatedClient
-from ..codec import MessageError
-from ..config import FederationConfig
+from ...mask import SparseMask
+from ...model import get_meerkat_model
+from ..assets import default_mask_location, load_base_model, protocol_params, wrap_model
+from ..protocol.client import ClientState, FederatedClient
+from ..protocol.codec import MessageError
+from ..federation_config import FederationConfig
+from ..runtime import LocalRuntime
+from ..task_data import build_federated_data
 from . import messages as M
 from .run_config import (
     NODE_DATA_FILES,
@@ -56,7 +61,7 @@ _NONE_ROUND = -1  # ConfigRecord has no None: "holds no usable global state"
 
 
 @dataclass
-class ClientRuntime:
+class LoadedClient:
     """Everything one Meerkat client needs, loaded once per (process, config, client)."""
 
     config: FederationConfig
@@ -67,38 +72,17 @@ class ClientRuntime:
     device: torch.device
     initial: torch.Tensor = field(repr=False, default=None)  # w_S of the base model: the round-0 state
 
-    @property
-    def zo(self) -> bool:
-        return self.config.local_optimizer == "zo"
-
 
 _MODELS: dict[str, tuple] = {}
 _DATA: dict[str, Any] = {}
-_RUNTIMES: dict[str, ClientRuntime] = {}
+_CLIENTS: dict[str, LoadedClient] = {}
 
 
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def clear_caches() -> None:
-    """Drop the per-process model/data caches (tests, notebooks)."""
-    _MODELS.clear()
-    _DATA.clear()
-    _RUNTIMES.clear()
-
-
-def default_mask_location(config: FederationConfig) -> str:
-    """Where the server's mask is: `mask.path`, or the mask it computed into `<output_dir>/mask`."""
-    return config.mask.path if config.mask.path is not None else str(Path(config.output_dir) / "mask")
-
-
 def _load_model(config: FederationConfig, mask_location: str, device: torch.device):
-    from ..driver import load_base_model, wrap_model
-    from ...mask import SparseMask
-    from ...model import get_meerkat_model
-    from ..runtime import LocalRuntime
-
     key = _key(config.model, config.algorithm, config.lora, config.seed, mask_location, str(device))
     if key not in _MODELS:
         model, tokenizer = load_base_model(config)
@@ -129,8 +113,6 @@ def _site_config(config: FederationConfig, data_files: str) -> FederationConfig:
 
 
 def _load_examples(config: FederationConfig, client_id: int, tokenizer, data_files: str | None):
-    from ..task_data import build_federated_data
-
     if data_files:
         key = _key("site", config.task, config.max_length, config.seed, data_files)
         if key not in _DATA:
@@ -147,16 +129,13 @@ def _load_examples(config: FederationConfig, client_id: int, tokenizer, data_fil
     return data.client_examples[client_id], data
 
 
-def client_runtime(config: FederationConfig, client_id: int, *, mask_location: str | None = None,
-                   data_files: str | None = None, device: str | None = None) -> ClientRuntime:
+def load_client(config: FederationConfig, client_id: int, *, mask_location: str | None = None,
+                data_files: str | None = None, device: str | None = None) -> LoadedClient:
     """Load (or reuse) model, mask, data and the `FederatedClient` of one Meerkat client."""
-    from ..runtime import LocalRuntime
-    from ..protocol import protocol_params
-
     mask_location = mask_location or default_mask_location(config)
     key = _key(config.to_dict(), client_id, mask_location, data_files, device)
-    if key in _RUNTIMES:
-        return _RUNTIMES[key]
+    if key in _CLIENTS:
+        return _CLIENTS[key]
     if not 0 <= client_id < config.num_clients:
         raise ValueError(f"client id {client_id} is outside 0..{config.num_clients - 1} (num_clients={config.num_clients})")
     if config.torch_threads:
@@ -166,8 +145,8 @@ def client_runtime(config: FederationConfig, client_id: int, *, mask_location: s
     examples, data = _load_examples(config, client_id, tokenizer, data_files)
     client = FederatedClient(client_id, examples, data.collate, batch_size=config.batch_size,
                              data_seed=config.seed, loss_fn=data.loss_fn)
-    rt = ClientRuntime(config, client, wrapped, mask, protocol_params(config), dev, initial)
-    _RUNTIMES[key] = rt
+    rt = LoadedClient(config, client, wrapped, mask, protocol_params(config), dev, initial)
+    _CLIENTS[key] = rt
     logger.info("Meerkat client %d ready: %d examples, k=%d, mask %s", client_id, client.num_examples,
                 wrapped.num_selected, mask.checksum)
     return rt
@@ -178,7 +157,7 @@ def _initial_synced(config: FederationConfig) -> int | None:
     return None if config.uses_lora else 0  # LoRA: the adapter's start is not in the base model
 
 
-def load_client_state(context: Context, rt: ClientRuntime) -> tuple[ClientState, torch.Tensor | None]:
+def load_client_state(context: Context, rt: LoadedClient) -> tuple[ClientState, torch.Tensor | None]:
     """The client's `ClientState` and the global state it holds (that of `synced_round`)."""
     rec = context.state.config_records.get(STATE_CLIENT)
     if rec is None:  # first round of this node: it holds the base model, i.e. the round-0 state
@@ -210,13 +189,13 @@ def build_client_app(config: FederationConfig | None = None, *, app_dir: str | o
     """A Flower `ClientApp` running Meerkat clients.
 
     `config`: the federation (None: read from the run config, see `run_config`). `app_dir`:
-    where a run config's ``config-file`` is resolved. `hooks`: a `driver.FederationHooks` whose
+    where a run config's ``config-file`` is resolved. `hooks`: an `engine.FederationHooks` whose
     `before_client` / `tamper_uplink` are applied exactly as the in-process driver applies them
     (fault injection for tests).
     """
     app = ClientApp()
 
-    def setup(message: Message, context: Context) -> tuple[FederationConfig, ClientRuntime]:
+    def setup(message: Message, context: Context) -> tuple[FederationConfig, LoadedClient]:
         cfg = config if config is not None else federation_config_from_run_config(context.run_config, app_dir)
         node = context.node_config
         client_id = node_client_id(node)
@@ -224,7 +203,7 @@ def build_client_app(config: FederationConfig | None = None, *, app_dir: str | o
         mask_location = str(node.get(NODE_MASK_PATH) or "") or (str(setup_rec["mask-path"]) if setup_rec else None)
         data_files = str(node.get(NODE_DATA_FILES) or "") or None
         device = str(node.get(NODE_DEVICE) or "") or None
-        return cfg, client_runtime(cfg, client_id, mask_location=mask_location, data_files=data_files, device=device)
+        return cfg, load_client(cfg, client_id, mask_location=mask_location, data_files=data_files, device=device)
 
     @app.query()
     def hello(message: Message, context: Context) -> Message:
@@ -248,10 +227,8 @@ def build_client_app(config: FederationConfig | None = None, *, app_dir: str | o
             return Message(M.need_dense_content(err.reason, err.detail), reply_to=message)
         if hooks is not None and getattr(hooks, "before_client", None) is not None:
             hooks.before_client(round_id, client.client_id)
-        if rt.zo:
-            res = client.train_zo(rt.model, values, round_id, budget, rt.params, rt.mask.checksum, cfg.eps, rt.device)
-        else:
-            res = client.train_first_order(rt.model, values, round_id, budget, rt.params, rt.mask.checksum, rt.device)
+        res = client.train(cfg.local_optimizer, rt.model, values, round_id, budget, rt.params, rt.mask.checksum,
+                           eps=cfg.eps, device=rt.device)
         uplinks = [res.uplink]
         if hooks is not None and getattr(hooks, "tamper_uplink", None) is not None:
             uplinks = list(hooks.tamper_uplink(round_id, client.client_id, res.uplink))

@@ -1,6 +1,6 @@
 """How Meerkat's wire messages ride in Flower `Message`s, and what those messages weigh.
 
-The protocol's bytes are produced and checked by `federated.codec` only; this module just puts
+The protocol's bytes are produced and checked by `federated.protocol.codec` only; this module just puts
 them into Flower records and takes them out again. Every Flower record is a separate object
 on the wire with its own ~140-byte header and reference, so each message uses one
 `ConfigRecord` (``"meerkat"``) where it can:
@@ -41,6 +41,7 @@ STATUS_HELLO = "hello"
 
 def message_nbytes(message: Message) -> int:
     """Serialized size of a Flower message: the message object plus all nested objects."""
+    # flwr's internal API (not its public one): imported only where the bytes are counted
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())

@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, FederationConfig
+import yaml
+
+from ..federation_config import ConfigError, FederationConfig
 
 CONFIG_FILE_KEY = "config-file"
 OPTIONS_PREFIX = "flower."
@@ -89,8 +91,6 @@ def _value(path: tuple[str, ...], v: Any) -> Any:
     if v == "" and ("None" in kind or kind == "Any"):
         return None
     if v.lstrip()[:1] in ("[", "{") and ("list" in kind or "dict" in kind or kind == "Any"):
-        import yaml
-
         return yaml.safe_load(v)
     return v
 
@@ -138,8 +138,6 @@ def options_from_run_config(run_config: Mapping[str, Any]) -> FlowerOptions:
 def federation_config_from_run_config(run_config: Mapping[str, Any],
                                       app_dir: str | os.PathLike | None = None) -> FederationConfig:
     """The `FederationConfig` a Flower run describes (see the module docstring)."""
-    import yaml
-
     data: dict[str, Any] = {}
     config_file = run_config.get(CONFIG_FILE_KEY)
     if config_file:

@@ -12,7 +12,7 @@ import os
 import warnings
 from typing import Any
 
-from ..config import FederationConfig
+from ..federation_config import FederationConfig
 from .client_app import build_client_app
 from .run_config import FlowerOptions
 from .server_app import FlowerFederationResult, build_server_app
@@ -32,7 +32,7 @@ def run_flower_simulation(config: FederationConfig, *, num_supernodes: int | Non
                           model=None, tokenizer=None, verbose_logging: bool = False) -> FlowerFederationResult:
     """Simulate `config` with one SuperNode per client (``partition-id`` = Meerkat client id).
 
-    `hooks`: a `driver.FederationHooks` applied on the client side (fault injection), exactly as
+    `hooks`: an `engine.FederationHooks` applied on the client side (fault injection), exactly as
     `run_federation` applies it. `model`/`tokenizer`: the server's copy (clients load theirs
     from `config.model`).
     """

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..zo import ZOStep, apply_step, derive_seed, gaussian_direction
+from ...zo import ZOStep, apply_step, derive_seed, gaussian_direction
+from .codec import state_digest
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
@@ -172,8 +173,6 @@ def aggregate_zo_round(values: torch.Tensor, updates: Sequence, params: Protocol
     `updates` are objects with `client_id`, `num_examples`, `grads`, `q`, `lrs` (uplinks or
     downlink records). Used by the server to aggregate and by clients to apply a records downlink.
     """
-    from .codec import state_digest
-
     ordered = sorted(updates, key=lambda u: u.client_id)
     avg = FedAvg(values, {u.client_id: u.num_examples for u in ordered})
     paths: list[ClientPath] = []

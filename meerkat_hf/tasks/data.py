@@ -112,7 +112,7 @@ def _read_tweets(path: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[flo
 
 
 def _load_tweets(task: TaskTemplate, split: str, seed: int):
-    import datasets
+    import datasets  # lazy: ~0.6 s to import, needed only where data is read
 
     sentiments, texts, confidences = _read_tweets(str(tweets_csv_path()))
     name_to_id = {name: i for i, name in enumerate(task.label_names)}
@@ -171,7 +171,7 @@ def _first_file(files: Any) -> str:
 
 
 def _load_files(data_files: DataFiles, split: str, task: TaskTemplate):
-    import datasets
+    import datasets  # lazy: ~0.6 s to import, needed only where data is read
 
     first = _first_file(data_files)
     suffixes = [s.lower() for s in Path(first).suffixes]
@@ -246,7 +246,7 @@ def _offline_message(task: TaskTemplate, split: str, exc: BaseException) -> str:
 
 
 def _load_hub(task: TaskTemplate, split: str):
-    import datasets
+    import datasets  # lazy: ~0.6 s to import, needed only where data is read
 
     args = (task.hub_path,) if task.hub_name is None else (task.hub_path, task.hub_name)
     try:
@@ -304,7 +304,7 @@ def _validate_and_fix_labels(ds, task: TaskTemplate, split: str):
                 f"task {task.name!r}: labels {unknown[:10]} in column {task.label_column!r} are not label names "
                 f"{list(task.label_names)} nor ids 0..{task.num_classes - 1}"
             )
-        import datasets
+        import datasets  # lazy: ~0.6 s to import, needed only where data is read
 
         column = task.label_column
         features = ds.features.copy()
@@ -348,7 +348,7 @@ def load_task_dataset(
     (drawn with ``seed``); for the tweet tasks ``seed`` also fixes the 90/10 train/test split.
     Raises ``RuntimeError`` (offline), ``ValueError`` (missing columns, unknown labels).
     """
-    import datasets
+    import datasets  # lazy: ~0.6 s to import, needed only where data is read
 
     template = get_task(task)
     if split == "eval":

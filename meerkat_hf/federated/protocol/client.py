@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..zo import ZOStep, apply_step, derive_seed, gaussian_direction, projected_gradient
+from ...zo import ZOStep, apply_step, derive_seed, gaussian_direction, projected_gradient
 from .codec import (
     KIND_DENSE,
     DenseUplink,
@@ -166,6 +166,16 @@ class FederatedClient:
         return values, msg.round, budget
 
     # -- local training --------------------------------------------------------------------
+    def train(self, optimizer: str, model, start_values: torch.Tensor, round_id: int, budget: int,
+              params: ProtocolParams, mask_checksum: str | bytes, *, eps: float,
+              device: torch.device | None = None) -> LocalResult:
+        """`optimizer` "zo": `train_zo`; "sgd": `train_first_order` (the fo-fedavg baseline)."""
+        if optimizer == "zo":
+            return self.train_zo(model, start_values, round_id, budget, params, mask_checksum, eps, device)
+        if optimizer == "sgd":
+            return self.train_first_order(model, start_values, round_id, budget, params, mask_checksum, device)
+        raise ValueError(f"unknown local optimizer {optimizer!r} (zo or sgd)")
+
     def train_zo(self, model, start_values: torch.Tensor, round_id: int, budget: int, params: ProtocolParams,
                  mask_checksum: str | bytes, eps: float, device: torch.device | None = None,
                  keep_final: bool = False) -> LocalResult:

@@ -27,9 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .server import ValidationConfig
-from .vp import VPConfig
-from .virtual_path import LR_SCHEDULES
+import yaml
+
+from ..config import DEFAULT_EXCLUDE, METHODS, SparseMaskConfig
+from .protocol.server import ValidationConfig
+from .protocol.gradip import VPConfig
+from .protocol.virtual_path import LR_SCHEDULES
 
 ALGORITHMS = ("meerkat", "meerkat-vp", "random-early-stop", "full-fedzo", "lora-fedzo", "magnitude", "random", "fo-fedavg")
 PARTITION_SCHEMES = ("iid", "dirichlet", "shard", "shards", "single_label")
@@ -52,22 +55,50 @@ class ModelSection:
     revision: str | None = None
 
 
+_SPEC_FIELDS = {f.name: f for f in dataclasses.fields(SparseMaskConfig)}
+# The selection settings a federation config may set; everything else of a SparseMaskConfig is
+# recorded by compute_mask (calibration_source, base model).
+MASK_SPEC_KEYS = ("method", "density", "scope", "calibration_num_sequences", "calibration_seq_len",
+                  "calibration_batch_size", "seed", "exclude_patterns", "include_patterns")
+
+
+def _spec_default(name: str, **overrides):
+    """A MaskSection field with SparseMaskConfig's default and help: one set of defaults."""
+    f = _SPEC_FIELDS[name]
+    default = {"default": f.default} if f.default is not dataclasses.MISSING else {"default_factory": f.default_factory}
+    return field(**(overrides or default), metadata=f.metadata)
+
+
 @dataclass
 class MaskSection:
-    """Either `path` (a saved mask directory / Hub id) or a spec computed at start-up."""
+    """Either `path` (a saved mask directory / Hub id) or a spec computed at start-up.
+
+    The spec fields are `SparseMaskConfig`'s (same names, defaults and help); `calibration`
+    says where the calibration text comes from, `cache` whether a computed mask is reused.
+    """
 
     path: str | None = None
-    method: str = "sensitivity"
-    density: float = 1e-3
-    scope: str = "global"
+    method: str = _spec_default("method")
+    density: float = _spec_default("density")
+    scope: str = _spec_default("scope")
     calibration: str | None = "python_docs"  # "python_docs" | "self" | "task" | a .txt/.jsonl path | None
-    calibration_num_sequences: int = 32
-    calibration_seq_len: int = 128
-    calibration_batch_size: int = 1
-    seed: int = 0
-    exclude_patterns: list[str] | None = None
-    include_patterns: list[str] | None = None
+    calibration_num_sequences: int = _spec_default("calibration_num_sequences")
+    calibration_seq_len: int = _spec_default("calibration_seq_len")
+    calibration_batch_size: int = _spec_default("calibration_batch_size")
+    seed: int = _spec_default("seed")
+    exclude_patterns: list[str] | None = _spec_default("exclude_patterns", default=None)  # None: DEFAULT_EXCLUDE
+    include_patterns: list[str] | None = _spec_default("include_patterns")
     cache: bool = True  # reuse a mask computed earlier for the same model, spec and calibration
+
+    def spec(self, method: str | None = None) -> SparseMaskConfig:
+        """The `SparseMaskConfig` to compute; `method` overrides `self.method` (the baselines' switch)."""
+        values = {name: getattr(self, name) for name in MASK_SPEC_KEYS}
+        values["method"] = method = method or self.method
+        if method == "full":
+            values["density"] = 1.0
+        if self.exclude_patterns is None:
+            values["exclude_patterns"] = list(DEFAULT_EXCLUDE)
+        return SparseMaskConfig(**values)
 
 
 @dataclass
@@ -207,8 +238,8 @@ class FederationConfig:
         need(self.task.type == "classification" or (scheme == "iid" and self.partition.num_single_label_clients == 0),
              "lm tasks have no labels: only partition.scheme 'iid' works")
         need(0 < self.mask.density <= 1, f"mask.density must be in (0, 1] (got {self.mask.density!r})")
-        need(self.mask.method in ("sensitivity", "magnitude", "random", "full"),
-             f"mask.method must be sensitivity, magnitude, random or full (got {self.mask.method!r})")
+        need(self.mask.method in METHODS, f"mask.method must be {', '.join(METHODS[:-1])} or {METHODS[-1]} "
+                                          f"(got {self.mask.method!r})")
         if self.mask.path is not None:
             need(self.algorithm in ("meerkat", "meerkat-vp", "random-early-stop", "fo-fedavg"),
                  f"mask.path cannot be combined with algorithm {self.algorithm!r}, which builds its own mask")
@@ -247,8 +278,6 @@ class FederationConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, overrides: list[str] | None = None) -> "FederationConfig":
-        import yaml
-
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"federation config {p} does not exist")
@@ -260,11 +289,6 @@ class FederationConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def to_yaml(self, path: str | os.PathLike) -> None:
-        import yaml
-
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def _section(cls, name: str, value: Any):
@@ -286,8 +310,6 @@ def _section(cls, name: str, value: Any):
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `key=value` / `section.key=value` overrides (values parsed as YAML)."""
-    import yaml
-
     data = dict(data)
     for item in overrides:
         if "=" not in item:

@@ -1,0 +1,445 @@
+"""The round engine: everything a federation does on the server side, whatever moves its messages.
+
+`RoundEngine(config, ...)` sets a run up (output folder, base model, task data, mask, wrapped
+model, server, scheduler); `engine.run(transport)` resumes from the newest checkpoint when
+asked, writes `run_info.json`, evaluates the zero-shot state, then for every round:
+
+1. plans it: seeded client sampling, step budgets (Meerkat-VP), `server.begin_round`;
+2. lets the transport deliver it (`Transport.exchange`): downlinks out, uplinks back, one
+   `ClientOutcome` per participant -- the only part that differs between the in-process driver
+   (`driver.py`, also under Accelerate) and Flower (`flower/server_app.py`);
+3. aggregates: uplinks to the server in ascending client id, replay, FedAvg, GradIP to the
+   scheduler;
+4. records it: evaluation, the metrics row (built here only), `metrics.jsonl`, the checkpoint;
+
+and at the end writes the plots and `final/` (mask, sparse delta, model card with the training
+summary). The same config therefore gives the same files whichever transport ran it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..tasks import get_task
+from ..zo import derive_seed
+from .checkpoint import check_resumable, clear_checkpoints, load_latest_checkpoint, save_checkpoint
+from .protocol.client import ClientState
+from .assets import build_scheduler, build_server, load_base_model, protocol_params, wrap_model
+from .federation_config import FederationConfig
+from .reporting import MetricsLog, write_plots
+from .runtime import LocalRuntime
+from .protocol.server import Rejection, RoundSummary, gradip_stats
+from .task_data import build_federated_data
+
+logger = logging.getLogger(__name__)
+
+_SAMPLING_TAG = 0x53414D50  # "SAMP"
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised by test hooks to stop a run between rounds."""
+
+
+@dataclass
+class FederationHooks:
+    """Fault injection for tests and chaos runs (all optional).
+
+    * `before_client(round, client_id)`: called after the downlink, before local training;
+      raising makes the client drop out of the round.
+    * `tamper_uplink(round, client_id, data) -> list[bytes]`: replace the client's uplink by any
+      number of messages (corrupted, duplicated, stale...).
+    * `after_round(round, row)`: called after the checkpoint; raising stops the run.
+
+    The in-process driver and the Flower `ClientApp` apply the first two the same way.
+    """
+
+    before_client: Callable[[int, int], None] | None = None
+    tamper_uplink: Callable[[int, int, bytes], list[bytes]] | None = None
+    after_round: Callable[[int, dict], None] | None = None
+
+
+@dataclass
+class ClientOutcome:
+    """What a transport reports about one participant of a round (picklable: gathered across ranks)."""
+
+    client_id: int
+    messages: list[bytes] = field(default_factory=list)  # uplinks for the server, in arrival order
+    new_state: ClientState | None = None
+    downlink_bytes: int = 0  # codec bytes sent to this client (a dense fallback included)
+    downlink_kind: str | None = None  # "records" / "dense"; None: nothing was sent
+    fallback: str | None = None  # why the client asked for the dense state
+    dropped: str | None = None  # why the client took no part
+    trained: bool = False  # ran its local steps and reported
+    mean_loss: float = math.nan
+    nan_steps: int = 0
+    final_digest: bytes = b""
+    seconds: float = 0.0
+    rank: int = 0
+
+
+@dataclass
+class RoundPlan:
+    round: int
+    participants: list[int]
+    budgets: dict[int, int]
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Delivery:
+    """A transport's account of one round."""
+
+    outcomes: list[ClientOutcome]  # one per participant, ascending client id
+    rejected: list[Rejection] = field(default_factory=list)  # refused by the transport itself
+    row: dict = field(default_factory=dict)  # the transport's own metrics for this round
+
+
+@dataclass
+class FederationResult:
+    config: FederationConfig
+    final_values: torch.Tensor = field(repr=False)
+    initial_values: torch.Tensor = field(repr=False)
+    mask: object = field(repr=False)
+    metrics: list[dict] = field(repr=False)
+    output_dir: Path
+    final_eval: dict
+    limited_clients: list[int]
+    total_uplink_bytes: int
+    total_downlink_bytes: int
+    total_fedavg_full_bytes: int
+    state_digest: str
+    num_params: int
+    k: int
+    model: object = field(default=None, repr=False)
+    initial_eval: dict = field(default_factory=dict)  # the zero-shot state, before round 0
+    training_summary: dict = field(default_factory=dict)  # what final/'s model card reports (and a push)
+
+
+class Transport:
+    """How a round's messages reach the clients. Subclasses implement `exchange`."""
+
+    plot_title: str | None = None  # None: the algorithm
+
+    def attach(self, engine: RoundEngine) -> None:
+        """Called once the engine is set up, before resuming."""
+
+    def restore(self, checkpoint: dict) -> None:
+        """Restore the transport's own state from a round checkpoint."""
+
+    def start(self, engine: RoundEngine) -> None:
+        """Called before the first round (after resume and run_info.json)."""
+
+    def exchange(self, engine: RoundEngine, plan: RoundPlan) -> Delivery:
+        raise NotImplementedError
+
+    def commit(self, engine: RoundEngine, delivery: Delivery, summary: RoundSummary) -> None:
+        """Called after aggregation, before the round is recorded and checkpointed."""
+
+    def checkpoint_state(self) -> dict:
+        """The transport's part of a round checkpoint (`clients`, `global_states`, ...)."""
+        return {}
+
+    def run_info(self) -> dict:
+        """Extra keys for run_info.json."""
+        return {}
+
+    def report(self, row: dict) -> None:
+        """Called with every recorded row on the main process."""
+
+
+def sample_clients(seed: int, round_id: int, num_clients: int, fraction: float) -> list[int]:
+    """Seeded client sampling without replacement; sorted ids."""
+    m = max(1, int(round(fraction * num_clients)))
+    if m >= num_clients:
+        return list(range(num_clients))
+    rng = np.random.default_rng(derive_seed(seed, round_id, _SAMPLING_TAG))
+    return sorted(int(c) for c in rng.choice(num_clients, size=m, replace=False))
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """`torch.set_num_threads(n)` for the duration of a run (None: leave it)."""
+    previous = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _task_hub_dataset(config: FederationConfig) -> str | None:
+    """The Hub dataset id of a named task (for the card's `datasets` metadata); None for local data."""
+    if config.task.data_files is not None or config.task.prompt is not None or not config.task.name:
+        return None
+    try:
+        return get_task(config.task.name).hub_path
+    except (KeyError, ValueError):
+        return None
+
+
+def training_summary(config: FederationConfig, task: str, initial_eval: dict, final_eval: dict, counters: dict,
+                     limited: list[int], digest: str) -> dict:
+    """The facts a reader of the delta's model card needs (rendered as its Training table)."""
+    summary: dict = {"algorithm": config.algorithm, "task": task, "num_clients": config.num_clients,
+                     "partition": f"{config.partition.scheme} (alpha={config.partition.alpha:g}, "
+                                  f"{config.partition.num_single_label_clients} single-label clients)",
+                     "rounds": config.rounds, "local_steps": config.local_steps, "learning_rate": config.lr,
+                     "zo_eps": config.eps}
+    hub_dataset = _task_hub_dataset(config)
+    if hub_dataset:
+        summary["datasets"] = [hub_dataset]
+    for key, value in initial_eval.items():
+        summary[f"{key}_before"] = value
+    for key, value in final_eval.items():
+        summary[f"{key}_after"] = value
+    sent = counters["uplink"] + counters["downlink"]
+    summary.update({"uplink_bytes": counters["uplink"], "downlink_bytes": counters["downlink"],
+                    "full_model_fedavg_bytes": counters["fedavg_full"],
+                    "communication_reduction": f"{counters['fedavg_full'] / max(sent, 1):,.0f}x",
+                    "meerkat_vp_limited_clients": ", ".join(map(str, limited)) or "none",
+                    "state_digest": digest})
+    return summary
+
+
+class RoundEngine:
+    """A federation's server side, set up from `config`; `run(transport)` runs (or resumes) it.
+
+    `model`/`tokenizer` may be given instead of loading `config.model` (tests, notebooks).
+    `build_data`: load the task's data (needed to evaluate, and for a mask calibrated on the
+    task's own text); `evaluate`: evaluate on the main process every `eval_every` rounds.
+    """
+
+    def __init__(self, config: FederationConfig, *, runtime: LocalRuntime | None = None, model=None, tokenizer=None,
+                 build_data: bool = True, evaluate: bool = True):
+        config.validate()
+        self.config = config
+        self.runtime = runtime or LocalRuntime(config.device)
+        self.out = Path(config.output_dir)
+        if self.runtime.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.runtime.barrier()
+        if model is None:
+            model, loaded_tok = load_base_model(config)
+            tokenizer = tokenizer or loaded_tok
+        if tokenizer is None:
+            raise ValueError("a tokenizer is needed when a model is passed in")
+        model.eval()
+        model.to(self.runtime.device)
+        self.tokenizer = tokenizer
+        self.num_params = sum(p.numel() for p in model.parameters())
+        self.data = build_federated_data(config, tokenizer) if build_data else None
+        self.evaluates = evaluate and self.data is not None
+        self.model, self.mask = wrap_model(config, model, tokenizer, self.data, self.runtime, self.out)
+        self.k = self.model.num_selected
+        self.initial = self.model.values.clone()
+        self.params = protocol_params(config)
+        self.server = build_server(config, self.mask, self.initial)
+        self.scheduler = build_scheduler(config, self.mask)
+        self.counters: dict[str, int] = {"uplink": 0, "downlink": 0, "fedavg_full": 0}
+        self.start_round = 0
+        self.initial_eval: dict = {}
+        self.last_eval: dict = {}  # the latest evaluation
+        self.round_eval: dict = {}  # this round's evaluation (empty when none was due)
+        self.log: MetricsLog | None = None
+
+    # -- before the first round -------------------------------------------------------------
+    def _resume(self, transport: Transport) -> None:
+        config = self.config
+        if config.resume:
+            ckpt = load_latest_checkpoint(self.out)
+            if ckpt is not None:
+                check_resumable(ckpt["config"], config.to_dict(), ckpt["mask_checksum"], self.mask.checksum)
+                self.server.load_state_dict(ckpt["server"])
+                self.scheduler.load_state_dict(ckpt["scheduler"])
+                self.counters.update(ckpt["counters"])
+                transport.restore(ckpt)
+                self.start_round = self.server.round
+                logger.info("resumed from %s at round %d", ckpt["path"], self.start_round)
+        else:
+            self.scheduler.start(config.num_clients)
+        if self.start_round == 0 and self.runtime.is_main:  # no older run's checkpoints to be resumed later
+            clear_checkpoints(self.out)
+
+    def _initial_evaluation(self) -> dict:
+        """The zero-shot metrics (main rank); a resumed run reads them back from run_info.json."""
+        if not (self.config.eval_before and self.evaluates and self.runtime.is_main):
+            return {}
+        if self.start_round > 0:
+            info_path = self.out / "run_info.json"
+            return json.loads(info_path.read_text()).get("initial_eval") or {} if info_path.is_file() else {}
+        t0 = time.perf_counter()
+        metrics = self.data.evaluate(self.model)
+        logger.info("before round 0 (zero-shot): %s (%.1fs)",
+                    ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), time.perf_counter() - t0)
+        return metrics
+
+    def _write_run_info(self, transport: Transport) -> None:
+        config, data, mask = self.config, self.data, self.mask
+        info = {"config": config.to_dict(), "k": self.k, "num_params": self.num_params, "mask_checksum": mask.checksum,
+                "initial_eval": self.initial_eval,
+                "mask_method": mask.config.method, "has_pretrain_grad": mask.pretrain_grad is not None}
+        if data is not None:
+            info.update({"data": data.description, "client_sizes": [len(e) for e in data.client_examples]})
+        info.update(transport.run_info())
+        (self.out / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
+        if data is not None:
+            (self.out / "partition.txt").write_text(data.partition_table() + "\n")
+            logger.info("federation: %s, k=%d of %d parameters, %d clients\n%s", config.algorithm, self.k,
+                        self.num_params, config.num_clients, data.partition_table())
+
+    # -- one round ----------------------------------------------------------------------------
+    def plan_round(self, r: int) -> RoundPlan:
+        config, started = self.config, time.perf_counter()
+        participants = sample_clients(config.seed, r, config.num_clients, config.client_fraction)
+        budgets = self.scheduler.budgets(participants)
+        self.server.begin_round(r, budgets)
+        return RoundPlan(r, participants, budgets, started)
+
+    def aggregate(self, plan: RoundPlan, delivery: Delivery) -> tuple[RoundSummary, dict, list[int]]:
+        """Uplinks to the server (ascending client id), replay + FedAvg, GradIP to the scheduler."""
+        for o in delivery.outcomes:
+            for m in o.messages:
+                self.server.receive(m)
+        summary = self.server.finish_round()
+        gradips = {p.client_id: p.gradips for p in summary.paths}
+        vp_info = self.scheduler.observe_round(plan.round, gradips)
+        by_id = {o.client_id: o for o in delivery.outcomes}
+        mismatches = [p.client_id for p in summary.paths
+                      if by_id[p.client_id].final_digest and by_id[p.client_id].final_digest != p.final_digest]
+        if mismatches:
+            logger.warning("round %d: replayed state differs from the client's own for %s "
+                           "(uplink altered in transit, or non-deterministic local arithmetic)", plan.round, mismatches)
+        return summary, vp_info, mismatches
+
+    def record(self, plan: RoundPlan, delivery: Delivery, summary: RoundSummary, vp_info: dict,
+               mismatches: list[int]) -> dict:
+        """Count bytes, evaluate when due, and build the round's metrics row (the only place it is built)."""
+        config, r, outcomes = self.config, plan.round, delivery.outcomes
+        up = summary.uplink_bytes
+        down = sum(o.downlink_bytes for o in outcomes)
+        full = 2 * 4 * self.num_params * len(plan.participants)
+        self.counters["uplink"] += up
+        self.counters["downlink"] += down
+        self.counters["fedavg_full"] += full
+
+        evaluated = self.round_eval = {}
+        if self.evaluates and self.runtime.is_main and ((r + 1) % config.eval_every == 0 or r + 1 == config.rounds):
+            self.model.set_values(self.server.values)
+            evaluated = self.round_eval = self.last_eval = self.data.evaluate(self.model)
+        gradips = {p.client_id: p.gradips for p in summary.paths}
+        return {
+            "round": r,
+            "lr": self.params.schedule(r),
+            "participants": plan.participants,
+            "budgets": {str(c): b for c, b in plan.budgets.items()},
+            "accepted": summary.accepted,
+            "rejected": [rej.to_dict() for rej in summary.rejected] + [rej.to_dict() for rej in delivery.rejected],
+            "dropped": {str(o.client_id): o.dropped for o in outcomes if o.dropped},
+            "missing": summary.missing,
+            "limited_clients": sorted(self.scheduler.limited),
+            "newly_limited": vp_info["newly_limited"],
+            "vp_decisions": vp_info["decided"],
+            **evaluated,
+            "uplink_bytes": up,
+            "downlink_bytes": down,
+            "round_bytes": up + down,
+            "cumulative_uplink_bytes": self.counters["uplink"],
+            "cumulative_downlink_bytes": self.counters["downlink"],
+            "cumulative_bytes": self.counters["uplink"] + self.counters["downlink"],
+            "fedavg_full_bytes": full,
+            "cumulative_fedavg_full_bytes": self.counters["fedavg_full"],
+            "downlink_kinds": {str(o.client_id): o.downlink_kind for o in outcomes if o.downlink_kind is not None},
+            "downlink_fallbacks": {str(o.client_id): o.fallback for o in outcomes if o.fallback},
+            "gradip": {str(c): gradip_stats(g) for c, g in gradips.items()},
+            "gradip_steps": {str(c): g for c, g in gradips.items()},
+            "train_loss": {str(o.client_id): o.mean_loss for o in outcomes if o.trained and not o.dropped},
+            "nan_steps": {str(c): n for c, n in summary.nan_steps.items() if n},
+            "replay_mismatches": mismatches,
+            **delivery.row,
+            "state_digest": summary.state_digest.hex(),
+            "seconds": round(time.perf_counter() - plan.started, 3),
+        }
+
+    def checkpoint(self, r: int, transport: Transport) -> None:
+        extra = dict(transport.checkpoint_state())
+        save_checkpoint(self.out, r, {
+            "config": self.config.to_dict(), "mask_checksum": self.mask.checksum, "server": self.server.state_dict(),
+            "clients": extra.pop("clients", []), "scheduler": self.scheduler.state_dict(),
+            "global_states": extra.pop("global_states", {}), "counters": dict(self.counters), **extra,
+        }, keep=self.config.keep_checkpoints)
+
+    # -- the run ---------------------------------------------------------------------------------
+    def run(self, transport: Transport, *, after_round: Callable[[int, dict], None] | None = None) -> FederationResult:
+        config, runtime = self.config, self.runtime
+        transport.attach(self)
+        self._resume(transport)
+        self.log = MetricsLog(self.out, self.start_round) if runtime.is_main else None
+        self.initial_eval = self._initial_evaluation()
+        if runtime.is_main and self.start_round == 0:
+            self._write_run_info(transport)
+        transport.start(self)
+
+        bar = tqdm(range(self.start_round, config.rounds), desc=f"{config.algorithm} rounds", initial=self.start_round,
+                   total=config.rounds, disable=not (config.progress and runtime.is_main))
+        for r in bar:
+            plan = self.plan_round(r)
+            delivery = transport.exchange(self, plan)
+            summary, vp_info, mismatches = self.aggregate(plan, delivery)
+            transport.commit(self, delivery, summary)
+            row = self.record(plan, delivery, summary, vp_info, mismatches)
+            if runtime.is_main:
+                self.log.append(row)
+                if (r + 1) % config.checkpoint_every == 0 or r + 1 == config.rounds:
+                    self.checkpoint(r, transport)
+                postfix = {"up": self.counters["uplink"], "down": self.counters["downlink"]}
+                postfix.update({k: round(v, 4) for k, v in self.round_eval.items()})
+                bar.set_postfix(postfix)
+                transport.report(row)
+            runtime.barrier()
+            if after_round is not None:
+                after_round(r, row)
+        return self.finish(transport)
+
+    def finish(self, transport: Transport) -> FederationResult:
+        """Plots, the final evaluation's summary and `final/` (mask + sparse delta + model card)."""
+        config, runtime = self.config, self.runtime
+        self.model.set_values(self.server.values)
+        rows = self.log.rows if self.log is not None else []
+        if runtime.is_main and config.plots and rows:
+            write_plots(rows, self.out / "plots", title=transport.plot_title or config.algorithm,
+                        initial=self.initial_eval)
+        last_eval = self.last_eval
+        if not last_eval and rows:
+            last_eval = {k: rows[-1][k] for k in ("accuracy", "eval_loss") if rows[-1].get(k) is not None}
+        limited = sorted(self.scheduler.limited)
+        digest = self.server.digest.hex()
+        task = self.data.description if self.data is not None else str(config.task.name)
+        summary = training_summary(config, task, self.initial_eval, last_eval, self.counters, limited, digest)
+        if runtime.is_main and config.save_final:
+            self.model.save_pretrained(self.out / "final", model_card=True, training_summary=summary)
+        runtime.barrier()
+        return FederationResult(
+            config=config, final_values=self.server.values.clone(), initial_values=self.initial, mask=self.mask,
+            metrics=rows, output_dir=self.out, final_eval=last_eval, initial_eval=self.initial_eval,
+            limited_clients=limited, total_uplink_bytes=self.counters["uplink"],
+            total_downlink_bytes=self.counters["downlink"], total_fedavg_full_bytes=self.counters["fedavg_full"],
+            state_digest=digest, num_params=self.num_params, k=self.k, model=self.model, training_summary=summary,
+        )
+
+
+def result_fields(result: FederationResult) -> dict:
+    """A result's fields, to build a transport's richer result from it."""
+    return {f.name: getattr(result, f.name) for f in dataclasses.fields(FederationResult)}
