@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, OSError, KeyError, TypeError) as err:
+    except (ValueError, FileNotFoundError, OSError, KeyError, TypeError, FloatingPointError) as err:
         print(f"meerkat-hf: error: {err}", file=sys.stderr)
         return 2
 

@@ -63,6 +63,14 @@ def federate(args) -> int:
     }
     if runtime.is_main:
         summary["initial_eval"] = result.initial_eval
+        key = "balanced_accuracy"
+        for side, ev in (("before", result.initial_eval), ("after", result.final_eval)):
+            if ev.get(key) is not None:
+                summary[f"{key}_{side}"] = {"value": ev[key], "ci95": [ev.get(f"{key}_ci_low"), ev.get(f"{key}_ci_high")]}
+        if result.gain:
+            summary[f"{key}_gain"] = {"value": result.gain["gain"], "ci95": result.gain["gain_ci"],
+                                      "excludes_zero": result.gain["excludes_zero"], "n": result.gain["n"],
+                                      "method": result.gain["method"]}
         print(format_report(result))
         if args.push_to_hub:
             summary["pushed"] = result.model.push_to_hub(args.push_to_hub, training_summary=result.training_summary)
@@ -76,7 +84,11 @@ def federate(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return federate(args)
+    try:
+        return federate(args)
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
+        print(f"{build_parser().prog}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

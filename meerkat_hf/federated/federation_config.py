@@ -158,6 +158,9 @@ class FederationConfig:
     weight_decay: float = 0.0
     eps: float = 1e-3
     q: int = 1
+    # stop the run when this many ZO steps in a row (every client's, rounds in order) had a NaN/inf
+    # loss: lr/eps diverged the model; 0 never stops (the skipped steps are counted in metrics.jsonl)
+    max_consecutive_skips: int = 20
     batch_size: int = 8
     max_length: int = 128
     eval_every: int = 5
@@ -216,6 +219,8 @@ class FederationConfig:
             v = getattr(self, name)
             need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"{name} must be a finite number > 0 (got {v!r})")
         need(self.weight_decay >= 0, "weight_decay must be >= 0")
+        need(isinstance(self.max_consecutive_skips, int) and self.max_consecutive_skips >= 0,
+             f"max_consecutive_skips must be an integer >= 0 (got {self.max_consecutive_skips!r})")
         need(self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {', '.join(LR_SCHEDULES)} (got {self.lr_schedule!r})")
         need(0 <= self.lr_min_ratio <= 1, "lr_min_ratio must be in [0, 1]")
         need(self.max_length >= 4, "max_length must be >= 4")

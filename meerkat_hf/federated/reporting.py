@@ -151,11 +151,33 @@ def format_bytes(n: float) -> str:
     return str(n)
 
 
+def format_gain_line(before: dict, after: dict, gain: dict | None) -> str | None:
+    """`balanced accuracy 0.738 [0.720, 0.760] -> 0.790 [...]; gain +0.052 [+0.030, +0.070] (paired bootstrap, 95%)`."""
+    key = "balanced_accuracy"
+    if before.get(key) is None or after.get(key) is None:
+        return None
+
+    def show(ev: dict) -> str:
+        lo, hi = ev.get(f"{key}_ci_low"), ev.get(f"{key}_ci_high")
+        return f"{ev[key]:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
+
+    line = f"balanced accuracy {show(before)} -> {show(after)}"
+    if gain:
+        lo, hi = gain["gain_ci"]
+        verdict = "" if gain.get("excludes_zero") else "; the interval includes 0: no measurable change"
+        n = f"{gain['n']} " if gain.get("n") else ""
+        line += f"; gain {gain['gain']:+.3f} [{lo:+.3f}, {hi:+.3f}] (paired bootstrap over the same {n}examples, 95%){verdict}"
+    return line
+
+
 def format_report(result) -> str:
     """What a person wants to read at the end of a run (a `FederationResult`)."""
     cfg = result.config
     lines = [f"== {cfg.algorithm}: {cfg.rounds} rounds, {cfg.num_clients} clients, T={cfg.local_steps}, "
              f"k={result.k:,} of {result.num_params:,} parameters ({100 * result.k / result.num_params:.3g}%)"]
+    headline = format_gain_line(result.initial_eval, result.final_eval, getattr(result, "gain", None))
+    if headline:
+        lines.append(headline)
     for key in ("balanced_accuracy", "accuracy", "eval_loss"):
         before, after = result.initial_eval.get(key), result.final_eval.get(key)
         if before is not None or after is not None:

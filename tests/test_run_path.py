@@ -1,0 +1,111 @@
+"""The path from a run to reading its result: the gain with its interval, a diverged run stopping
+with one line, an existing run folder never overwritten silently, one round numbering, progress."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from federated_support import base_config, make_model_dir, make_task_files
+from meerkat_hf.classification_metrics import paired_gain
+from meerkat_hf.federated import FederationConfig
+from meerkat_hf.federated.driver import run_federation
+from meerkat_hf.federated.engine import DivergedError, decode_predictions, encode_predictions
+from meerkat_hf.federated.reporting import format_report
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("path")
+    return root, make_model_dir(root), make_task_files(root)
+
+
+def _yaml(tmp_path, assets, **kw):
+    _, model_dir, files = assets
+    path = tmp_path / "fed.yaml"
+    path.write_text(yaml.safe_dump(base_config(tmp_path, model_dir, files, **kw)))
+    return path
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_predictions_encoding_round_trips():
+    assert encode_predictions([0, 1, 1, 0]) == "0110"
+    assert decode_predictions("0110").tolist() == [0, 1, 1, 0]
+    assert encode_predictions([3, 12]) == [3, 12] and decode_predictions([3, 12]).tolist() == [3, 12]
+    assert decode_predictions(None) is None
+
+
+def test_report_and_summary_json_carry_the_paired_gain(tmp_path, assets, capsys):
+    from meerkat_hf.cli import main
+
+    path = _yaml(tmp_path, assets, rounds=2)
+    summary_path = tmp_path / "summary.json"
+    assert main(["federate", "--config", str(path), "--summary-json", str(summary_path)]) == 0
+    report = capsys.readouterr().out
+    out = tmp_path / "run"
+    info = json.loads((out / "run_info.json").read_text())
+    before = decode_predictions(info["initial_predictions"])
+    assert before is not None and len(before) == 32  # every eval example's zero-shot prediction, compactly
+    summary = json.loads(summary_path.read_text())
+    gain = summary["balanced_accuracy_gain"]
+    b, a = summary["balanced_accuracy_before"], summary["balanced_accuracy_after"]
+    assert a["value"] - b["value"] == pytest.approx(gain["value"])
+    assert gain["ci95"][0] <= gain["value"] <= gain["ci95"][1] and gain["n"] == 32
+    assert b["ci95"][0] <= b["value"] <= b["ci95"][1]
+    line = next(l for l in report.splitlines() if l.startswith("balanced accuracy "))
+    assert f"{b['value']:.3f} [{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}] -> {a['value']:.3f}" in line
+    assert f"gain {gain['value']:+.3f} [{gain['ci95'][0]:+.3f}, {gain['ci95'][1]:+.3f}] (paired bootstrap" in line
+    assert "95%" in line
+
+
+def test_gain_is_the_paired_bootstrap_of_the_same_examples(tmp_path, assets):
+    _, model_dir, files = assets
+    config = FederationConfig.from_dict(base_config(tmp_path, model_dir, files, rounds=1, lr=5e-2))
+    result = run_federation(config)
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    labels = np.asarray([r % 2 for r in range(32)])  # toy_rows: label = i % 2
+    after = result.gain
+    assert after["metric"] == "balanced_accuracy" and set(after["gain_ci"]) and "paired bootstrap" in after["method"]
+    key = "balanced_accuracy"
+    assert after["gain"] == pytest.approx(result.final_eval[key] - result.initial_eval[key])
+    before = decode_predictions(info["initial_predictions"])
+    assert paired_gain(before, before, labels)["gain"] == 0  # the stored predictions are the zero-shot ones:
+    from meerkat_hf.classification_metrics import balanced_accuracy
+    assert balanced_accuracy(before, labels) == pytest.approx(result.initial_eval[key])
+    assert result.training_summary["balanced_accuracy_gain"] == pytest.approx(after["gain"])
+    assert decode_predictions(info["initial_predictions"]).shape == labels.shape
+    report = format_report(result)
+    assert "gain" in report and "paired bootstrap" in report
+
+
+def test_every_loss_nan_stops_the_run_with_one_line(tmp_path, assets, capsys):
+    from meerkat_hf.cli import main
+
+    # eps so large that w +- eps z overflows: every loss is NaN/inf
+    path = _yaml(tmp_path, assets, rounds=5, eps=1e38, max_consecutive_skips=20)
+    assert main(["federate", "--config", str(path)]) == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if "error" in l]  # (stderr also has loading bars)
+    assert len(err) == 1 and err[0].startswith("meerkat-hf: error: ")
+    assert "NaN/inf" in err[0] and "lr=0.001" in err[0] and "eps=1e+38" in err[0] and "lower lr or eps" in err[0]
+    rows = _rows(tmp_path / "run")
+    assert len(rows) == 2  # 4 clients x 3 steps = 12 per round: the 20th skipped step falls in round 2
+    assert all(r["skipped_steps"] == 12 for r in rows) and rows[-1]["cumulative_skipped_steps"] == 24
+    assert rows[0]["nan_steps"] == {str(c): 3 for c in range(4)}
+
+
+def test_some_nan_steps_are_counted_but_do_not_stop(tmp_path, assets):
+    _, model_dir, files = assets
+    config = FederationConfig.from_dict(base_config(tmp_path, model_dir, files, rounds=2, eps=1e38,
+                                                    max_consecutive_skips=0))
+    result = run_federation(config)  # 0: never stop
+    assert [r["skipped_steps"] for r in result.metrics] == [12, 12]
+    with pytest.raises(DivergedError, match="lr=0.001"):
+        config = FederationConfig.from_dict(base_config(tmp_path, model_dir, files, rounds=2, eps=1e38,
+                                                        max_consecutive_skips=12, output_dir=str(tmp_path / "b")))
+        run_federation(config)
