@@ -109,3 +109,48 @@ def test_some_nan_steps_are_counted_but_do_not_stop(tmp_path, assets):
         config = FederationConfig.from_dict(base_config(tmp_path, model_dir, files, rounds=2, eps=1e38,
                                                         max_consecutive_skips=12, output_dir=str(tmp_path / "b")))
         run_federation(config)
+
+
+def test_an_existing_run_is_never_overwritten_silently(tmp_path, assets, capsys):
+    from meerkat_hf.cli import main
+
+    path = _yaml(tmp_path, assets, rounds=1)
+    out = tmp_path / "run"
+    assert main(["federate", "--config", str(path)]) == 0
+    first = (out / "metrics.jsonl").read_text()
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    capsys.readouterr()
+
+    assert main(["federate", "--config", str(path)]) == 2  # no --resume, no --overwrite: one line, nothing touched
+    err = [l for l in capsys.readouterr().err.splitlines() if "error" in l]
+    assert len(err) == 1 and "already holds a run" in err[0] and "--resume" in err[0] and "--overwrite" in err[0]
+    assert (out / "metrics.jsonl").read_text() == first
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ckpts
+
+    assert main(["federate", "--config", str(path), "--resume", "--overwrite"]) == 2
+    assert "pick one" in capsys.readouterr().err
+
+    assert main(["federate", "--config", str(path), "--overwrite"]) == 0  # the old run moves aside, whole
+    printed = capsys.readouterr().out
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(aside) == 1 and f"moved the previous run in {out} to {aside[0]}" in printed
+    assert (aside[0] / "metrics.jsonl").read_text() == first
+    assert sorted(p.name for p in (aside[0] / "checkpoints").iterdir()) == ckpts
+    assert (out / "metrics.jsonl").is_file()
+
+    assert main(["federate", "--config", str(path), "--resume", "--set", "rounds=2"]) == 0  # --resume continues it
+    assert len(_rows(out)) == 2
+
+
+def test_an_empty_or_mask_only_folder_is_not_a_run(tmp_path):
+    from meerkat_hf.federated.run_dir import RunExistsError, check_output_dir, existing_run_files
+
+    out = tmp_path / "o"
+    assert check_output_dir(out, resume=False, overwrite=False) == []  # missing
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "mask").mkdir()
+    assert existing_run_files(out) == []  # an empty checkpoints/ and a mask are no run
+    (out / "run_info.json").write_text("{}")
+    with pytest.raises(RunExistsError, match="--resume"):
+        check_output_dir(out, resume=False, overwrite=False)
+    assert check_output_dir(out, resume=True, overwrite=False) == ["run_info.json"]

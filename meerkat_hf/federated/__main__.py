@@ -14,6 +14,7 @@ import sys
 from .federation_config import DEFAULT_CONFIG, FederationConfig
 from .driver import run_federation
 from .reporting import format_report
+from .run_dir import check_output_dir, move_aside
 from .runtime import make_runtime
 
 
@@ -36,6 +37,9 @@ def add_federate_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a config key, e.g. --set rounds=3 --set mask.density=0.01 (repeatable)")
     p.add_argument("--output-dir", default=None, help="override output_dir")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="output_dir already holds a run: move it aside to <dir>.old-<timestamp> and start afresh "
+                        "(without --resume or --overwrite an existing run is an error; nothing is deleted)")
     p.add_argument("--summary-json", default=None, help="also write the final summary to this file")
 
 
@@ -53,6 +57,14 @@ def federate(args) -> int:
     runtime = make_runtime(config.device)
     if not runtime.is_main:  # one copy of the logs is enough
         logging.getLogger().setLevel(logging.WARNING)
+    # Never lose a run: every rank checks before the main one moves anything.
+    found = check_output_dir(config.output_dir, resume=config.resume, overwrite=getattr(args, "overwrite", False))
+    runtime.barrier()
+    if found and getattr(args, "overwrite", False):
+        if runtime.is_main:
+            aside = move_aside(config.output_dir)
+            print(f"moved the previous run in {config.output_dir} to {aside}")
+        runtime.barrier()
     result = run_federation(config, runtime=runtime)
     summary = {
         "algorithm": config.algorithm, "rounds": config.rounds, "final_eval": result.final_eval,
