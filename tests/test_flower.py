@@ -77,7 +77,7 @@ def _assert_same_federation(ref, res) -> None:
     assert res.limited_clients == ref.limited_clients
     # The round checkpoint on disk holds the same bits.
     ckpt = load_latest_checkpoint(res.output_dir)
-    assert ckpt["round"] == ROUNDS - 1 and torch.equal(ckpt["server"]["values"], ref.final_values)
+    assert ckpt["round"] == ROUNDS and torch.equal(ckpt["server"]["values"], ref.final_values)
 
 
 def _report_bytes(res) -> None:

@@ -154,3 +154,64 @@ def test_an_empty_or_mask_only_folder_is_not_a_run(tmp_path):
     with pytest.raises(RunExistsError, match="--resume"):
         check_output_dir(out, resume=False, overwrite=False)
     assert check_output_dir(out, resume=True, overwrite=False) == ["run_info.json"]
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def test_one_round_numbering_and_old_runs_still_resume(tmp_path, assets, capsys):
+    from meerkat_hf.cli import main
+
+    full_dir, old_dir = tmp_path / "full", tmp_path / "old"
+    path = _yaml(tmp_path, assets, rounds=3, plots=True)
+    assert main(["federate", "--config", str(path), "--output-dir", str(full_dir)]) == 0
+    report = capsys.readouterr().out
+    rows = _rows(full_dir)
+    assert [r["round"] for r in rows] == [1, 2, 3]  # rounds done; round 0 is the zero-shot state
+    assert [p.name for p in sorted((full_dir / "checkpoints").iterdir())] == ["round_000002.pt", "round_000003.pt"]
+    assert "after round 3:" in report
+    assert {p.name for p in (full_dir / "plots").iterdir()} == {"accuracy.png", "bytes.png", "gradip.png"}
+
+    # A run written with the old 0-based numbering (rows 0, 1; checkpoint round_000001 after 2 rounds)
+    # resumes, and its rows are renumbered.
+    assert main(["federate", "--config", str(path), "--output-dir", str(old_dir), "--set", "rounds=2"]) == 0
+    old_rows = _rows(old_dir)
+    (old_dir / "metrics.jsonl").write_text("".join(json.dumps({**r, "round": r["round"] - 1}) + "\n" for r in old_rows))
+    for p in sorted((old_dir / "checkpoints").iterdir()):
+        n = int(p.stem.split("_")[1])
+        p.rename(p.with_name(f"round_{n - 1:06d}.pt"))
+    assert main(["federate", "--config", str(path), "--output-dir", str(old_dir), "--resume"]) == 0
+    assert _strip(_rows(old_dir)) == _strip(rows)
+
+
+def _synthetic_rows(num_clients: int, rounds: int, single: list[int]) -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for r in range(1, rounds + 1):
+        steps = {}
+        for c in range(num_clients):
+            if rng.random() < 0.3 and num_clients > 10:
+                continue  # sat out
+            scale = (0.05 ** (r / rounds)) if c in single else 1.0
+            steps[str(c)] = [float(rng.normal() * scale * 3) for _ in range(2 if r > 1 else 6)]
+        acc = 0.75 + rng.normal() * 0.01
+        rows.append({"round": r, "gradip_steps": steps, "limited_clients": single[:1] if r > 1 else [],
+                     "accuracy": acc, "balanced_accuracy": acc - 0.1, "balanced_accuracy_ci_low": acc - 0.15,
+                     "balanced_accuracy_ci_high": acc - 0.05, "majority_rate": 0.69, "cumulative_bytes": 1000 * r,
+                     "cumulative_uplink_bytes": 300 * r, "cumulative_fedavg_full_bytes": 10 ** 9 * r})
+    return rows
+
+
+@pytest.mark.parametrize("num_clients", [10, 100])
+def test_plots_are_written_at_10_and_100_clients(tmp_path, num_clients):
+    from meerkat_hf.federated.reporting import write_plots
+
+    single = list(range(num_clients - max(2, num_clients // 10), num_clients))
+    groups = {"single-label clients": single, "mixed-label clients": [c for c in range(num_clients) if c not in single]}
+    initial = {"accuracy": 0.76, "balanced_accuracy": 0.66, "balanced_accuracy_ci_low": 0.6,
+               "balanced_accuracy_ci_high": 0.72, "majority_rate": 0.69}
+    written = write_plots(_synthetic_rows(num_clients, 8, single), tmp_path / f"plots{num_clients}", title="meerkat-vp",
+                          initial=initial, groups=groups)
+    assert [p.name for p in written] == ["accuracy.png", "bytes.png", "gradip.png"]
+    assert all(p.stat().st_size > 5000 for p in written)

@@ -309,7 +309,7 @@ class RoundEngine:
         metrics = self.data.evaluate(self.model)
         if self.data.last_eval.get("predictions") is not None:
             self.initial_predictions = np.asarray(self.data.last_eval["predictions"], dtype=np.int64)
-        logger.info("before round 0 (zero-shot): %s (%.1fs)",
+        logger.info("round 0 (zero-shot, before training): %s (%.1fs)",
                     ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), time.perf_counter() - t0)
         return metrics
 
@@ -375,7 +375,7 @@ class RoundEngine:
         if config.local_optimizer == "zo" and perturbations:
             self.consecutive_skips = self.consecutive_skips + skipped if skipped >= perturbations else 0
         return {
-            "round": r,
+            "round": r + 1,  # rounds done: 0 is the zero-shot state (run_info.json), r + 1 after this one
             "lr": self.params.schedule(r),
             "participants": plan.participants,
             "budgets": {str(c): b for c, b in plan.budgets.items()},
@@ -411,7 +411,7 @@ class RoundEngine:
 
     def checkpoint(self, r: int, transport: Transport) -> None:
         extra = dict(transport.checkpoint_state())
-        save_checkpoint(self.out, r, {
+        save_checkpoint(self.out, r + 1, {  # named by rounds done, like the metrics rows
             "config": self.config.to_dict(), "mask_checksum": self.mask.checksum, "server": self.server.state_dict(),
             "clients": extra.pop("clients", []), "scheduler": self.scheduler.state_dict(),
             "global_states": extra.pop("global_states", {}), "counters": dict(self.counters), **extra,
@@ -472,6 +472,15 @@ class RoundEngine:
         return {"metric": "balanced_accuracy", **gain, "n": int(len(labels)),
                 "method": "paired bootstrap over the same eval examples, 1000 resamples, 95%"}
 
+    def _client_groups(self) -> dict[str, list[int]] | None:
+        """Single-label vs mixed-label clients (the plots' groups); None without labels."""
+        data = self.data
+        if data is None or data.labels is None or not data.parts:
+            return None
+        single = [c for c, part in enumerate(data.parts) if len(set(data.labels[part].tolist())) == 1]
+        return {"single-label clients": single,
+                "mixed-label clients": [c for c in range(len(data.parts)) if c not in single]}
+
     def finish(self, transport: Transport) -> FederationResult:
         """Plots, the final evaluation's summary and `final/` (mask + sparse delta + model card)."""
         config, runtime = self.config, self.runtime
@@ -479,7 +488,7 @@ class RoundEngine:
         rows = self.log.rows if self.log is not None else []
         if runtime.is_main and config.plots and rows:
             write_plots(rows, self.out / "plots", title=transport.plot_title or config.algorithm,
-                        initial=self.initial_eval)
+                        initial=self.initial_eval, groups=self._client_groups())
         last_eval = self.last_eval
         if not last_eval and rows:
             last_eval = {k: rows[-1][k] for k in ("accuracy", "eval_loss") if rows[-1].get(k) is not None}
