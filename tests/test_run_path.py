@@ -215,3 +215,35 @@ def test_plots_are_written_at_10_and_100_clients(tmp_path, num_clients):
                           initial=initial, groups=groups)
     assert [p.name for p in written] == ["accuracy.png", "bytes.png", "gradip.png"]
     assert all(p.stat().st_size > 5000 for p in written)
+
+
+def test_progress_names_client_step_loss_and_eta_and_false_is_silent(tmp_path, assets, capsys, caplog):
+    import logging
+
+    _, model_dir, files = assets
+    cache = tmp_path / "mask-cache"
+    mask = {"cache": True, "density": 0.021}  # a spec no other test computes
+    with caplog.at_level(logging.INFO, logger="meerkat_hf"):
+        run_federation(FederationConfig.from_dict(base_config(tmp_path, model_dir, files, rounds=2, progress=True,
+                                                              mask=mask, output_dir=str(tmp_path / "a"))))
+    err, logs = capsys.readouterr().err, caplog.text
+    assert "round 1/2 | client 1/4 (id 0)" in err and "client 4/4 (id 3)" in err
+    assert "step 3/3, loss " in err and "eta" in err
+    assert "round 1/2 done in" in logs and "left" in logs
+    # the first run says why it computes a mask and where later runs find it; the next one reuses it
+    assert "computing the sensitivity mask" in logs and "later runs with the same model" in logs
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="meerkat_hf"):
+        run_federation(FederationConfig.from_dict(base_config(tmp_path, model_dir, files, rounds=2, progress=False,
+                                                              mask=mask, output_dir=str(tmp_path / "b"))))
+    err, logs = capsys.readouterr().err, caplog.text
+    assert "using the cached mask" in logs and "computing the sensitivity mask" not in logs
+    assert "client 1/4" not in err and "rounds" not in err and "step 1/" not in err  # progress: false is silent
+    assert "done in" not in logs
+
+
+def test_eta_counts_the_steps_and_evaluations_left():
+    from meerkat_hf.federated.progress import eta_seconds, format_duration
+
+    assert eta_seconds(2.0, [10, 10], 1, 5.0) == 45.0
+    assert format_duration(45) == "45 s" and format_duration(125) == "2 min 05 s" and format_duration(3725) == "1 h 02 min"

@@ -40,6 +40,7 @@ from .protocol.client import ClientState
 from .assets import build_scheduler, build_server, load_base_model, protocol_params, wrap_model
 from .federation_config import FederationConfig
 from .reporting import MetricsLog, write_plots
+from .progress import eta_seconds, format_duration
 from .runtime import LocalRuntime
 from .protocol.server import Rejection, RoundSummary, gradip_stats
 from .task_data import build_federated_data
@@ -271,6 +272,7 @@ class RoundEngine:
         self.scheduler = build_scheduler(config, self.mask)
         self.counters: dict[str, int] = {"uplink": 0, "downlink": 0, "fedavg_full": 0, "skipped_steps": 0}
         self.consecutive_skips = 0  # ZO steps in a row (rounds in order) whose every loss was NaN/inf
+        self.eval_seconds = 0.0  # the latest evaluation's duration (for the ETA)
         self.start_round = 0
         self.initial_eval: dict = {}
         self.initial_predictions: np.ndarray | None = None  # per-example, for the paired gain
@@ -367,7 +369,9 @@ class RoundEngine:
         evaluated = self.round_eval = {}
         if self.evaluates and self.runtime.is_main and ((r + 1) % config.eval_every == 0 or r + 1 == config.rounds):
             self.model.set_values(self.server.values)
+            t0 = time.perf_counter()
             evaluated = self.round_eval = self.last_eval = self.data.evaluate(self.model)
+            self.eval_seconds = time.perf_counter() - t0
         gradips = {p.client_id: p.gradips for p in summary.paths}
         skipped = sum(summary.nan_steps.values())  # ZO perturbations whose loss was NaN/inf (g sent as 0)
         perturbations = sum(plan.budgets.get(c, 0) for c in summary.accepted) * self.params.q
@@ -441,7 +445,13 @@ class RoundEngine:
                 if (r + 1) % config.checkpoint_every == 0 or r + 1 == config.rounds:
                     self.checkpoint(r, transport)
                 postfix = {"up": self.counters["uplink"], "down": self.counters["downlink"]}
-                postfix.update({k: round(v, 4) for k, v in self.round_eval.items()})
+                postfix.update({k: round(v, 4) for k in ("accuracy", "balanced_accuracy", "eval_loss")
+                                if (v := self.round_eval.get(k)) is not None})
+                if config.progress:
+                    eta = self._eta(plan, row)
+                    postfix["eta"] = format_duration(eta)
+                    logger.info("round %d/%d done in %s; about %s left", r + 1, config.rounds,
+                                format_duration(row["seconds"]), format_duration(eta))
                 bar.set_postfix(postfix)
                 transport.report(row)
             self._check_diverged(r)
@@ -449,6 +459,19 @@ class RoundEngine:
             if after_round is not None:
                 after_round(r, row)
         return self.finish(transport)
+
+    def _eta(self, plan: RoundPlan, row: dict) -> float:
+        """Seconds left: the local steps still planned (seeded sampling, VP limits) at this round's
+        measured seconds per step, plus the evaluations still due at the last one's duration."""
+        config, r = self.config, plan.round
+        train = max(row["seconds"] - (self.eval_seconds if self.round_eval else 0.0), 0.0)
+        per_step = train / max(1, sum(plan.budgets.values()))
+        limited, short = self.scheduler.limited, (config.vp.limited_steps if config.scheduler_mode != "none" else None)
+        future = [sum(short if short is not None and c in limited else config.local_steps
+                      for c in sample_clients(config.seed, rr, config.num_clients, config.client_fraction))
+                  for rr in range(r + 1, config.rounds)]
+        evals = sum(1 for rr in range(r + 1, config.rounds) if (rr + 1) % config.eval_every == 0 or rr + 1 == config.rounds)
+        return eta_seconds(per_step, future, evals if self.evaluates else 0, self.eval_seconds)
 
     def _check_diverged(self, r: int) -> None:
         """Stop (on every rank: they all replay the same uplinks) once every loss of
