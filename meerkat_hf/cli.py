@@ -176,19 +176,9 @@ def cmd_predict(args) -> int:
 
 
 def _version() -> str:
-    import platform
+    from .versions import versions_line
 
-    from . import __version__
-
-    parts = [f"meerkat-hf {__version__}", f"Python {platform.python_version()}"]
-    for dist in ("torch", "transformers", "peft", "huggingface-hub"):
-        try:
-            from importlib.metadata import version
-
-            parts.append(f"{dist} {version(dist)}")
-        except Exception:  # noqa: BLE001  (not installed)
-            pass
-    return " | ".join(parts)
+    return versions_line()
 
 
 class _VersionAction(argparse.Action):

@@ -247,3 +247,31 @@ def test_eta_counts_the_steps_and_evaluations_left():
 
     assert eta_seconds(2.0, [10, 10], 1, 5.0) == 45.0
     assert format_duration(45) == "45 s" and format_duration(125) == "2 min 05 s" and format_duration(3725) == "1 h 02 min"
+
+
+def test_versions_are_recorded_in_run_info_and_the_card(tmp_path, assets):
+    import importlib.metadata as md
+
+    _, model_dir, files = assets
+    run_federation(FederationConfig.from_dict(base_config(tmp_path, model_dir, files, rounds=1, save_final=True)))
+    out = tmp_path / "run"
+    info = json.loads((out / "run_info.json").read_text())
+    versions = info["versions"]
+    for dist in ("python", "meerkat-hf", "torch", "transformers", "datasets", "huggingface-hub", "peft", "accelerate"):
+        assert versions[dist], dist
+    assert versions["transformers"] == md.version("transformers")
+    assert info["environment"]["torch_threads"] == 1  # the config's torch_threads, what the run used
+    card = (out / "final" / "README.md").read_text()
+    assert "Library versions" in card and f"transformers {md.version('transformers')}" in card
+    assert f"torch {md.version('torch')}" in card
+
+
+def test_constraints_file_pins_the_core_dependencies():
+    from pathlib import Path
+
+    lines = [l.strip() for l in (Path(__file__).parents[1] / "constraints.txt").read_text().splitlines()
+             if l.strip() and not l.startswith("#")]
+    pins = dict(l.split("==", 1) for l in lines)
+    assert all("==" in l for l in lines)
+    for dist in ("torch", "transformers", "datasets", "huggingface_hub", "peft", "accelerate", "safetensors", "tokenizers"):
+        assert dist in pins, dist

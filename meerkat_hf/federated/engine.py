@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ..classification_metrics import paired_gain
 from ..tasks import get_task
+from ..versions import environment, library_versions
 from ..zo import derive_seed
 from .checkpoint import check_resumable, clear_checkpoints, load_latest_checkpoint, save_checkpoint
 from .protocol.client import ClientState
@@ -232,7 +233,8 @@ def training_summary(config: FederationConfig, task: str, initial_eval: dict, fi
                     "full_model_fedavg_bytes": counters["fedavg_full"],
                     "communication_reduction": f"{counters['fedavg_full'] / max(sent, 1):,.0f}x",
                     "meerkat_vp_limited_clients": ", ".join(map(str, limited)) or "none",
-                    "state_digest": digest})
+                    "state_digest": digest,
+                    "versions": ", ".join(f"{k} {v}" for k, v in library_versions().items())})
     return summary
 
 
@@ -321,7 +323,8 @@ class RoundEngine:
                 "initial_eval": self.initial_eval,
                 "initial_predictions": (None if self.initial_predictions is None
                                         else encode_predictions(self.initial_predictions)),
-                "mask_method": mask.config.method, "has_pretrain_grad": mask.pretrain_grad is not None}
+                "mask_method": mask.config.method, "has_pretrain_grad": mask.pretrain_grad is not None,
+                "versions": library_versions(), "environment": environment()}
         if data is not None:
             info.update({"data": data.description, "client_sizes": [len(e) for e in data.client_examples]})
         info.update(transport.run_info())
