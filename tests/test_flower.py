@@ -198,8 +198,8 @@ def _final_contents(folder: Path) -> dict:
         elif path.suffix == ".safetensors":
             with safe_open(str(path), "pt") as fh:
                 contents[path.name] = (fh.metadata(), {k: fh.get_tensor(k).tolist() for k in fh.keys()})
-        else:
-            contents[path.name] = path.read_text()
+        else:  # the card's usage snippet names the run's own folder
+            contents[path.name] = path.read_text().replace(str(folder), "<final>")
     return contents
 
 
