@@ -96,7 +96,7 @@ def write_plots(rows: list[dict], out_dir: str | os.PathLike, title: str = "", i
             ax.axhline(majority, color="grey", ls="--", lw=1, label="majority-class rate")
         # a fixed range (a 2-point wobble must not look like a peak), widened only to show a collapse
         ax.set_ylim(min([0.4] + [y - 0.05 for y in lows if y is not None]), 1.0)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
     ax.set_xlabel("rounds done (0 = before training)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(key.replace("_", " "))
