@@ -133,6 +133,7 @@ class RunConfig:
     eval_every: int = 100
     eval_examples: int = 512
     train_examples: int = 0  # 0 = the whole train split
+    optimizer: str = "zo"  # zo | fo (first-order SGD on the same masked coordinates, the reference)
 
 
 def _parse_sets(pairs: list[str]) -> RunConfig:
@@ -231,20 +232,40 @@ def run(out: Path, name: str, cfg: RunConfig) -> None:
         dirs = [zo.gaussian_direction(s, k) for s in seeds]
         if scale is not None:
             dirs = [z * scale for z in dirs]
-        grads = [zo.projected_gradient(mm, lambda: batch_loss(batch), z, cfg.eps) for z in dirs]
-        if not all(math.isfinite(g) for g in grads):
+        if cfg.optimizer == "fo":  # first-order SGD on the same coordinates: the reference
+            names = set(mask.indices)
+            for nm, p in base_model.named_parameters():
+                p.requires_grad_(nm in names)
+            with torch.enable_grad():
+                base_model.zero_grad(set_to_none=True)
+                batch_loss(batch).backward()
+            g_fo = _masked_grad(base_model, mask)
+            base_model.zero_grad(set_to_none=True)
+            for p in base_model.parameters():
+                p.requires_grad_(False)
+            abs_g.append(float(g_fo.norm()))
+            mm.values.add_(g_fo, alpha=-_lr_at(cfg, step))
+            mm.sync_weights()
+            grads = None
+        else:
+            grads = [zo.projected_gradient(mm, lambda: batch_loss(batch), z, cfg.eps) for z in dirs]
+        if grads is None:
+            pass
+        elif not all(math.isfinite(g) for g in grads):
             skipped += 1
             continue
-        abs_g.append(float(np.mean(np.abs(grads))))
-        if cfg.clip > 0:
-            grads = [max(-cfg.clip, min(cfg.clip, g)) for g in grads]
-        zo.apply_step(mm.values, zo.ZOStep(seeds, tuple(grads), _lr_at(cfg, step)), directions=dirs)
-        mm.sync_weights()
+        else:
+            abs_g.append(float(np.mean(np.abs(grads))))
+            if cfg.clip > 0:
+                grads = [max(-cfg.clip, min(cfg.clip, g)) for g in grads]
+            zo.apply_step(mm.values, zo.ZOStep(seeds, tuple(grads), _lr_at(cfg, step)), directions=dirs)
+            mm.sync_weights()
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
             elapsed = time.perf_counter() - t0
             delta = mm.delta
-            row = {"step": done, "forward_passes": 2 * cfg.q * cfg.batch_size * done, **evaluate(),
+            passes = (3 if cfg.optimizer == "fo" else 2 * cfg.q) * cfg.batch_size * done  # backward ~ 2 forwards
+            row = {"step": done, "forward_passes": passes, **evaluate(),
                    "mean_abs_g": float(np.mean(abs_g)) if abs_g else None, "skipped": skipped,
                    "delta_norm": float(delta.norm()), "delta_max": float(delta.abs().max()),
                    "sec_per_step": elapsed / max(1, len(abs_g))}
