@@ -268,7 +268,9 @@ class RoundEngine:
                 transport.restore(ckpt)
                 self.start_round = self.server.round
                 logger.info("resumed from %s at round %d", ckpt["path"], self.start_round)
-        else:
+            else:
+                logger.info("resume: no usable checkpoint in %s; starting a fresh run", self.out)
+        if self.start_round == 0:  # a fresh run, or resume=True with nothing to resume from: the same start-up
             self.scheduler.start(config.num_clients)
         if self.start_round == 0 and self.runtime.is_main:  # no older run's checkpoints to be resumed later
             clear_checkpoints(self.out)
