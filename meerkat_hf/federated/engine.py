@@ -370,6 +370,7 @@ class RoundEngine:
             "train_loss": {str(o.client_id): o.mean_loss for o in outcomes if o.trained and not o.dropped},
             "nan_steps": {str(c): n for c, n in summary.nan_steps.items() if n},
             "replay_mismatches": mismatches,
+            "clipped": {str(c): f for c, f in summary.clipped.items()}, "refused": summary.refused,
             **delivery.row,
             "state_digest": summary.state_digest.hex(),
             "seconds": round(time.perf_counter() - plan.started, 3),

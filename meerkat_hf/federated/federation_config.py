@@ -215,7 +215,10 @@ class FederationConfig:
         for name in ("lr", "eps"):
             v = getattr(self, name)
             need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"{name} must be a finite number > 0 (got {v!r})")
-        need(self.weight_decay >= 0, "weight_decay must be >= 0")
+        need(isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             f"weight_decay must be a finite number >= 0 (got {self.weight_decay!r})")
+        need(self.lr * self.weight_decay < 1, f"lr * weight_decay must be < 1 so that 1 - lr*wd stays in (0, 1] "
+                                              f"(got lr={self.lr!r}, weight_decay={self.weight_decay!r})")
         need(self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {', '.join(LR_SCHEDULES)} (got {self.lr_schedule!r})")
         need(0 <= self.lr_min_ratio <= 1, "lr_min_ratio must be in [0, 1]")
         need(self.max_length >= 4, "max_length must be >= 4")
