@@ -239,3 +239,28 @@ def test_malicious_client_through_the_driver(tmp_path, assets):
                          hooks=FederationHooks(tamper_uplink=tamper))
     assert all(set(r["clipped"]) == {"0"} for r in res.metrics)
     assert float(res.final_values.abs().max()) < 0.2  # 0.063 before; 12.3 without the bound (1.6e6 with lr/weight)
+
+
+# -- 2. client identity ---------------------------------------------------------------------------
+def test_a_client_cannot_speak_for_another(tmp_path, assets, caplog):
+    """Client 0 forges a valid uplink signed as client 1 (right round, mask, start state, CRC) ahead of
+    client 1's own: the transport knows whose channel it was, so the forgery is refused, not the genuine one."""
+    from meerkat_hf.federated import decode_uplink
+    from meerkat_hf.federated.protocol.codec import Uplink
+
+    def tamper(r, cid, data):
+        if cid != 0:
+            return [data]
+        up = decode_uplink(data)
+        forged = Uplink(**{**up.__dict__, "client_id": 1, "grads": tuple(-g for g in up.grads)}).encode()
+        return [forged, data]
+
+    caplog.set_level(logging.WARNING)
+    kw = dict(rounds=2, eval_every=2)
+    honest = run_federation(_config(tmp_path / "a", assets, **kw))
+    res = run_federation(_config(tmp_path / "b", assets, **kw), hooks=FederationHooks(tamper_uplink=tamper))
+    for row in res.metrics:
+        assert [(x["client_id"], x["reason"]) for x in row["rejected"]] == [(0, "sender-mismatch")]
+        assert row["accepted"] == row["participants"]
+    assert res.state_digest == honest.state_digest  # the forgery changed nothing
+    assert "signed as client 1" in caplog.text

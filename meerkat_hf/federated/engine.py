@@ -314,7 +314,7 @@ class RoundEngine:
         """Uplinks to the server (ascending client id), replay + FedAvg, GradIP to the scheduler."""
         for o in delivery.outcomes:
             for m in o.messages:
-                self.server.receive(m)
+                self.server.receive(m, sender=o.client_id)  # the transport knows whose channel it was
         summary = self.server.finish_round()
         gradips = {p.client_id: p.gradips for p in summary.paths}
         vp_info = self.scheduler.observe_round(plan.round, gradips)

@@ -169,8 +169,12 @@ class FederatedServer:
         logger.warning("round %d: rejected uplink from %s: %s (%s)", self.round, who, reason, detail)
         return rej
 
-    def receive(self, data: bytes) -> Rejection | None:
-        """Validate and store one uplink; returns the `Rejection` if refused, else None."""
+    def receive(self, data: bytes, sender: int | None = None) -> Rejection | None:
+        """Validate and store one uplink; returns the `Rejection` if refused, else None.
+
+        `sender`: the client the transport knows it got this message from (the slot it called, the
+        Flower node bound to that client); a message claiming another client id is refused.
+        """
         if not self._open:
             raise RuntimeError("receive() outside a round: call begin_round() first")
         nbytes = len(data) if isinstance(data, (bytes, bytearray, memoryview)) else 0
@@ -180,6 +184,9 @@ class FederatedServer:
         except MessageError as err:
             return self._reject(None, err.reason, err.detail, nbytes)
         cid = msg.client_id
+        if sender is not None and cid != sender:
+            return self._reject(sender, "sender-mismatch", f"client {sender}'s channel carried an uplink signed as "
+                                f"client {cid}", nbytes)
         want = DenseUplink if self.mode == "dense" else Uplink
         if not isinstance(msg, want):
             return self._reject(cid, "wrong-message-type", f"this federation expects {want.__name__}", nbytes)
@@ -382,6 +389,7 @@ class FederatedServer:
             "values": self.values.clone(),
             "round": self.round,
             "synced": dict(self.synced),
+            "example_caps": dict(self.example_caps),
             "history": [(rr.round, [(r.client_id, r.num_examples, r.q, list(r.grads), list(r.lrs)) for r in rr.records])
                         for rr in self.history],
         }
@@ -394,6 +402,8 @@ class FederatedServer:
         self.digest = state_digest(self.values)
         self.round = int(state["round"])
         self.synced = {int(c): (None if s is None else int(s)) for c, s in state["synced"].items()}
+        if "example_caps" in state:
+            self.example_caps = {int(c): int(n) for c, n in state["example_caps"].items()}
         self.history = [RoundRecords(r, tuple(Record(c, n, q, tuple(g), tuple(lr)) for c, n, q, g, lr in recs))
                         for r, recs in state["history"]]
         self._open = False
