@@ -37,7 +37,7 @@ def run_cell(config_path: str | None, algorithm: str, local_steps: int, override
     start = time.perf_counter()
     result = run_federation(config)
     seconds = time.perf_counter() - start
-    accuracy_by_round = {r["round"] + 1: r["accuracy"] for r in result.metrics if r.get("accuracy") is not None}
+    accuracy_by_round = {r["round"]: r["accuracy"] for r in result.metrics if r.get("accuracy") is not None}
     command = "meerkat-hf federate" + (f" --config {config_path}" if config_path else "") + "".join(
         f" --set {shlex.quote(o)}" for o in cell_overrides if not o.startswith(("output_dir=", "progress=")))
     return {

@@ -134,7 +134,7 @@ def federated(args, command: str) -> None:
     for r in rows:
         passes += per_step * sum(int(r["budgets"][str(c)]) for c in r["accepted"])
         if r.get("balanced_accuracy") is not None:
-            _append(log_path, {"curve": args.name, "round": r["round"] + 1, "forward_passes": passes,
+            _append(log_path, {"curve": args.name, "round": r["round"], "forward_passes": passes,
                                **{k: r.get(k) for k in ("accuracy", "balanced_accuracy", "balanced_accuracy_ci_low",
                                                         "balanced_accuracy_ci_high", "macro_f1", "auc")}})
     _log(f"{args.name}: balanced acc {init.get('balanced_accuracy')} -> {result.final_eval.get('balanced_accuracy')}")

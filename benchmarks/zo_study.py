@@ -133,6 +133,7 @@ class RunConfig:
     eval_every: int = 100
     eval_examples: int = 512
     train_examples: int = 0  # 0 = the whole train split
+    optimizer: str = "zo"  # zo | fo (first-order SGD on the same masked coordinates, the reference)
 
 
 def _parse_sets(pairs: list[str]) -> RunConfig:
@@ -231,20 +232,40 @@ def run(out: Path, name: str, cfg: RunConfig) -> None:
         dirs = [zo.gaussian_direction(s, k) for s in seeds]
         if scale is not None:
             dirs = [z * scale for z in dirs]
-        grads = [zo.projected_gradient(mm, lambda: batch_loss(batch), z, cfg.eps) for z in dirs]
-        if not all(math.isfinite(g) for g in grads):
+        if cfg.optimizer == "fo":  # first-order SGD on the same coordinates: the reference
+            names = set(mask.indices)
+            for nm, p in base_model.named_parameters():
+                p.requires_grad_(nm in names)
+            with torch.enable_grad():
+                base_model.zero_grad(set_to_none=True)
+                batch_loss(batch).backward()
+            g_fo = _masked_grad(base_model, mask)
+            base_model.zero_grad(set_to_none=True)
+            for p in base_model.parameters():
+                p.requires_grad_(False)
+            abs_g.append(float(g_fo.norm()))
+            mm.values.add_(g_fo, alpha=-_lr_at(cfg, step))
+            mm.sync_weights()
+            grads = None
+        else:
+            grads = [zo.projected_gradient(mm, lambda: batch_loss(batch), z, cfg.eps) for z in dirs]
+        if grads is None:
+            pass
+        elif not all(math.isfinite(g) for g in grads):
             skipped += 1
             continue
-        abs_g.append(float(np.mean(np.abs(grads))))
-        if cfg.clip > 0:
-            grads = [max(-cfg.clip, min(cfg.clip, g)) for g in grads]
-        zo.apply_step(mm.values, zo.ZOStep(seeds, tuple(grads), _lr_at(cfg, step)), directions=dirs)
-        mm.sync_weights()
+        else:
+            abs_g.append(float(np.mean(np.abs(grads))))
+            if cfg.clip > 0:
+                grads = [max(-cfg.clip, min(cfg.clip, g)) for g in grads]
+            zo.apply_step(mm.values, zo.ZOStep(seeds, tuple(grads), _lr_at(cfg, step)), directions=dirs)
+            mm.sync_weights()
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
             elapsed = time.perf_counter() - t0
             delta = mm.delta
-            row = {"step": done, "forward_passes": 2 * cfg.q * cfg.batch_size * done, **evaluate(),
+            passes = (3 if cfg.optimizer == "fo" else 2 * cfg.q) * cfg.batch_size * done  # backward ~ 2 forwards
+            row = {"step": done, "forward_passes": passes, **evaluate(),
                    "mean_abs_g": float(np.mean(abs_g)) if abs_g else None, "skipped": skipped,
                    "delta_norm": float(delta.norm()), "delta_max": float(delta.abs().max()),
                    "sec_per_step": elapsed / max(1, len(abs_g))}
@@ -429,6 +450,50 @@ def diagnose(out: Path, masks: list[str], n_batches: int, batch_size: int, curv_
         _log(" ".join(f"{a}={b:.4g}" if isinstance(b, float) else f"{a}={b}" for a, b in row.items()))
 
 
+# ------------------------------------------------------------------------------------------- test
+def test(out: Path, name: str) -> None:
+    """The test split, once: a study run's last checkpoint against zero-shot and prior-corrected
+    zero-shot (offsets fitted on validation), paired bootstrap intervals of the balanced-accuracy
+    gain, and the forgetting probe (held-out generic perplexity, fixed greedy generations)."""
+    from learning_curve import forgetting
+
+    from meerkat_hf.classification_metrics import paired_gain
+
+    runs = out / "runs"
+    cfg = RunConfig(**json.loads((runs / f"{name}.jsonl").read_text().splitlines()[0])["config"])
+    state = torch.load(runs / f"{name}.ckpt.pt")
+    torch.manual_seed(0)
+    model, tok = load_model_and_tokenizer("smollm2")
+    mm = MeerkatModel(model, build_mask(out, cfg.mask, model, tok))
+    enc = encode_classification(tok, TASK, load_task_dataset(TASK, "test"), cfg.max_length, include_label_word=False)
+    zs_path = out / "zeroshot_test.pt"
+    if zs_path.is_file():
+        zs = torch.load(zs_path)
+    else:
+        scores, labels = candidate_scores(mm.base_model, tok, TASK, enc, batch_size=32)
+        zs = {"scores": scores, "labels": labels}
+        torch.save(zs, zs_path)
+    mm.set_values(state["values"])
+    scores, labels = candidate_scores(mm.base_model, tok, TASK, enc, batch_size=32)
+    assert torch.equal(labels, zs["labels"])
+    val = torch.load(out / "zeroshot_validation.pt")
+    offsets = fit_prior_offsets(val["scores"].numpy(), val["labels"].numpy())
+    trained, zero = ClassifierScores(scores.numpy(), labels.numpy()), ClassifierScores(zs["scores"].numpy(), labels.numpy())
+    y = labels.numpy()
+    row = {"name": name, "step": state["step"], "config": asdict(cfg), "split": "test",
+           "trained": trained.report(), "zero_shot": zero.report(), "prior_corrected": zero.report(offsets),
+           "gain_over_zero_shot": paired_gain(zero.predictions(), trained.predictions(), y),
+           "gain_over_prior_corrected": paired_gain(zero.predictions(offsets), trained.predictions(), y),
+           "forgetting": forgetting(mm, tok)}
+    with (out / "test_results.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    t, g, gp, fg = row["trained"], row["gain_over_zero_shot"], row["gain_over_prior_corrected"], row["forgetting"]
+    _log(f"{name} TEST step {state['step']}: balanced acc {t['balanced_accuracy']:.4f} {t['balanced_accuracy_ci']} "
+         f"(zero-shot {row['zero_shot']['balanced_accuracy']:.4f}, prior-corrected {row['prior_corrected']['balanced_accuracy']:.4f}) | "
+         f"gain {g['gain']:+.4f} {g['gain_ci']} | over prior-corrected {gp['gain']:+.4f} {gp['gain_ci']} | "
+         f"perplexity {fg['perplexity_before']:.3f} -> {fg['perplexity_after']:.3f}, generations changed {fg['generations_changed']}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -447,12 +512,18 @@ def main(argv: list[str] | None = None) -> None:
     pd.add_argument("--batch-size", type=int, default=8)
     pd.add_argument("--dirs", type=int, default=6)
     pd.add_argument("--loss", default="balanced")
+    pt = sub.add_parser("test")
+    pt.add_argument("--out", default="runs/study")
+    pt.add_argument("--name", required=True)
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.cmd == "prepare":
         prepare(out, tuple(args.calibrations), tuple(args.densities))
+    elif args.cmd == "test":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        test(out, args.name)
     elif args.cmd == "diagnose":
         diagnose(out, args.masks, args.batches, args.batch_size, args.dirs, args.loss)
     else:

@@ -183,19 +183,9 @@ def cmd_predict(args) -> int:
 
 
 def _version() -> str:
-    import platform
+    from .versions import versions_line
 
-    from . import __version__
-
-    parts = [f"meerkat-hf {__version__}", f"Python {platform.python_version()}"]
-    for dist in ("torch", "transformers", "peft", "huggingface-hub"):
-        try:
-            from importlib.metadata import version
-
-            parts.append(f"{dist} {version(dist)}")
-        except Exception:  # noqa: BLE001  (not installed)
-            pass
-    return " | ".join(parts)
+    return versions_line()
 
 
 class _VersionAction(argparse.Action):
@@ -225,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, OSError, KeyError, TypeError) as err:
+    except (ValueError, FileNotFoundError, OSError, KeyError, TypeError, FloatingPointError) as err:
         print(f"meerkat-hf: error: {' '.join(str(err).split())}", file=sys.stderr)  # one line
         return 2
 

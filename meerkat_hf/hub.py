@@ -534,6 +534,7 @@ CARD_LABELS: dict[str, str] = {
     "communication_reduction": "Communication reduction vs full-model FedAvg",
     "state_digest": "Final state digest",
     "zo_num_perturbations": "ZO perturbations per step",
+    "versions": "Library versions (exact reproduction: constraints.txt)",
 }
 _CARD_WORDS = {"zo": "ZO", "vp": "VP", "fedavg": "FedAvg", "fedzo": "FedZO", "lr": "LR", "auc": "AUC", "f1": "F1",
                "ci": "CI", "id": "ID", "ids": "IDs", "gradip": "GradIP", "lora": "LoRA", "fo": "FO", "iid": "IID",

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -103,8 +104,19 @@ def get_or_compute_mask(model: nn.Module, spec: SparseMaskConfig, calibration=No
     cache_dir = None if isinstance(cache, bool) else cache
     mask = load_cached_mask(key, cache_dir) if key else None
     if mask is None:
+        if spec.method == "sensitivity":
+            where = (f"later runs with the same model, mask spec and calibration reuse it from "
+                     f"{Path(cache_dir or default_cache_dir()) / key}" if key else
+                     "it is not cached (" + ("caching is off" if not cache else "the calibration text has no stable "
+                                             "identity to key a cache on") + ")")
+            logger.info("mask: computing the sensitivity mask (density %g): one backprop pass over %d x %d tokens of "
+                        "calibration text (%s), the slow step of a first run (minutes on a CPU); %s",
+                        spec.density, spec.calibration_num_sequences, spec.calibration_seq_len,
+                        cal_id or "given text", where)
+        t0 = time.perf_counter()
         # a copy: compute_mask records the calibration's description in its config, which would change the key
         mask = _compute.compute_mask(model, dataclasses.replace(spec), calibration, tokenizer, **compute_kwargs)
+        logger.info("mask: computed in %.0f s (k=%d)", time.perf_counter() - t0, mask.num_selected)
         if key:
             store_cached_mask(key, mask, cache_dir)
     return mask

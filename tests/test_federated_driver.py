@@ -39,7 +39,7 @@ def test_cli_federate_writes_metrics_plots_and_counts_bytes(tmp_path, assets, ca
     report = capsys.readouterr().out  # the run's report, for a person
     out = tmp_path / "run"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert [r["round"] for r in rows] == [1, 2, 3]  # rounds done (0: zero-shot, in run_info.json)
     info = json.loads((out / "run_info.json").read_text())
     before = info["initial_eval"]["accuracy"]  # the zero-shot evaluation ran before round 0
     assert 0 <= before <= 1

@@ -14,6 +14,7 @@ import sys
 from .federation_config import DEFAULT_CONFIG, FederationConfig
 from .driver import run_federation
 from .reporting import format_report
+from .run_dir import check_output_dir, move_aside
 from .runtime import make_runtime
 
 
@@ -36,6 +37,9 @@ def add_federate_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a config key, e.g. --set rounds=3 --set mask.density=0.01 (repeatable)")
     p.add_argument("--output-dir", default=None, help="override output_dir")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="output_dir already holds a run: move it aside to <dir>.old-<timestamp> and start afresh "
+                        "(without --resume or --overwrite an existing run is an error; nothing is deleted)")
     p.add_argument("--summary-json", default=None, help="also write the final summary to this file")
 
 
@@ -53,6 +57,14 @@ def federate(args) -> int:
     runtime = make_runtime(config.device)
     if not runtime.is_main:  # one copy of the logs is enough
         logging.getLogger().setLevel(logging.WARNING)
+    # Never lose a run: every rank checks before the main one moves anything.
+    found = check_output_dir(config.output_dir, resume=config.resume, overwrite=getattr(args, "overwrite", False))
+    runtime.barrier()
+    if found and getattr(args, "overwrite", False):
+        if runtime.is_main:
+            aside = move_aside(config.output_dir)
+            print(f"moved the previous run in {config.output_dir} to {aside}")
+        runtime.barrier()
     result = run_federation(config, runtime=runtime)
     summary = {
         "algorithm": config.algorithm, "rounds": config.rounds, "final_eval": result.final_eval,
@@ -63,6 +75,14 @@ def federate(args) -> int:
     }
     if runtime.is_main:
         summary["initial_eval"] = result.initial_eval
+        key = "balanced_accuracy"
+        for side, ev in (("before", result.initial_eval), ("after", result.final_eval)):
+            if ev.get(key) is not None:
+                summary[f"{key}_{side}"] = {"value": ev[key], "ci95": [ev.get(f"{key}_ci_low"), ev.get(f"{key}_ci_high")]}
+        if result.gain:
+            summary[f"{key}_gain"] = {"value": result.gain["gain"], "ci95": result.gain["gain_ci"],
+                                      "excludes_zero": result.gain["excludes_zero"], "n": result.gain["n"],
+                                      "method": result.gain["method"]}
         print(format_report(result))
         if args.push_to_hub:
             summary["pushed"] = result.model.push_to_hub(args.push_to_hub, training_summary=result.training_summary)
@@ -76,7 +96,11 @@ def federate(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return federate(args)
+    try:
+        return federate(args)
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
+        print(f"{build_parser().prog}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

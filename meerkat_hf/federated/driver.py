@@ -34,6 +34,7 @@ from .engine import (  # noqa: F401  (FederationResult, SimulatedCrash, sample_c
     sample_clients,
     torch_threads,
 )
+from .progress import RoundProgress
 from .runtime import LocalRuntime, make_runtime
 from .protocol.server import RoundSummary
 
@@ -71,11 +72,19 @@ class InProcessTransport(Transport):
         encoded: dict[tuple, bytes] = {}
         memo: dict = {}
         mine = runtime.split(plan.participants)
-        outcomes = runtime.gather([self._run_client(engine, plan, cid, encoded, memo) for cid in mine])
+        progress = RoundProgress(engine.config.progress and runtime.is_main, plan.round + 1, engine.config.rounds,
+                                 plan.budgets, list(mine))
+        try:
+            local = [self._run_client(engine, plan, cid, encoded, memo, progress.client(i, cid))
+                     for i, cid in enumerate(mine)]
+        finally:
+            progress.close()
+        outcomes = runtime.gather(local)
         outcomes = sorted(outcomes, key=lambda o: o.client_id)
         return Delivery(outcomes, row={"client_ranks": {str(o.client_id): o.rank for o in outcomes}})
 
-    def _run_client(self, engine: RoundEngine, plan: RoundPlan, cid: int, encoded: dict, memo: dict) -> ClientOutcome:
+    def _run_client(self, engine: RoundEngine, plan: RoundPlan, cid: int, encoded: dict, memo: dict,
+                    progress=None) -> ClientOutcome:
         config, server, mask, params, r = engine.config, engine.server, engine.mask, engine.params, plan.round
         client = self.clients[cid]
         outcome = ClientOutcome(cid, rank=engine.runtime.process_index)
@@ -105,7 +114,7 @@ class InProcessTransport(Transport):
             if self.hooks.before_client is not None:
                 self.hooks.before_client(r, cid)
             res = client.train(config.local_optimizer, engine.model, values, r, budget, params, mask.checksum,
-                               eps=config.eps, device=engine.runtime.device)
+                               eps=config.eps, device=engine.runtime.device, progress=progress)
             outcome.messages = [res.uplink]
             if self.hooks.tamper_uplink is not None:
                 outcome.messages = list(self.hooks.tamper_uplink(r, cid, res.uplink))

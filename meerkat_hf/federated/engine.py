@@ -32,13 +32,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..classification_metrics import paired_gain
 from ..tasks import get_task
+from ..versions import environment, library_versions
 from ..zo import derive_seed
 from .checkpoint import check_resumable, clear_checkpoints, load_latest_checkpoint, save_checkpoint
 from .protocol.client import ClientState
 from .assets import build_scheduler, build_server, load_base_model, protocol_params, wrap_model
 from .federation_config import FederationConfig
 from .reporting import MetricsLog, write_plots
+from .progress import eta_seconds, format_duration
 from .runtime import LocalRuntime
 from .protocol.server import Rejection, RoundSummary, gradip_stats
 from .task_data import build_federated_data
@@ -50,6 +53,22 @@ _SAMPLING_TAG = 0x53414D50  # "SAMP"
 
 class SimulatedCrash(RuntimeError):
     """Raised by test hooks to stop a run between rounds."""
+
+
+class DivergedError(FloatingPointError):
+    """Every loss of `max_consecutive_skips` ZO steps in a row was NaN/inf: the run cannot learn."""
+
+
+def encode_predictions(predictions) -> str | list[int]:
+    """Per-example class ids, compactly for run_info.json: a digit string when every class id < 10."""
+    values = [int(p) for p in predictions]
+    return "".join(map(str, values)) if all(0 <= v < 10 for v in values) else values
+
+
+def decode_predictions(encoded) -> np.ndarray | None:
+    if encoded is None:
+        return None
+    return np.asarray([int(c) for c in encoded] if isinstance(encoded, str) else encoded, dtype=np.int64)
 
 
 @dataclass
@@ -125,6 +144,7 @@ class FederationResult:
     model: object = field(default=None, repr=False)
     initial_eval: dict = field(default_factory=dict)  # the zero-shot state, before round 0
     training_summary: dict = field(default_factory=dict)  # what final/'s model card reports (and a push)
+    gain: dict = field(default_factory=dict)  # balanced-accuracy gain after - before, paired bootstrap interval
 
 
 class Transport:
@@ -191,7 +211,7 @@ def _task_hub_dataset(config: FederationConfig) -> str | None:
 
 
 def training_summary(config: FederationConfig, task: str, initial_eval: dict, final_eval: dict, counters: dict,
-                     limited: list[int], digest: str) -> dict:
+                     limited: list[int], digest: str, gain: dict | None = None) -> dict:
     """The facts a reader of the delta's model card needs (rendered as its Training table)."""
     summary: dict = {"algorithm": config.algorithm, "task": task, "num_clients": config.num_clients,
                      "partition": f"{config.partition.scheme} (alpha={config.partition.alpha:g}, "
@@ -205,12 +225,16 @@ def training_summary(config: FederationConfig, task: str, initial_eval: dict, fi
         summary[f"{key}_before"] = value
     for key, value in final_eval.items():
         summary[f"{key}_after"] = value
+    if gain:
+        summary["balanced_accuracy_gain"] = gain["gain"]
+        summary["balanced_accuracy_gain_ci_low"], summary["balanced_accuracy_gain_ci_high"] = gain["gain_ci"]
     sent = counters["uplink"] + counters["downlink"]
     summary.update({"uplink_bytes": counters["uplink"], "downlink_bytes": counters["downlink"],
                     "full_model_fedavg_bytes": counters["fedavg_full"],
                     "communication_reduction": f"{counters['fedavg_full'] / max(sent, 1):,.0f}x",
                     "meerkat_vp_limited_clients": ", ".join(map(str, limited)) or "none",
-                    "state_digest": digest})
+                    "state_digest": digest,
+                    "versions": ", ".join(f"{k} {v}" for k, v in library_versions().items())})
     return summary
 
 
@@ -248,9 +272,12 @@ class RoundEngine:
         self.params = protocol_params(config)
         self.server = build_server(config, self.mask, self.initial)
         self.scheduler = build_scheduler(config, self.mask)
-        self.counters: dict[str, int] = {"uplink": 0, "downlink": 0, "fedavg_full": 0}
+        self.counters: dict[str, int] = {"uplink": 0, "downlink": 0, "fedavg_full": 0, "skipped_steps": 0}
+        self.consecutive_skips = 0  # ZO steps in a row (rounds in order) whose every loss was NaN/inf
+        self.eval_seconds = 0.0  # the latest evaluation's duration (for the ETA)
         self.start_round = 0
         self.initial_eval: dict = {}
+        self.initial_predictions: np.ndarray | None = None  # per-example, for the paired gain
         self.last_eval: dict = {}  # the latest evaluation
         self.round_eval: dict = {}  # this round's evaluation (empty when none was due)
         self.log: MetricsLog | None = None
@@ -281,10 +308,14 @@ class RoundEngine:
             return {}
         if self.start_round > 0:
             info_path = self.out / "run_info.json"
-            return json.loads(info_path.read_text()).get("initial_eval") or {} if info_path.is_file() else {}
+            info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+            self.initial_predictions = decode_predictions(info.get("initial_predictions"))
+            return info.get("initial_eval") or {}
         t0 = time.perf_counter()
         metrics = self.data.evaluate(self.model)
-        logger.info("before round 0 (zero-shot): %s (%.1fs)",
+        if self.data.last_eval.get("predictions") is not None:
+            self.initial_predictions = np.asarray(self.data.last_eval["predictions"], dtype=np.int64)
+        logger.info("round 0 (zero-shot, before training): %s (%.1fs)",
                     ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), time.perf_counter() - t0)
         return metrics
 
@@ -292,7 +323,10 @@ class RoundEngine:
         config, data, mask = self.config, self.data, self.mask
         info = {"config": config.to_dict(), "k": self.k, "num_params": self.num_params, "mask_checksum": mask.checksum,
                 "initial_eval": self.initial_eval,
-                "mask_method": mask.config.method, "has_pretrain_grad": mask.pretrain_grad is not None}
+                "initial_predictions": (None if self.initial_predictions is None
+                                        else encode_predictions(self.initial_predictions)),
+                "mask_method": mask.config.method, "has_pretrain_grad": mask.pretrain_grad is not None,
+                "versions": library_versions(), "environment": environment()}
         if data is not None:
             info.update({"data": data.description, "client_sizes": [len(e) for e in data.client_examples]})
         info.update(transport.run_info())
@@ -340,10 +374,17 @@ class RoundEngine:
         evaluated = self.round_eval = {}
         if self.evaluates and self.runtime.is_main and ((r + 1) % config.eval_every == 0 or r + 1 == config.rounds):
             self.model.set_values(self.server.values)
+            t0 = time.perf_counter()
             evaluated = self.round_eval = self.last_eval = self.data.evaluate(self.model)
+            self.eval_seconds = time.perf_counter() - t0
         gradips = {p.client_id: p.gradips for p in summary.paths}
+        skipped = sum(summary.nan_steps.values())  # ZO perturbations whose loss was NaN/inf (g sent as 0)
+        perturbations = sum(plan.budgets.get(c, 0) for c in summary.accepted) * self.params.q
+        self.counters["skipped_steps"] = self.counters.get("skipped_steps", 0) + skipped
+        if config.local_optimizer == "zo" and perturbations:
+            self.consecutive_skips = self.consecutive_skips + skipped if skipped >= perturbations else 0
         return {
-            "round": r,
+            "round": r + 1,  # rounds done: 0 is the zero-shot state (run_info.json), r + 1 after this one
             "lr": self.params.schedule(r),
             "participants": plan.participants,
             "budgets": {str(c): b for c, b in plan.budgets.items()},
@@ -369,6 +410,8 @@ class RoundEngine:
             "gradip_steps": {str(c): g for c, g in gradips.items()},
             "train_loss": {str(o.client_id): o.mean_loss for o in outcomes if o.trained and not o.dropped},
             "nan_steps": {str(c): n for c, n in summary.nan_steps.items() if n},
+            "skipped_steps": skipped,
+            "cumulative_skipped_steps": self.counters["skipped_steps"],
             "replay_mismatches": mismatches,
             "clipped": {str(c): f for c, f in summary.clipped.items()}, "refused": summary.refused,
             **delivery.row,
@@ -378,7 +421,7 @@ class RoundEngine:
 
     def checkpoint(self, r: int, transport: Transport) -> None:
         extra = dict(transport.checkpoint_state())
-        save_checkpoint(self.out, r, {
+        save_checkpoint(self.out, r + 1, {  # named by rounds done, like the metrics rows
             "config": self.config.to_dict(), "mask_checksum": self.mask.checksum, "server": self.server.state_dict(),
             "clients": extra.pop("clients", []), "scheduler": self.scheduler.state_dict(),
             "global_states": extra.pop("global_states", {}), "counters": dict(self.counters), **extra,
@@ -408,13 +451,64 @@ class RoundEngine:
                 if (r + 1) % config.checkpoint_every == 0 or r + 1 == config.rounds:
                     self.checkpoint(r, transport)
                 postfix = {"up": self.counters["uplink"], "down": self.counters["downlink"]}
-                postfix.update({k: round(v, 4) for k, v in self.round_eval.items()})
+                postfix.update({k: round(v, 4) for k in ("accuracy", "balanced_accuracy", "eval_loss")
+                                if (v := self.round_eval.get(k)) is not None})
+                if config.progress:
+                    eta = self._eta(plan, row)
+                    postfix["eta"] = format_duration(eta)
+                    logger.info("round %d/%d done in %s; about %s left", r + 1, config.rounds,
+                                format_duration(row["seconds"]), format_duration(eta))
                 bar.set_postfix(postfix)
                 transport.report(row)
+            self._check_diverged(r)
             runtime.barrier()
             if after_round is not None:
                 after_round(r, row)
         return self.finish(transport)
+
+    def _eta(self, plan: RoundPlan, row: dict) -> float:
+        """Seconds left: the local steps still planned (seeded sampling, VP limits) at this round's
+        measured seconds per step, plus the evaluations still due at the last one's duration."""
+        config, r = self.config, plan.round
+        train = max(row["seconds"] - (self.eval_seconds if self.round_eval else 0.0), 0.0)
+        per_step = train / max(1, sum(plan.budgets.values()))
+        limited, short = self.scheduler.limited, (config.vp.limited_steps if config.scheduler_mode != "none" else None)
+        future = [sum(short if short is not None and c in limited else config.local_steps
+                      for c in sample_clients(config.seed, rr, config.num_clients, config.client_fraction))
+                  for rr in range(r + 1, config.rounds)]
+        evals = sum(1 for rr in range(r + 1, config.rounds) if (rr + 1) % config.eval_every == 0 or rr + 1 == config.rounds)
+        return eta_seconds(per_step, future, evals if self.evaluates else 0, self.eval_seconds)
+
+    def _check_diverged(self, r: int) -> None:
+        """Stop (on every rank: they all replay the same uplinks) once every loss of
+        `max_consecutive_skips` ZO steps in a row was NaN/inf; the counts are in metrics.jsonl."""
+        config = self.config
+        if config.max_consecutive_skips and self.consecutive_skips >= config.max_consecutive_skips:
+            raise DivergedError(
+                f"{self.consecutive_skips} ZO steps in a row (every client's, up to round {r + 1}) had a NaN/inf loss "
+                f"with lr={config.lr:g}, eps={config.eps:g}, q={config.q}, weight_decay={config.weight_decay:g}: "
+                f"the model diverged or eps is too large; lower lr or eps (--set lr=... --set eps=...); "
+                f"skipped steps per round are in {self.out / 'metrics.jsonl'}")
+
+    def _gain(self) -> dict:
+        """Balanced-accuracy gain of the final state over the zero-shot one on the same eval examples
+        (paired bootstrap, 95%); {} when either side's per-example predictions are missing."""
+        before, last = self.initial_predictions, self.data.last_eval if self.data is not None else {}
+        after, labels = last.get("predictions"), last.get("labels")
+        if before is None or after is None or labels is None or len(before) != len(after) or not self.last_eval:
+            return {}
+        gain = paired_gain(before, after, labels, last.get("num_classes"))
+        return {"metric": "balanced_accuracy", **gain, "n": int(len(labels)),
+                "method": "paired bootstrap over the same eval examples, 1000 resamples, 95%"}
+
+    def _client_groups(self) -> dict[str, list[int]] | None:
+        """Single-label vs mixed-label clients (the plots' groups); None without labels."""
+        data = self.data
+        if data is None or data.labels is None or not data.parts:
+            return None
+        single = [c for c, part in enumerate(data.parts) if len(set(data.labels[part].tolist())) == 1]
+        return {"single-label clients": single,
+                "mixed-label clients": [c for c in range(len(data.parts)) if c not in single]}
 
     def finish(self, transport: Transport) -> FederationResult:
         """Plots, the final evaluation's summary and `final/` (mask + sparse delta + model card)."""
@@ -423,14 +517,15 @@ class RoundEngine:
         rows = self.log.rows if self.log is not None else []
         if runtime.is_main and config.plots and rows:
             write_plots(rows, self.out / "plots", title=transport.plot_title or config.algorithm,
-                        initial=self.initial_eval)
+                        initial=self.initial_eval, groups=self._client_groups())
         last_eval = self.last_eval
         if not last_eval and rows:
             last_eval = {k: rows[-1][k] for k in ("accuracy", "eval_loss") if rows[-1].get(k) is not None}
         limited = sorted(self.scheduler.limited)
         digest = self.server.digest.hex()
         task = self.data.description if self.data is not None else str(config.task.name)
-        summary = training_summary(config, task, self.initial_eval, last_eval, self.counters, limited, digest)
+        gain = self._gain() if runtime.is_main else {}
+        summary = training_summary(config, task, self.initial_eval, last_eval, self.counters, limited, digest, gain)
         if runtime.is_main and config.save_final:
             self.model.save_pretrained(self.out / "final", model_card=True, training_summary=summary)
         runtime.barrier()
@@ -440,6 +535,7 @@ class RoundEngine:
             limited_clients=limited, total_uplink_bytes=self.counters["uplink"],
             total_downlink_bytes=self.counters["downlink"], total_fedavg_full_bytes=self.counters["fedavg_full"],
             state_digest=digest, num_params=self.num_params, k=self.k, model=self.model, training_summary=summary,
+            gain=gain,
         )
 
 

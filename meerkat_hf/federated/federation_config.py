@@ -158,6 +158,9 @@ class FederationConfig:
     weight_decay: float = 0.0
     eps: float = 1e-3
     q: int = 1
+    # stop the run when this many ZO steps in a row (every client's, rounds in order) had a NaN/inf
+    # loss: lr/eps diverged the model; 0 never stops (the skipped steps are counted in metrics.jsonl)
+    max_consecutive_skips: int = 20
     batch_size: int = 8
     max_length: int = 128
     eval_every: int = 5
@@ -227,6 +230,8 @@ class FederationConfig:
              f"torch_threads must be an integer >= 1 or null (got {self.torch_threads!r})")
         need(isinstance(self.output_dir, (str, os.PathLike)) and str(self.output_dir).strip() != "",
              f"output_dir must be a directory path (got {self.output_dir!r})")
+        need(isinstance(self.max_consecutive_skips, int) and self.max_consecutive_skips >= 0,
+             f"max_consecutive_skips must be an integer >= 0 (got {self.max_consecutive_skips!r})")
         need(self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {', '.join(LR_SCHEDULES)} (got {self.lr_schedule!r})")
         need(_num(self.lr_min_ratio) and 0 <= self.lr_min_ratio <= 1, "lr_min_ratio must be in [0, 1]")
         need(self.max_length >= 4, "max_length must be >= 4")

@@ -46,6 +46,9 @@ class FederatedData:
     label_names: list[str] | None = None
     calibration_texts: list[str] | None = None
     description: str = ""
+    # the latest evaluation's per-example predictions and gold labels (classification only), for a
+    # paired before/after comparison on the same examples
+    last_eval: dict = field(default_factory=dict)
 
     def partition_table(self) -> str:
         if self.labels is None:
@@ -81,6 +84,7 @@ def build_classification_data(config: FederationConfig, tokenizer) -> FederatedD
     eval_encoded = encode_classification(tokenizer, template, evalset, config.max_length, include_label_word=False)
     cand = candidate_token_ids(tokenizer, template)
     collate = ClassificationCollator(tokenizer)
+    last_eval: dict = {}
 
     def loss_fn(model, batch):
         return candidate_loss(forward_module(model), batch, cand)
@@ -88,7 +92,9 @@ def build_classification_data(config: FederationConfig, tokenizer) -> FederatedD
     def evaluate(model) -> dict[str, float]:
         scores, gold = candidate_scores(forward_module(model), tokenizer, template, eval_encoded,
                                         batch_size=config.eval_batch_size, max_length=config.max_length)
-        rep = ClassifierScores(scores.numpy(), gold.numpy()).report()
+        scored = ClassifierScores(scores.numpy(), gold.numpy())
+        rep = scored.report()
+        last_eval.update(predictions=scored.predictions(), labels=scored.labels, num_classes=scored.scores.shape[1])
         # accuracy stays the headline key for old readers; the prior-proof metrics sit beside it
         out = {key: float(rep[key]) for key in ("accuracy", "balanced_accuracy", "macro_f1", "majority_rate")}
         out.update({f"{key}_ci_low": float(rep[f"{key}_ci"][0]) for key in ("balanced_accuracy", "macro_f1")})
@@ -100,7 +106,7 @@ def build_classification_data(config: FederationConfig, tokenizer) -> FederatedD
     prompts = [template.format_prompt(train[i]) for i in range(min(len(train), 256))]
     return FederatedData(
         client_examples=[[rows[i] for i in p] for p in parts], collate=collate, loss_fn=loss_fn, evaluate=evaluate,
-        labels=labels, parts=parts, label_names=list(template.label_names), calibration_texts=prompts,
+        labels=labels, parts=parts, label_names=list(template.label_names), calibration_texts=prompts, last_eval=last_eval,
         description=f"{template.name}: {len(train)} train / {len(evalset)} eval examples, {template.num_classes} classes",
     )
 

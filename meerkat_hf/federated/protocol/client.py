@@ -44,6 +44,7 @@ from .virtual_path import ProtocolParams, aggregate_zo_round, fp32, step_seed
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[Any, dict], torch.Tensor]
+StepCallback = Callable[[int, int, float], None]  # (step done, steps, loss): progress display only
 
 
 def default_loss(model, batch: dict) -> torch.Tensor:
@@ -168,17 +169,21 @@ class FederatedClient:
     # -- local training --------------------------------------------------------------------
     def train(self, optimizer: str, model, start_values: torch.Tensor, round_id: int, budget: int,
               params: ProtocolParams, mask_checksum: str | bytes, *, eps: float,
-              device: torch.device | None = None) -> LocalResult:
-        """`optimizer` "zo": `train_zo`; "sgd": `train_first_order` (the fo-fedavg baseline)."""
+              device: torch.device | None = None, progress: StepCallback | None = None) -> LocalResult:
+        """`optimizer` "zo": `train_zo`; "sgd": `train_first_order` (the fo-fedavg baseline).
+
+        `progress(step_done, steps, loss)`, when given, is called after every local step (display only)."""
         if optimizer == "zo":
-            return self.train_zo(model, start_values, round_id, budget, params, mask_checksum, eps, device)
+            return self.train_zo(model, start_values, round_id, budget, params, mask_checksum, eps, device,
+                                 progress=progress)
         if optimizer == "sgd":
-            return self.train_first_order(model, start_values, round_id, budget, params, mask_checksum, device)
+            return self.train_first_order(model, start_values, round_id, budget, params, mask_checksum, device,
+                                          progress=progress)
         raise ValueError(f"unknown local optimizer {optimizer!r} (zo or sgd)")
 
     def train_zo(self, model, start_values: torch.Tensor, round_id: int, budget: int, params: ProtocolParams,
                  mask_checksum: str | bytes, eps: float, device: torch.device | None = None,
-                 keep_final: bool = False) -> LocalResult:
+                 keep_final: bool = False, progress: StepCallback | None = None) -> LocalResult:
         """T = `budget` SPSA steps from `start_values`; returns the uplink (scalars only)."""
         start_digest = state_digest(start_values)
         model.set_values(start_values)
@@ -213,6 +218,9 @@ class FederatedClient:
             apply_step(values, ZOStep(tuple(seeds), tuple(gs), lr, params.weight_decay), directions=zs)
             model.sync_weights()
             grads += gs
+            if progress is not None:
+                step_losses = [x for x in losses[-2 * params.q:] if math.isfinite(x)]
+                progress(t + 1, budget, float(np.mean(step_losses)) if step_losses else float("nan"))
         uplink = Uplink(round_id, self.client_id, self.num_examples, checksum_bytes(mask_checksum),
                         start_digest, params.q, tuple(grads), nan_steps=nan_steps)
         new_state = replace(state, steps_done=state.steps_done + budget, rounds_done=state.rounds_done + 1,
@@ -224,7 +232,7 @@ class FederatedClient:
 
     def train_first_order(self, model, start_values: torch.Tensor, round_id: int, budget: int,
                           params: ProtocolParams, mask_checksum: str | bytes, device: torch.device | None = None,
-                          keep_final: bool = False) -> LocalResult:
+                          keep_final: bool = False, progress: StepCallback | None = None) -> LocalResult:
         """Backprop baseline: SGD on the same masked coordinates; the uplink is the dense fp32 delta."""
         start = start_values.detach().to("cpu", torch.float32).clone()
         model.set_values(start)
@@ -250,6 +258,8 @@ class FederatedClient:
                         continue
                     loss.backward()
                     losses.append(float(loss.detach()))
+                    if progress is not None:
+                        progress(t + 1, budget, losses[-1])
                     grad = torch.cat([
                         (s.param.grad.reshape(-1) if s.index is None else s.param.grad.reshape(-1).index_select(0, s.index))
                         .detach().float().cpu()
