@@ -6,8 +6,10 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 
+from .calibration import PYTHON_DOCS, SELF_GENERATED
 from .config import DEFAULT_EXCLUDE, METHODS, SCOPES, SparseMaskConfig
 from .federated.__main__ import add_federate_arguments, federate
 from .loading import check_model_source, load_model_and_tokenizer, model_display_name
@@ -72,11 +74,16 @@ def _add_mask_commands(sub) -> None:
 
 
 def cmd_mask_compute(args) -> int:
-    model, tokenizer = load_model_and_tokenizer(args.model, args.gguf_file, args.dtype, args.revision)
+    # every input is checked before the model loads: a bad value is one line, at once
     spec = {name: getattr(args, name) for name in _SPEC_FLAGS}
     if spec["exclude_patterns"] is None:
         spec["exclude_patterns"] = list(DEFAULT_EXCLUDE)
     config = SparseMaskConfig(**spec, base_model_name_or_path=model_display_name(args.model), revision=args.revision)
+    if args.calibration not in (PYTHON_DOCS, SELF_GENERATED) and not os.path.exists(args.calibration):
+        raise FileNotFoundError(f"calibration source {args.calibration} does not exist "
+                                f"(a .txt/.jsonl file or directory, {PYTHON_DOCS!r} or {SELF_GENERATED!r})")
+    check_model_source(args.model, args.gguf_file, args.revision)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.gguf_file, args.dtype, args.revision)
     mask = get_or_compute_mask(model, config, args.calibration, tokenizer, cache=args.cache, text_column=args.text_column,
                                gradient_checkpointing=args.gradient_checkpointing)
     mask.save_pretrained(args.out, repo_id=args.push_to_hub)
@@ -209,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, OSError, KeyError, TypeError, FloatingPointError) as err:
-        print(f"meerkat-hf: error: {err}", file=sys.stderr)
+        print(f"meerkat-hf: error: {' '.join(str(err).split())}", file=sys.stderr)  # one line
         return 2
 
 

@@ -9,6 +9,7 @@ The file layout and method names (`save_pretrained`, `from_pretrained`, `push_to
 from __future__ import annotations
 
 import dataclasses
+import re
 import json
 import os
 import tempfile
@@ -86,6 +87,12 @@ class SparseMaskConfig:
         self.exclude_patterns = list(self.exclude_patterns or [])
         if self.include_patterns is not None:
             self.include_patterns = list(self.include_patterns)
+        for name in ("exclude_patterns", "include_patterns"):
+            for pattern in getattr(self, name) or []:
+                try:
+                    re.compile(pattern)
+                except (re.error, TypeError) as err:
+                    raise ValueError(f"{name}: {pattern!r} is not a valid regular expression ({err})") from None
 
     # -- PEFT-like serialisation ---------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -214,3 +214,74 @@ def test_flower_and_driver_write_the_same_final_folder(fed_files):
     for name in driver:
         assert flower[name] == driver[name], name
     assert res.training_summary == ref.training_summary and res.training_summary["state_digest"] == ref.state_digest
+
+
+class _FakeReply:
+    def __init__(self, node: int, content):
+        self.metadata = type("Meta", (), {"src_node_id": node})()
+        self.content = content
+
+    def has_error(self) -> bool:
+        return False
+
+
+class _FakeGrid:
+    """Nodes answer the hello with the client id they claim (a node's own node-config)."""
+
+    def __init__(self, claims: dict[int, tuple[int, int]], checksum: str):
+        self.claims, self.checksum = claims, checksum
+
+    def get_node_ids(self):
+        return list(self.claims)
+
+    def send_and_receive(self, msgs, timeout=None):
+        return [_FakeReply(m.metadata.dst_node_id, M.hello_content(*self.claims[m.metadata.dst_node_id], self.checksum))
+                for m in msgs]
+
+
+def test_client_ids_are_bound_to_nodes_by_the_server(monkeypatch):
+    """A node is bound to its client id for the whole run (not first-hello-per-connection), a second
+    node claiming it is refused even once the first has gone, an operator's client-nodes map decides
+    up front, and a client's FedAvg weight is capped by what it declared when it enrolled."""
+    from types import SimpleNamespace
+
+    from meerkat_hf.federated.flower.server_app import MeerkatFlowerServer
+
+    from meerkat_hf.federated.flower import server_app
+
+    monkeypatch.setattr(M, "message_nbytes", lambda m: 0)
+    monkeypatch.setattr(server_app, "Message", lambda content, dst_node_id, message_type: SimpleNamespace(
+        metadata=SimpleNamespace(dst_node_id=dst_node_id)))  # a real one needs a running Flower app
+
+    def server(options: FlowerOptions):
+        s = object.__new__(MeerkatFlowerServer)
+        s.config = SimpleNamespace(num_clients=3, validation=SimpleNamespace(max_examples=2**31 - 1))
+        s.options, s.client_mask_path = options, "mask"
+        s.engine = SimpleNamespace(mask=SimpleNamespace(checksum="ab" * 16), counters={"hello_messages": 0},
+                                   server=SimpleNamespace(example_caps={}))
+        s.node_of, s.client_of, s.refused = {}, {}, {}
+        s.bound = dict(options.client_nodes or {})
+        return s
+
+    s = server(FlowerOptions())
+    s.discover(_FakeGrid({101: (0, 10), 102: (1, 20)}, "ab" * 16))
+    assert s.node_of == {0: 101, 1: 102} and s.engine.server.example_caps == {0: 10, 1: 20}
+    s.discover(_FakeGrid({102: (1, 20)}, "ab" * 16))  # node 101 leaves
+    assert s.node_of == {1: 102}
+    s.discover(_FakeGrid({102: (1, 20), 666: (0, 10**6)}, "ab" * 16))  # an impostor claims the free slot
+    assert 0 not in s.node_of and "bound to node 101" in s.refused[666]
+    s.discover(_FakeGrid({102: (1, 20), 666: (0, 10**6), 101: (0, 10**6)}, "ab" * 16))  # 101 comes back
+    assert s.node_of == {0: 101, 1: 102} and s.engine.server.example_caps[0] == 10  # the first declaration holds
+    assert s.checkpoint_state()["flower_nodes"] == {0: 101, 1: 102}
+
+    opts = options_from_run_config({"flower.client-nodes": "0:7, 1:8"})
+    assert opts.client_nodes == {0: 7, 1: 8}
+    s = server(opts)
+    s.discover(_FakeGrid({7: (1, 5), 8: (1, 5), 9: (2, 5)}, "ab" * 16))
+    assert s.node_of == {1: 8}
+    assert "bound to node 8" in s.refused[7] and "assigned to no node" in s.refused[9]
+    s = server(opts)
+    s.discover(_FakeGrid({7: (2, 5)}, "ab" * 16))  # node 7 is client 0 by the map, whatever it claims
+    assert "node 7 is client 0, not 2" in s.refused[7] and not s.node_of
+    with pytest.raises(ValueError, match="client-nodes"):
+        FlowerOptions(client_nodes="0-7")

@@ -54,6 +54,7 @@ def federate(args) -> int:
     if args.resume:
         overrides.append("resume=true")
     config = FederationConfig.from_yaml(args.config or DEFAULT_CONFIG, overrides)
+    config.check_files()  # a missing data file: one line now, not after the model has loaded
     runtime = make_runtime(config.device)
     if not runtime.is_main:  # one copy of the logs is enough
         logging.getLogger().setLevel(logging.WARNING)

@@ -5,10 +5,18 @@ client holds, recent round records), every client's data pointer, the VP schedul
 global states simulated clients still hold, and the byte counters. Seeds are derived, so no
 RNG state is needed. Files are written to a temporary name and renamed, so a crash while
 saving leaves the previous checkpoint intact.
+
+Integrity: a file is ``MAGIC`` + the SHA-256 of the payload (32 raw bytes) + the payload, a
+`torch.save` of plain data only (tensors, dicts, lists, tuples, numbers, strings, None), read
+back with ``torch.load(..., weights_only=True)``: a damaged file is detected by its hash and a
+crafted one cannot run code. `load_latest_checkpoint` falls back to the previous checkpoint
+(``keep_checkpoints`` are kept, 2 by default) with a warning when the newest is damaged.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import os
 import re
@@ -18,7 +26,12 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
+MAGIC = b"MKCKPT02"  # then the 32-byte SHA-256 of the payload, then the payload
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be trusted (damaged, truncated, or not a checkpoint)."""
 _NAME = re.compile(r"round_(\d+)\.pt$")
 
 # Settings that must not change when a run is resumed (the rest, e.g. `rounds`, may).
@@ -35,7 +48,13 @@ def save_checkpoint(output_dir: str | os.PathLike, round_id: int, state: dict, k
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"round_{round_id:06d}.pt"
     tmp = path.with_suffix(".pt.tmp")
-    torch.save({"format": FORMAT, "round": round_id, **state}, tmp)
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, "round": round_id, **state}, buf)
+    payload = buf.getvalue()
+    with open(tmp, "wb") as f:
+        f.write(MAGIC + hashlib.sha256(payload).digest() + payload)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
     for old in list_checkpoints(output_dir)[:-keep]:
         old.unlink(missing_ok=True)
@@ -56,16 +75,34 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """One checkpoint file, its hash checked, loaded with ``weights_only=True``; `CheckpointError` if damaged."""
+    path = Path(path)
+    data = path.read_bytes()
+    head = len(MAGIC) + 32
+    if len(data) < head or not data.startswith(MAGIC):
+        raise CheckpointError(f"{path} is not a meerkat-hf checkpoint (format {FORMAT}) or is truncated")
+    digest, payload = data[len(MAGIC):head], data[head:]
+    if hashlib.sha256(payload).digest() != digest:
+        raise CheckpointError(f"{path} is damaged: its SHA-256 does not match the one recorded when it was written")
+    try:
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001  (hash ok but unreadable: another torch, or crafted content)
+        raise CheckpointError(f"{path} cannot be loaded safely: {type(err).__name__}: {err}") from err
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        got = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path} has checkpoint format {got}, this build reads {FORMAT}")
+    return state
+
+
 def load_latest_checkpoint(output_dir: str | os.PathLike) -> dict | None:
-    """The newest readable checkpoint (an unreadable newest one is skipped with a warning)."""
+    """The newest intact checkpoint; a damaged newer one is skipped with a warning (fallback to the previous)."""
     for path in reversed(list_checkpoints(output_dir)):
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # a truncated file from a crash mid-save on a non-atomic filesystem
-            logger.warning("skipping unreadable checkpoint %s: %s", path, err)
+            state = read_checkpoint(path)
+        except (CheckpointError, OSError) as err:
+            logger.warning("skipping checkpoint %s, falling back to the previous one: %s", path.name, err)
             continue
-        if state.get("format") != FORMAT:
-            raise ValueError(f"{path} has checkpoint format {state.get('format')}, this build reads {FORMAT}")
         state["path"] = str(path)
         return state
     return None

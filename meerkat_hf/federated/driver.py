@@ -55,6 +55,8 @@ class InProcessTransport(Transport):
             for cl in self.clients:
                 cl.state.synced_round = None
         self.global_states: dict[int, torch.Tensor] = {0: engine.server.values}
+        # the server assigned the partition: a client may not claim more examples (FedAvg weight) than it got
+        engine.server.example_caps = {c: cl.num_examples for c, cl in enumerate(self.clients)}
         self.num_processes = engine.runtime.num_processes
 
     def restore(self, checkpoint: dict) -> None:

@@ -295,7 +295,9 @@ class RoundEngine:
                 transport.restore(ckpt)
                 self.start_round = self.server.round
                 logger.info("resumed from %s at round %d", ckpt["path"], self.start_round)
-        else:
+            else:
+                logger.info("resume: no usable checkpoint in %s; starting a fresh run", self.out)
+        if self.start_round == 0:  # a fresh run, or resume=True with nothing to resume from: the same start-up
             self.scheduler.start(config.num_clients)
         if self.start_round == 0 and self.runtime.is_main:  # no older run's checkpoints to be resumed later
             clear_checkpoints(self.out)
@@ -346,7 +348,7 @@ class RoundEngine:
         """Uplinks to the server (ascending client id), replay + FedAvg, GradIP to the scheduler."""
         for o in delivery.outcomes:
             for m in o.messages:
-                self.server.receive(m)
+                self.server.receive(m, sender=o.client_id)  # the transport knows whose channel it was
         summary = self.server.finish_round()
         gradips = {p.client_id: p.gradips for p in summary.paths}
         vp_info = self.scheduler.observe_round(plan.round, gradips)
@@ -411,6 +413,7 @@ class RoundEngine:
             "skipped_steps": skipped,
             "cumulative_skipped_steps": self.counters["skipped_steps"],
             "replay_mismatches": mismatches,
+            "clipped": {str(c): f for c, f in summary.clipped.items()}, "refused": summary.refused,
             **delivery.row,
             "state_digest": summary.state_digest.hex(),
             "seconds": round(time.perf_counter() - plan.started, 3),

@@ -213,16 +213,27 @@ class FederationConfig:
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be an integer >= 1 (got {v!r})")
         need(self.local_steps <= 0xFFFF, "local_steps must be <= 65535 (a u16 on the wire)")
         need(self.q <= 255, "q must be <= 255 (a u8 on the wire)")
-        need(isinstance(self.client_fraction, (int, float)) and 0 < self.client_fraction <= 1,
+        need(isinstance(self.client_fraction, (int, float)) and not isinstance(self.client_fraction, bool)
+             and 0 < self.client_fraction <= 1,
              f"client_fraction must be in (0, 1] (got {self.client_fraction!r})")
         for name in ("lr", "eps"):
             v = getattr(self, name)
             need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"{name} must be a finite number > 0 (got {v!r})")
-        need(self.weight_decay >= 0, "weight_decay must be >= 0")
+        need(isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             f"weight_decay must be a finite number >= 0 (got {self.weight_decay!r})")
+        need(self.lr * self.weight_decay < 1, f"lr * weight_decay must be < 1 so that 1 - lr*wd stays in (0, 1] "
+                                              f"(got lr={self.lr!r}, weight_decay={self.weight_decay!r})")
+        need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**63,
+             f"seed must be an integer in 0..2**63-1 (got {self.seed!r})")
+        need(self.torch_threads is None or (isinstance(self.torch_threads, int) and not isinstance(self.torch_threads, bool)
+                                            and self.torch_threads >= 1),
+             f"torch_threads must be an integer >= 1 or null (got {self.torch_threads!r})")
+        need(isinstance(self.output_dir, (str, os.PathLike)) and str(self.output_dir).strip() != "",
+             f"output_dir must be a directory path (got {self.output_dir!r})")
         need(isinstance(self.max_consecutive_skips, int) and self.max_consecutive_skips >= 0,
              f"max_consecutive_skips must be an integer >= 0 (got {self.max_consecutive_skips!r})")
         need(self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {', '.join(LR_SCHEDULES)} (got {self.lr_schedule!r})")
-        need(0 <= self.lr_min_ratio <= 1, "lr_min_ratio must be in [0, 1]")
+        need(_num(self.lr_min_ratio) and 0 <= self.lr_min_ratio <= 1, "lr_min_ratio must be in [0, 1]")
         need(self.max_length >= 4, "max_length must be >= 4")
         need(self.eval_examples is None or self.eval_examples >= 1, "eval_examples must be >= 1 or null (all)")
         need(self.model.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}")
@@ -237,12 +248,12 @@ class FederationConfig:
             need(self.task.data_files is not None, "task.type 'lm' needs task.data_files")
         scheme = self.partition.scheme.strip().lower().replace("-", "_")
         need(scheme in PARTITION_SCHEMES, f"partition.scheme must be one of iid, dirichlet, shard, single_label (got {self.partition.scheme!r})")
-        need(self.partition.alpha > 0, "partition.alpha must be > 0")
+        need(_num(self.partition.alpha) and self.partition.alpha > 0, f"partition.alpha must be > 0 (got {self.partition.alpha!r})")
         need(0 <= self.partition.num_single_label_clients <= self.num_clients,
              "partition.num_single_label_clients must be in 0..num_clients")
         need(self.task.type == "classification" or (scheme == "iid" and self.partition.num_single_label_clients == 0),
              "lm tasks have no labels: only partition.scheme 'iid' works")
-        need(0 < self.mask.density <= 1, f"mask.density must be in (0, 1] (got {self.mask.density!r})")
+        need(_num(self.mask.density) and 0 < self.mask.density <= 1, f"mask.density must be in (0, 1] (got {self.mask.density!r})")
         need(self.mask.method in METHODS, f"mask.method must be {', '.join(METHODS[:-1])} or {METHODS[-1]} "
                                           f"(got {self.mask.method!r})")
         if self.mask.path is not None:
@@ -255,6 +266,13 @@ class FederationConfig:
                  f"{self.algorithm} needs the masked pre-training gradient g_p: give mask.calibration or a saved mask with g_p")
             need(not self.uses_lora and self.mask_method != "full", "Meerkat-VP needs g_p, which full/LoRA masks do not have")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), f"device {self.device!r}")
+
+    def check_files(self) -> None:
+        """The local `task.data_files` exist (the CLI checks before any model loads; not part of
+        `validate`: a Flower server's config may name files only the sites hold)."""
+        for path in _local_files(self.task.data_files):
+            if not Path(path).expanduser().exists():
+                raise ConfigError(f"federation config: task.data_files: {path} does not exist")
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
@@ -287,9 +305,15 @@ class FederationConfig:
         if not p.is_file():
             raise FileNotFoundError(f"federation config {p} does not exist")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{p} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+        try:
+            data = yaml.safe_load(text)
         except yaml.YAMLError as err:
-            raise ConfigError(f"{p} is not valid YAML: {err}") from err
+            raise ConfigError(f"{p} is not valid YAML: {' '.join(str(err).split())}") from err
+        if data is None:  # not the default job: an empty file is a mistake
+            raise ConfigError(f"{p} is empty (give at least the keys you change, or no --config for the default job)")
         return cls.from_dict(apply_overrides(data, overrides or []))
 
     def to_dict(self) -> dict[str, Any]:
@@ -328,6 +352,27 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             target = target[part]
         target[parts[-1]] = value
     return data
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _local_files(data_files: Any) -> list[str]:
+    """The plain local paths among `task.data_files` (not globs, not URLs): each must exist."""
+    if isinstance(data_files, dict):
+        values = list(data_files.values())
+    elif isinstance(data_files, (list, tuple)):
+        values = list(data_files)
+    else:
+        values = [data_files]
+    out: list[str] = []
+    for v in values:
+        if isinstance(v, (list, tuple)):
+            out += _local_files(list(v))
+        elif isinstance(v, (str, os.PathLike)) and not any(c in str(v) for c in "*?[") and "://" not in str(v):
+            out.append(str(v))
+    return out
 
 
 _SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")

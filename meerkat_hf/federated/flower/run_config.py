@@ -51,6 +51,9 @@ class FlowerOptions:
     round_timeout: float | None = None  # seconds to wait for replies in a round (None: wait for all)
     server_eval: bool = True  # evaluate the global state on the server (needs the task's eval data there)
     client_mask_path: str | None = None  # where clients load the mask (None: mask.path or <output_dir>/mask)
+    # Meerkat client id -> Flower node id, decided by the server's operator (run config: "0:123,1:456");
+    # None: a node is bound to the id it first enrols with, for the whole run
+    client_nodes: dict[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.min_nodes is not None and self.min_nodes < 0:
@@ -59,6 +62,16 @@ class FlowerOptions:
             raise ConfigError("flower.round-timeout must be > 0 (or unset: wait for every reply)")
         if self.node_wait_timeout < 0:
             raise ConfigError("flower.node-wait-timeout must be >= 0")
+        if isinstance(self.client_nodes, str):
+            try:
+                pairs = [p.split(":") for p in self.client_nodes.replace(" ", "").split(",") if p]
+                self.client_nodes = {int(c): int(n) for c, n in pairs}
+            except ValueError as err:
+                raise ConfigError(f"flower.client-nodes must be 'client:node,...' (got {self.client_nodes!r})") from err
+        if self.client_nodes is not None:
+            self.client_nodes = {int(c): int(n) for c, n in self.client_nodes.items()}
+            if len(set(self.client_nodes.values())) != len(self.client_nodes):
+                raise ConfigError("flower.client-nodes gives one node two client ids")
 
 
 def _key(k: str) -> str:
@@ -129,7 +142,7 @@ def options_from_run_config(run_config: Mapping[str, Any]) -> FlowerOptions:
             raise ConfigError(f"run config: unknown Flower option {key!r}; known: "
                               f"{sorted(OPTIONS_PREFIX + k.replace('_', '-') for k in known)}")
         # TOML has no null: 0 / "" mean "unset" for the optional ones.
-        if name in ("min_nodes", "round_timeout", "client_mask_path") and value in (0, "", "none", "None"):
+        if name in ("min_nodes", "round_timeout", "client_mask_path", "client_nodes") and value in (0, "", "none", "None"):
             value = None
         kwargs[name] = value
     return FlowerOptions(**kwargs)

@@ -80,6 +80,9 @@ class MeerkatFlowerServer(Transport):
         self.node_of: dict[int, int] = {}  # Meerkat client id -> Flower node id
         self.client_of: dict[int, int] = {}  # Flower node id -> Meerkat client id
         self.refused: dict[int, str] = {}  # Flower node id -> why it takes no part
+        # Meerkat client id -> the Flower node it is bound to for the whole run (kept when the node disconnects,
+        # so another node cannot take its place; `options.client_nodes` sets it in advance)
+        self.bound: dict[int, int] = dict(self.options.client_nodes or {})
         self.grid: Grid | None = None
 
     # -- nodes ------------------------------------------------------------------------------
@@ -124,14 +127,24 @@ class MeerkatFlowerServer(Transport):
                 except (KeyError, TypeError, ValueError) as err:
                     self.refused[node] = f"malformed hello reply: {err}"
                 else:
+                    assigned = [c for c, n in self.bound.items() if n == node]
                     if not 0 <= cid < self.config.num_clients:
                         self.refused[node] = f"client id {cid} outside 0..{self.config.num_clients - 1}"
-                    elif cid in self.node_of and self.node_of[cid] != node:
-                        self.refused[node] = f"client id {cid} is already node {self.node_of[cid]}"
+                    elif cid in self.bound and self.bound[cid] != node:
+                        self.refused[node] = f"client id {cid} is bound to node {self.bound[cid]}"
+                    elif assigned and assigned != [cid]:
+                        self.refused[node] = f"node {node} is client {assigned[0]}, not {cid}"
+                    elif self.options.client_nodes and cid not in self.options.client_nodes:
+                        self.refused[node] = f"client id {cid} is assigned to no node (flower.client-nodes)"
                     elif checksum != self.engine.mask.checksum:
                         self.refused[node] = f"mask checksum {checksum} != {self.engine.mask.checksum}"
+                    elif not 1 <= n_examples <= self.config.validation.max_examples:
+                        self.refused[node] = f"{n_examples} examples outside 1..{self.config.validation.max_examples}"
                     else:
                         self.node_of[cid], self.client_of[node] = node, cid
+                        self.bound[cid] = node
+                        # its FedAvg weight can never exceed what it declared when it first enrolled
+                        self.engine.server.example_caps.setdefault(cid, n_examples)
                         logger.info("node %d is Meerkat client %d (%d examples)", node, cid, n_examples)
                         continue
             logger.warning("node %d takes no part: %s", node, self.refused[node])
@@ -254,7 +267,10 @@ class MeerkatFlowerServer(Transport):
         return {"runtime": "flower", "client_mask_path": self.client_mask_path}
 
     def checkpoint_state(self) -> dict:  # client state lives on the SuperNodes
-        return {"clients": [], "global_states": {}, "flower_nodes": dict(self.node_of)}
+        return {"clients": [], "global_states": {}, "flower_nodes": dict(self.bound)}
+
+    def restore(self, checkpoint: dict) -> None:  # a resumed run keeps every client bound to its node
+        self.bound.update({int(c): int(n) for c, n in checkpoint.get("flower_nodes", {}).items()})
 
     def report(self, row: dict) -> None:
         logger.info("round %d: accepted %s, rejected %s, dropped %s, %d uplink / %d downlink bytes "

@@ -65,6 +65,10 @@ class VPConfig:
             raise ValueError("vp.calibration_participations must be >= 1")
         if self.limited_steps < 1:
             raise ValueError("vp.limited_steps must be >= 1")
+        if self.min_steps < 1:
+            raise ValueError(f"vp.min_steps must be >= 1, got {self.min_steps}")
+        if self.random_count is not None and self.random_count < 0:
+            raise ValueError(f"vp.random_count must be >= 0 or null, got {self.random_count}")
         if self.ratio_threshold < 0 or self.quiet_rel_tau < 0 or (self.quiet_tau is not None and self.quiet_tau < 0):
             raise ValueError("vp thresholds must be >= 0")
         if self.calibration_local_steps is not None and self.calibration_local_steps < 2:

@@ -9,6 +9,16 @@ Validation: every uplink is checked (decodable, right type, round, known partici
 duplicate, mask checksum, start-state digest, q and number of scalars, finite, magnitude,
 learning rates, example count). A bad one becomes a `Rejection` with a reason, is logged, and
 the round goes on with the others; if every uplink is rejected the global state is unchanged.
+
+Bounded influence (the server decides, clients report): the learning rate is the federation's
+(an uplink may echo it; any other value is rejected), a client's example count (its FedAvg
+weight) may not exceed what the server knows of it (`example_caps`: the partition size it
+assigned, or the size declared at enrolment) nor `max_examples`; the replayed update of one
+client in one round is bounded in L2 norm (`max_update_ratio` x the norm of the round-0 w_S):
+a longer one is scaled down by scaling that client's scalars, identically on every replica and
+in the records clients replay (reported in `RoundSummary.clipped`); a client whose replayed
+path is not finite is rejected, and a round whose new state would not be finite is refused
+(the previous state is kept, `RoundSummary.refused` says why).
 """
 
 from __future__ import annotations
@@ -35,7 +45,15 @@ from .codec import (
     fingerprint_bytes,
     state_digest,
 )
-from .virtual_path import ClientPath, ProtocolParams, aggregate_dense_round, aggregate_zo_round
+from .virtual_path import (
+    ClientPath,
+    ProtocolParams,
+    aggregate_dense_round,
+    client_steps,
+    fedavg_finals,
+    fp32,
+    replay_client,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +68,20 @@ class ValidationConfig:
     max_abs_delta: float = 1e3
     max_lr: float = 10.0
     max_examples: int = 2**31 - 1
+    # bound on one client's replayed update ||w_c - w||_2 in one round, as a multiple of ||w_S|| at round 0
+    # (None: unbounded); a longer update is scaled down to it. 10: far above any honest round (a client moving w_S
+    # by 10x its whole pre-trained norm in one round has diverged), far below what |g| <= max_abs_grad allows
+    max_update_ratio: float | None = 10.0
 
     def __post_init__(self) -> None:
-        if not (self.max_abs_grad > 0 and self.max_abs_delta > 0 and self.max_lr > 0 and self.max_examples > 0):
-            raise ValueError("validation bounds must be > 0")
+        for name in ("max_abs_grad", "max_abs_delta", "max_lr", "max_examples", "max_update_ratio"):
+            v = getattr(self, name)
+            if v is None and name == "max_update_ratio":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                raise ValueError(f"validation bound {name} must be a finite number > 0 (got {v!r})")
+        if not isinstance(self.max_examples, int) or self.max_examples > 2**32 - 1:
+            raise ValueError(f"validation bound max_examples must be an integer <= 2**32-1 (got {self.max_examples!r})")
 
 
 @dataclass
@@ -81,6 +109,8 @@ class RoundSummary:
     uplink_bytes: int = 0
     state_digest: bytes = b""
     finals: dict[int, torch.Tensor] = field(default_factory=dict)
+    clipped: dict[int, float] = field(default_factory=dict)  # client id -> factor its scalars were scaled by
+    refused: str | None = None  # why the round's new state was not committed (the previous one is kept)
 
 
 class FederatedServer:
@@ -102,6 +132,10 @@ class FederatedServer:
         self.validation = validation or ValidationConfig()
         self.max_history_rounds = max_history_rounds
         self.keep_client_finals = keep_client_finals
+        # the most examples each client may claim (FedAvg weight): what the server assigned or was told at enrolment
+        self.example_caps: dict[int, int] = {}
+        ratio = self.validation.max_update_ratio
+        self.max_update_norm = None if ratio is None else float(ratio) * max(float(self.values.double().norm()), 1e-12)
         self.gp64 = None if pretrain_grad is None else pretrain_grad.detach().double().cpu().numpy()
         if self.gp64 is not None and self.gp64.size != self.k:
             raise ValueError(f"pretrain_grad has {self.gp64.size} values for k={self.k}")
@@ -135,8 +169,12 @@ class FederatedServer:
         logger.warning("round %d: rejected uplink from %s: %s (%s)", self.round, who, reason, detail)
         return rej
 
-    def receive(self, data: bytes) -> Rejection | None:
-        """Validate and store one uplink; returns the `Rejection` if refused, else None."""
+    def receive(self, data: bytes, sender: int | None = None) -> Rejection | None:
+        """Validate and store one uplink; returns the `Rejection` if refused, else None.
+
+        `sender`: the client the transport knows it got this message from (the slot it called, the
+        Flower node bound to that client); a message claiming another client id is refused.
+        """
         if not self._open:
             raise RuntimeError("receive() outside a round: call begin_round() first")
         nbytes = len(data) if isinstance(data, (bytes, bytearray, memoryview)) else 0
@@ -146,6 +184,9 @@ class FederatedServer:
         except MessageError as err:
             return self._reject(None, err.reason, err.detail, nbytes)
         cid = msg.client_id
+        if sender is not None and cid != sender:
+            return self._reject(sender, "sender-mismatch", f"client {sender}'s channel carried an uplink signed as "
+                                f"client {cid}", nbytes)
         want = DenseUplink if self.mode == "dense" else Uplink
         if not isinstance(msg, want):
             return self._reject(cid, "wrong-message-type", f"this federation expects {want.__name__}", nbytes)
@@ -168,6 +209,10 @@ class FederatedServer:
         self.synced[cid] = self.round
         if not 1 <= msg.num_examples <= self.validation.max_examples:
             return self._reject(cid, "bad-example-count", f"{msg.num_examples} examples", nbytes)
+        cap = self.example_caps.get(cid)
+        if cap is not None and msg.num_examples > cap:
+            return self._reject(cid, "bad-example-count",
+                                f"{msg.num_examples} examples, more than the {cap} the server knows client {cid} has", nbytes)
         problem = self._check_dense(msg) if isinstance(msg, DenseUplink) else self._check_scalars(msg)
         if problem is not None:
             return self._reject(cid, problem[0], problem[1], nbytes)
@@ -187,6 +232,9 @@ class FederatedServer:
             return "absurd-magnitude", f"|g| = {worst:.3g} > max_abs_grad={self.validation.max_abs_grad:g}"
         if msg.lrs and not all(math.isfinite(x) and 0 < x <= self.validation.max_lr for x in msg.lrs):
             return "bad-lr", f"learning rates must be in (0, {self.validation.max_lr:g}]"
+        lr = self.params.schedule(self.round)
+        if any(x != lr for x in msg.lrs):  # the server's schedule decides; an uplink may only echo it
+            return "wrong-lr", f"learning rate(s) {sorted(set(msg.lrs))[:3]} != the federation's {lr:g} for round {self.round}"
         return None
 
     def _check_dense(self, msg: DenseUplink) -> tuple[str, str] | None:
@@ -203,15 +251,33 @@ class FederatedServer:
         """Replay and aggregate every accepted uplink (ascending client id); advance the round."""
         if not self._open:
             raise RuntimeError("finish_round() without begin_round()")
-        accepted = [self._accepted[c] for c in sorted(self._accepted)]
         paths: list[ClientPath] = []
         finals: dict[int, torch.Tensor] = {}
+        clipped: dict[int, float] = {}
+        refused = None
         if self.mode == "dense":
+            for c in sorted(self._accepted):
+                scale = self._clip_factor(self._accepted[c].delta.double().norm())
+                if scale is not None:
+                    u = self._accepted[c]
+                    self._accepted[c] = DenseUplink(**{**u.__dict__, "delta": (u.delta.double() * scale).float()})
+                    clipped[c] = scale
+            accepted = [self._accepted[c] for c in sorted(self._accepted)]
             new_values = aggregate_dense_round(self.values, accepted)
         else:
-            new_values, paths, finals = aggregate_zo_round(self.values, accepted, self.params, self.round, self.gp64,
-                                                           keep_final=self.keep_client_finals)
-            self.history.append(RoundRecords(self.round, tuple(u.record for u in accepted)))
+            records, paths, finals, clipped = self._replay_accepted(sorted(self._accepted))
+            accepted = [self._accepted[c] for c in sorted(self._accepted)]
+            new_values = fedavg_finals(self.values, records, finals)
+            if not self.keep_client_finals:
+                finals = {}
+        if accepted and not bool(torch.isfinite(new_values).all()):
+            refused = "the aggregated state is not finite"
+            for u in accepted:
+                self._reject(u.client_id, "round-refused", refused + "; the previous state is kept", 0)
+            self._accepted, accepted, paths, finals = {}, [], [], {}
+            logger.error("round %d refused: %s; the previous global state is kept", self.round, refused)
+        if self.mode != "dense":
+            self.history.append(RoundRecords(self.round, tuple(records) if accepted else ()))
             self._prune_history()
         summary = RoundSummary(
             round=self.round,
@@ -222,6 +288,8 @@ class FederatedServer:
             nan_steps={u.client_id: getattr(u, "nan_steps", 0) for u in accepted},
             uplink_bytes=self._uplink_bytes,
             finals=finals,
+            clipped=clipped if accepted else {},
+            refused=refused,
         )
         if accepted:
             self.values = new_values
@@ -230,6 +298,47 @@ class FederatedServer:
         self._open = False
         summary.state_digest = self.digest
         return summary
+
+    def _clip_factor(self, norm: torch.Tensor | float) -> float | None:
+        """The factor bringing an update of this norm down to the bound; None if within it."""
+        norm = float(norm)
+        if self.max_update_norm is None or not norm > self.max_update_norm:
+            return None
+        return self.max_update_norm / norm
+
+    def _replay_accepted(self, ids: list[int]):
+        """Replay each accepted client's path; reject non-finite ones, scale over-long ones down.
+
+        Returns the records to aggregate (and to send clients: a scaled client's record carries
+        its scaled scalars, so a replica or a client replaying it reaches the same bits), the
+        paths (digest of the path the client itself computed, GradIP), the finals, the factors.
+        """
+        records: list[Record] = []
+        paths: list[ClientPath] = []
+        finals: dict[int, torch.Tensor] = {}
+        clipped: dict[int, float] = {}
+        base64 = self.values.double()
+        for c in ids:
+            u = self._accepted[c]
+            rec = u.record
+            steps = client_steps(self.params, self.round, c, rec.grads, rec.q, rec.lrs)
+            final, gips = replay_client(self.values, steps, self.gp64)
+            own_digest = state_digest(final)
+            if not bool(torch.isfinite(final).all()):
+                self._accepted.pop(c)
+                self._reject(c, "non-finite-path", "the replayed virtual path leaves finite values", 0)
+                continue
+            scale = self._clip_factor((final.double() - base64).norm())
+            if scale is not None:
+                rec = Record(c, rec.num_examples, rec.q, tuple(fp32(g * scale) for g in rec.grads), rec.lrs)
+                final, _ = replay_client(self.values, client_steps(self.params, self.round, c, rec.grads, rec.q, rec.lrs))
+                clipped[c] = scale
+                logger.warning("round %d: client %d's update scaled by %.3g to the bound %.3g (max_update_ratio)",
+                               self.round, c, scale, self.max_update_norm)
+            records.append(rec)
+            paths.append(ClientPath(c, rec.num_examples, gips, own_digest))
+            finals[c] = final
+        return records, paths, finals, clipped
 
     def _prune_history(self) -> None:
         dense = downlink_size(KIND_DENSE, 0, k=self.k)
@@ -280,6 +389,7 @@ class FederatedServer:
             "values": self.values.clone(),
             "round": self.round,
             "synced": dict(self.synced),
+            "example_caps": dict(self.example_caps),
             "history": [(rr.round, [(r.client_id, r.num_examples, r.q, list(r.grads), list(r.lrs)) for r in rr.records])
                         for rr in self.history],
         }
@@ -292,6 +402,8 @@ class FederatedServer:
         self.digest = state_digest(self.values)
         self.round = int(state["round"])
         self.synced = {int(c): (None if s is None else int(s)) for c, s in state["synced"].items()}
+        if "example_caps" in state:
+            self.example_caps = {int(c): int(n) for c, n in state["example_caps"].items()}
         self.history = [RoundRecords(r, tuple(Record(c, n, q, tuple(g), tuple(lr)) for c, n, q, g, lr in recs))
                         for r, recs in state["history"]]
         self._open = False

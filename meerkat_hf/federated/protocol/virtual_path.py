@@ -82,6 +82,10 @@ class ProtocolParams:
     def __post_init__(self) -> None:
         if not 1 <= self.q <= 255:
             raise ValueError(f"q (perturbations per step) must be in 1..255, got {self.q}")
+        wd = self.weight_decay
+        if not (isinstance(wd, (int, float)) and math.isfinite(wd) and 0 <= wd and self.schedule.lr * wd < 1):
+            raise ValueError(f"weight_decay must be >= 0 with lr * weight_decay < 1 (so 1 - lr*wd stays in (0, 1]), "
+                             f"got weight_decay={wd!r}, lr={self.schedule.lr!r}")
 
 
 def client_steps(params: ProtocolParams, round_id: int, client_id: int, grads: Sequence[float],
@@ -185,6 +189,16 @@ def aggregate_zo_round(values: torch.Tensor, updates: Sequence, params: Protocol
             finals[u.client_id] = final
         avg.add_state(u.client_id, final)
     return avg.result(), paths, finals
+
+
+def fedavg_finals(values: torch.Tensor, records: Sequence, finals: dict[int, torch.Tensor]) -> torch.Tensor:
+    """FedAvg of replayed client states: the same arithmetic as `aggregate_zo_round` (the server
+    replays each client itself to check and bound it, then aggregates here)."""
+    ordered = sorted(records, key=lambda u: u.client_id)
+    avg = FedAvg(values, {u.client_id: u.num_examples for u in ordered})
+    for u in ordered:
+        avg.add_state(u.client_id, finals[u.client_id])
+    return avg.result()
 
 
 def aggregate_dense_round(values: torch.Tensor, updates: Sequence) -> torch.Tensor:

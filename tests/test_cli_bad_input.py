@@ -1,0 +1,121 @@
+"""Bad CLI inputs (issue 11.5): each is one line on stderr, exit code 2, no traceback, nothing written.
+
+Every case is refused while the config / mask spec is validated, before a model is loaded, so the
+table stays fast."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from federated_support import base_config, make_model_dir, make_task_files
+from meerkat_hf.cli import main
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    root = tmp_path_factory.mktemp("badcli")
+    model_dir, files = make_model_dir(root), make_task_files(root)
+    cfg = base_config(root, model_dir, files)
+    path = root / "fed.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    (root / "empty.yaml").write_text("")
+    (root / "latin1.yaml").write_bytes("lr: 1e-3 # d\xe9j\xe0\n".encode("latin-1"))
+    (root / "calib.txt").write_text("some calibration text\n" * 10)
+    return root, model_dir, path
+
+
+FEDERATE = [  # (--set overrides or extra args, what the one line must say)
+    (["--set", "lr=-1"], "lr must be a finite number > 0"),
+    (["--set", "lr=abc"], "lr must be a finite number > 0"),
+    (["--set", "lr=.inf"], "lr must be a finite number > 0"),
+    (["--set", "lr=inf"], "lr must be a finite number > 0"),
+    (["--set", "eps=0"], "eps must be a finite number > 0"),
+    (["--set", "eps=nan"], "eps must be a finite number > 0"),
+    (["--set", "rounds=0"], "rounds must be an integer >= 1"),
+    (["--set", "rounds=1.5"], "rounds must be an integer >= 1"),
+    (["--set", "rounds=true"], "rounds must be an integer >= 1"),
+    (["--set", "local_steps=70000"], "local_steps must be <= 65535"),
+    (["--set", "client_fraction=0"], "client_fraction must be in (0, 1]"),
+    (["--set", "bogus=1"], "unknown key(s) ['bogus']"),
+    (["--set", "mask.bogus=1"], "unknown key(s) ['bogus'] in section 'mask'"),
+    (["--set", "mask.density=1.5"], "mask.density must be in (0, 1]"),
+    (["--set", "mask.density=abc"], "mask.density must be in (0, 1]"),
+    (["--set", "weight_decay=-1"], "weight_decay must be a finite number >= 0"),
+    (["--set", "weight_decay=5000"], "lr * weight_decay must be < 1"),
+    (["--set", "validation.max_abs_grad=.inf"], "max_abs_grad must be a finite number > 0"),
+    (["--set", "validation.max_abs_grad=inf"], "max_abs_grad must be a finite number > 0"),
+    (["--set", "validation.max_update_ratio=0"], "max_update_ratio must be a finite number > 0"),
+    (["--set", "torch_threads=-1"], "torch_threads must be an integer >= 1"),
+    (["--set", "seed=1180591620717411303424"], "seed must be an integer in 0..2**63-1"),
+    (["--set", "seed=-3"], "seed must be an integer in 0..2**63-1"),
+    (["--set", "output_dir="], "output_dir must be a directory path"),
+    (["--set", "vp.min_steps=-1"], "vp.min_steps must be >= 1"),
+    (["--set", "partition.alpha=0"], "partition.alpha must be > 0"),
+    (["--set", "task.data_files.train=/nonexistent/train.csv"], "/nonexistent/train.csv does not exist"),
+    (["--set", "lr"], "is not key=value"),
+    (["--config", "/nonexistent/fed.yaml"], "/nonexistent/fed.yaml does not exist"),
+    (["--config", "{root}/empty.yaml"], "empty.yaml is empty"),
+    (["--config", "{root}/latin1.yaml"], "latin1.yaml is not UTF-8"),
+    (["--model", "/nonexistent/model"], "/nonexistent/model"),
+]
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    err = capsys.readouterr().err
+    return code, err
+
+
+@pytest.mark.parametrize("extra,message", FEDERATE, ids=[" ".join(a) for a, _ in FEDERATE])
+def test_federate_bad_input(job, extra, message, capsys):
+    root, _, path = job
+    extra = [a.replace("{root}", str(root)) for a in extra]
+    argv = ["federate"] + ([] if "--config" in extra else ["--config", str(path)]) + extra
+    code, err = _run(argv, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("meerkat-hf: error:"), err
+    assert message in lines[0], lines[0]
+    assert not (root / "run").exists()  # nothing written
+
+
+MASK = [
+    (["--density", "1.5"], "density must be in (0, 1]"),
+    (["--density", "0"], "density must be in (0, 1]"),
+    (["--density", "nan"], "density must be in (0, 1]"),
+    (["--density", "inf"], "density must be in (0, 1]"),
+    (["--seq-len", "1"], "calibration_seq_len must be >= 2"),
+    (["--num-sequences", "0"], "calibration_num_sequences must be >= 1"),
+    (["--batch-size", "0"], "calibration_batch_size must be >= 1"),
+    (["--exclude", "[unclosed"], "exclude_patterns: '[unclosed' is not a valid regular expression"),
+    (["--include", "(?P<"], "include_patterns: '(?P<' is not a valid regular expression"),
+    (["--calibration", "/nonexistent/calib.txt"], "calibration source /nonexistent/calib.txt does not exist"),
+    (["--model", "/nonexistent/model"], "/nonexistent/model"),
+]
+
+
+@pytest.mark.parametrize("extra,message", MASK, ids=[" ".join(a) for a, _ in MASK])
+def test_mask_compute_bad_input(job, extra, message, capsys):
+    root, model_dir, _ = job
+    args = {"--model": model_dir, "--calibration": str(root / "calib.txt"), "--out": str(root / "mask-out")}
+    for flag, value in zip(extra[::2], extra[1::2]):
+        if flag in args:
+            args[flag] = value
+    argv = ["mask", "compute"] + [x for kv in args.items() for x in kv] + \
+        [x for flag, value in zip(extra[::2], extra[1::2]) if flag not in args for x in (flag, value)]
+    code, err = _run(argv, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("meerkat-hf: error:"), err
+    assert message in lines[0], lines[0]
+    assert not (root / "mask-out").exists()
+
+
+@pytest.mark.parametrize("argv", [["federate", "--set"], ["mask", "compute", "--density", "abc"], ["bogus"]])
+def test_argparse_errors_exit_2_without_traceback(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("meerkat-hf")

@@ -1,0 +1,266 @@
+"""Trust boundaries (issue 11): server-side bounds, client identity, checkpoint integrity, resume."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from federated_support import base_config, make_model_dir, make_task_files
+from meerkat_hf.federated import FederationConfig, ValidationConfig
+from meerkat_hf.federated.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_latest_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
+from meerkat_hf.federated.driver import FederationHooks, SimulatedCrash, run_federation
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trust")
+    return root, make_model_dir(root), make_task_files(root)
+
+
+def _config(tmp_path, assets, **kw) -> FederationConfig:
+    _, model_dir, files = assets
+    return FederationConfig.from_dict(base_config(tmp_path, model_dir, files, **kw))
+
+
+# -- 3. checkpoints ---------------------------------------------------------------------------------
+def _flip(path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset % len(data)] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_checkpoint_hash_weights_only_and_fallback(tmp_path, caplog):
+    state = {"server": {"values": torch.arange(5, dtype=torch.float32), "history": [(0, [(1, 2, 1, [0.5], [])])]},
+             "config": {"lr": 1e-3, "task": {"verbalizer": [" a", " b"]}, "x": None}, "clients": [{"steps_done": 3}]}
+    for r in range(3):
+        save_checkpoint(tmp_path, r, {**state, "tag": r}, keep=2)
+    paths = list_checkpoints(tmp_path)
+    assert [p.name for p in paths] == ["round_000001.pt", "round_000002.pt"]  # the last two are kept
+    assert read_checkpoint(paths[-1])["tag"] == 2
+    # every single-bit flip anywhere in the newest file is detected; the previous one is used instead
+    newest = paths[-1].read_bytes()
+    for offset in (0, 9, 40, len(newest) // 2, len(newest) - 1):
+        paths[-1].write_bytes(newest)
+        _flip(paths[-1], offset)
+        with pytest.raises(CheckpointError):
+            read_checkpoint(paths[-1])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            ck = load_latest_checkpoint(tmp_path)
+        assert ck["tag"] == 1 and ck["path"].endswith("round_000001.pt")
+        assert "falling back to the previous one" in caplog.text
+    paths[-1].write_bytes(newest[: len(newest) // 3])  # truncated
+    assert load_latest_checkpoint(tmp_path)["tag"] == 1
+    _flip(paths[0], 100)
+    assert load_latest_checkpoint(tmp_path) is None  # nothing intact: nothing to resume from
+
+
+def test_checkpoint_refuses_pickled_code(tmp_path):
+    import hashlib
+    import io
+
+    from meerkat_hf.federated import checkpoint as ckpt
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    buf = io.BytesIO()
+    torch.save({"format": ckpt.FORMAT, "round": 0, "evil": Evil()}, buf)
+    payload = buf.getvalue()  # a correct hash: only weights_only=True stops it
+    folder = ckpt.checkpoint_dir(tmp_path)
+    folder.mkdir(parents=True)
+    (folder / "round_000000.pt").write_bytes(ckpt.MAGIC + hashlib.sha256(payload).digest() + payload)
+    with pytest.raises(CheckpointError, match="cannot be loaded safely"):
+        read_checkpoint(folder / "round_000000.pt")
+
+
+def test_resume_falls_back_past_a_damaged_newest_checkpoint(tmp_path, assets, caplog):
+    kw = dict(rounds=4, client_fraction=0.5, eval_every=4)
+    full = run_federation(_config(tmp_path / "a", assets, **kw))
+
+    def crash(r, row):
+        if r == 2:
+            raise SimulatedCrash("power cut after round 2")
+
+    with pytest.raises(SimulatedCrash):
+        run_federation(_config(tmp_path / "b", assets, **kw), hooks=FederationHooks(after_round=crash))
+    paths = list_checkpoints(tmp_path / "b" / "run")
+    assert len(paths) == 2  # the last two are kept
+    _flip(paths[-1], len(paths[-1].read_bytes()) // 2)
+    caplog.set_level(logging.WARNING)
+    resumed = run_federation(_config(tmp_path / "b", assets, resume=True, **kw))
+    assert "falling back to the previous one" in caplog.text
+    assert resumed.state_digest == full.state_digest  # round 2 is redone from round 1's checkpoint
+
+
+# -- 4. resume=True with nothing to resume from is a fresh run ------------------------------------
+@pytest.mark.parametrize("algorithm", ["random-early-stop", "meerkat-vp"])
+def test_resume_without_checkpoint_equals_fresh_run(tmp_path, assets, algorithm):
+    kw = dict(algorithm=algorithm, rounds=3, local_steps=3, eval_every=3, vp={"random_count": 2}
+              if algorithm == "random-early-stop" else {"min_steps": 2, "ratio_threshold": 0.9})
+    fresh = run_federation(_config(tmp_path / "a", assets, **kw))
+    resumed = run_federation(_config(tmp_path / "b", assets, resume=True, **kw))
+    assert resumed.state_digest == fresh.state_digest
+    assert resumed.limited_clients == fresh.limited_clients
+    assert [r["budgets"] for r in resumed.metrics] == [r["budgets"] for r in fresh.metrics]
+    if algorithm == "random-early-stop":
+        assert len(fresh.limited_clients) == 2
+
+
+# -- 1. the server decides, clients report --------------------------------------------------------
+@pytest.fixture(scope="module")
+def proto():
+    from conftest import build_tiny_tokenizer, make_corpus, tiny_model
+    from meerkat_hf import SparseMaskConfig, compute_mask, get_meerkat_model
+
+    torch.set_num_threads(1)
+    tok = build_tiny_tokenizer()
+    model = tiny_model("llama")
+    mask = compute_mask(model, SparseMaskConfig(density=0.05, calibration_num_sequences=4, calibration_seq_len=32),
+                        make_corpus(60), tok, progress=False)
+    wrapped = get_meerkat_model(model, mask)
+    enc = [tok(t)["input_ids"] for t in make_corpus(60, seed=3)]
+    return wrapped, mask, enc
+
+
+def _proto_round(proto, forge, params=None, **server_kw):
+    """One round, 3 clients; `forge(uplink) -> Uplink` rewrites client 0's report. Returns (server, summary, uplinks)."""
+    from test_federated_protocol import _clients, _server
+
+    from meerkat_hf.federated import LRSchedule, ProtocolParams, decode_uplink
+    from meerkat_hf.federated.protocol.codec import Uplink
+
+    wrapped, mask, enc = proto
+    params = params or ProtocolParams(3, LRSchedule(1e-3))
+    clients = _clients(enc)
+    server = _server(wrapped, mask, params, **server_kw)
+    server.example_caps = {c.client_id: c.num_examples for c in clients}
+    server.begin_round(0, {0: 3, 1: 3, 2: 3})
+    ups = [c.train_zo(wrapped, server.values, 0, 3, params, mask.checksum, 1e-3).uplink for c in clients]
+    ups[0] = forge(decode_uplink(ups[0]), Uplink).encode()
+    for u in ups:
+        server.receive(u)
+    return server, server.finish_round(), params
+
+
+def test_server_rejects_client_chosen_lr_and_bought_weight(proto):
+    _, s, _ = _proto_round(proto, lambda u, U: U(**{**u.__dict__, "lrs": (10.0,)}))
+    assert [(r.client_id, r.reason) for r in s.rejected] == [(0, "wrong-lr")] and s.accepted == [1, 2]
+    _, s, _ = _proto_round(proto, lambda u, U: U(**{**u.__dict__, "lrs": (float(np.float32(1e-3)),) * 3}))
+    assert s.accepted == [0, 1, 2]  # echoing the federation's lr is fine
+    _, s, _ = _proto_round(proto, lambda u, U: U(**{**u.__dict__, "num_examples": 2**31 - 1}))
+    assert [(r.client_id, r.reason) for r in s.rejected] == [(0, "bad-example-count")]
+    assert "more than the 12" in s.rejected[0].detail
+
+
+def test_update_norm_bound_scales_one_client_identically_everywhere(proto):
+    from meerkat_hf.federated import FederatedClient, state_digest
+    from meerkat_hf.federated.protocol.codec import KIND_RECORDS
+
+    wrapped, mask, _ = proto
+    w0 = wrapped.base_values.clone()
+    forge = lambda u, U: U(**{**u.__dict__, "grads": tuple(1e4 if g >= 0 else -1e4 for g in u.grads)})  # noqa: E731
+    server, s, params = _proto_round(proto, forge)
+    bound = 10.0 * float(w0.double().norm())
+    assert set(s.clipped) == {0} and 0 < s.clipped[0] < 1
+    assert float((s.finals[0].double() - w0.double()).norm()) <= bound * (1 + 1e-4)
+    assert float((s.finals[1].double() - w0.double()).norm()) < bound  # honest clients untouched
+    # unbounded, the same message moves w_S by orders of magnitude more
+    _, raw, _ = _proto_round(proto, forge, validation=ValidationConfig(max_update_ratio=None))
+    assert not raw.clipped
+    assert float((raw.finals[0].double() - w0.double()).norm()) > 20 * bound
+    assert float(server.values.abs().max()) < float(raw_values_max(raw, w0))
+    # a client replaying the records downlink (the scaled scalars travel) reaches the server's bits
+    server.begin_round(1, {1: 3})
+    client = FederatedClient(1, [[1, 2, 3]], None, batch_size=1, data_seed=0)
+    values, _, _ = client.receive(server.downlink(KIND_RECORDS, 0), mask_checksum=mask.checksum,
+                                  fingerprint=mask.fingerprint, params=params, cache=w0)
+    assert state_digest(values) == server.digest
+
+
+def raw_values_max(summary, w0):
+    return max(float(f.abs().max()) for f in summary.finals.values())
+
+
+def test_non_finite_round_is_refused_and_the_state_kept(proto, monkeypatch, caplog):
+    from meerkat_hf.federated.protocol import server as server_mod
+
+    def poisoned(values, records, finals):
+        out = values.clone()
+        out[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(server_mod, "fedavg_finals", poisoned)
+    caplog.set_level(logging.ERROR)
+    server, s, _ = _proto_round(proto, lambda u, U: u)
+    assert s.refused and s.accepted == [] and {r.reason for r in s.rejected} == {"round-refused"}
+    assert torch.equal(server.values, proto[0].base_values) and server.round == 1
+    assert server.history[-1].records == ()  # clients replaying round 0 keep the old state too
+    assert "round 0 refused" in caplog.text
+
+
+def test_validation_bounds_must_be_finite_and_weight_decay_bounded(tmp_path, assets):
+    from meerkat_hf.federated import ConfigError, LRSchedule, ProtocolParams
+
+    for bad in ({"max_abs_grad": float("inf")}, {"max_lr": float("nan")}, {"max_update_ratio": float("inf")},
+                {"max_examples": 0}, {"max_abs_delta": -1}):
+        with pytest.raises(ValueError, match="finite number > 0"):
+            ValidationConfig(**bad)
+        with pytest.raises(ConfigError, match="validation"):
+            _config(tmp_path, assets, validation=bad)
+    with pytest.raises(ConfigError, match="lr \\* weight_decay must be < 1"):
+        _config(tmp_path, assets, lr=1e-3, weight_decay=1000.0).validate()
+    with pytest.raises(ValueError, match="weight_decay"):
+        ProtocolParams(0, LRSchedule(0.5), weight_decay=2.0)
+
+
+def test_malicious_client_through_the_driver(tmp_path, assets):
+    """Client 0 reports |g| = max_abs_grad on every step: its influence is bounded, honest clients are not touched."""
+    from meerkat_hf.federated import decode_uplink
+    from meerkat_hf.federated.protocol.codec import Uplink
+
+    def tamper(r, cid, data):
+        if cid != 0:
+            return [data]
+        up = decode_uplink(data)
+        return [Uplink(**{**up.__dict__, "grads": tuple(1e4 if g >= 0 else -1e4 for g in up.grads)}).encode()]
+
+    res = run_federation(_config(tmp_path, assets, rounds=2, local_steps=10, eval_every=2),
+                         hooks=FederationHooks(tamper_uplink=tamper))
+    assert all(set(r["clipped"]) == {"0"} for r in res.metrics)
+    assert float(res.final_values.abs().max()) < 0.2  # 0.063 before; 12.3 without the bound (1.6e6 with lr/weight)
+
+
+# -- 2. client identity ---------------------------------------------------------------------------
+def test_a_client_cannot_speak_for_another(tmp_path, assets, caplog):
+    """Client 0 forges a valid uplink signed as client 1 (right round, mask, start state, CRC) ahead of
+    client 1's own: the transport knows whose channel it was, so the forgery is refused, not the genuine one."""
+    from meerkat_hf.federated import decode_uplink
+    from meerkat_hf.federated.protocol.codec import Uplink
+
+    def tamper(r, cid, data):
+        if cid != 0:
+            return [data]
+        up = decode_uplink(data)
+        forged = Uplink(**{**up.__dict__, "client_id": 1, "grads": tuple(-g for g in up.grads)}).encode()
+        return [forged, data]
+
+    caplog.set_level(logging.WARNING)
+    kw = dict(rounds=2, eval_every=2)
+    honest = run_federation(_config(tmp_path / "a", assets, **kw))
+    res = run_federation(_config(tmp_path / "b", assets, **kw), hooks=FederationHooks(tamper_uplink=tamper))
+    for row in res.metrics:
+        assert [(x["client_id"], x["reason"]) for x in row["rejected"]] == [(0, "sender-mismatch")]
+        assert row["accepted"] == row["participants"]
+    assert res.state_digest == honest.state_digest  # the forgery changed nothing
+    assert "signed as client 1" in caplog.text
