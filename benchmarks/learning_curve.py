@@ -112,7 +112,9 @@ def single(args, command: str) -> None:
 def federated(args, command: str) -> None:
     import yaml
 
+    from meerkat_hf.federated import FederationConfig
     from meerkat_hf.federated.driver import run_federation
+    from meerkat_hf.federated.federation_config import apply_overrides
 
     out = Path(args.out)
     log_path, run_dir = out / f"{args.name}.jsonl", out / args.name
@@ -123,7 +125,7 @@ def federated(args, command: str) -> None:
     raw["task"] = {**raw["task"], "eval_split": "validation", "max_train_examples": None}
     raw["mask"] = {**raw["mask"], "path": args.mask}
     raw["partition"] = {**raw["partition"], "num_single_label_clients": 0}
-    cfg = _overrides(raw, args.set)
+    cfg = FederationConfig.from_dict(apply_overrides(raw, args.set))  # the CLI's own --set parser
     result = run_federation(cfg)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     per_step = 2 * cfg.batch_size * getattr(cfg, "q", 1)
@@ -138,25 +140,6 @@ def federated(args, command: str) -> None:
                                **{k: r.get(k) for k in ("accuracy", "balanced_accuracy", "balanced_accuracy_ci_low",
                                                         "balanced_accuracy_ci_high", "macro_f1", "auc")}})
     _log(f"{args.name}: balanced acc {init.get('balanced_accuracy')} -> {result.final_eval.get('balanced_accuracy')}")
-
-
-def _overrides(raw: dict, sets: list[str]):
-    from meerkat_hf.federated import FederationConfig
-
-    for pair in sets:
-        key, _, value = pair.partition("=")
-        node = raw
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml_value(value)
-    return FederationConfig.from_dict(raw)
-
-
-def yaml_value(text: str):
-    import yaml
-
-    return yaml.safe_load(text)
 
 
 # ------------------------------------------------------------------------------------------- test
