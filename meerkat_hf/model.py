@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from .config import CONFIG_NAME
@@ -30,6 +29,7 @@ from .hub import (
     write_directory_atomically,
 )
 from .mask import MASK_WEIGHTS_NAME, SparseMask, config_content_sha256, read_json_config
+from .safetensors_bytes import save_safetensors
 from .sparse_view import SparseView
 
 logger = logging.getLogger(__name__)
