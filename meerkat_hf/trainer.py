@@ -40,7 +40,7 @@ from . import zo
 from .classification_metrics import balanced_accuracy, macro_f1
 from .metrics import accuracy
 from .model import DELTA_WEIGHTS_NAME, MeerkatModel, forward_module
-from .tasks import IGNORE_INDEX, candidate_loss, prediction_positions
+from .tasks import IGNORE_INDEX, balanced_class_weights, candidate_loss, prediction_positions
 from .training_args import ZO_LOSSES, MeerkatZOArguments
 from .zo_optimizer import ZOSGD
 
@@ -56,23 +56,31 @@ class MeerkatZOTrainer(Trainer):
 
     Extra constructor argument:
         candidate_ids: token ids of the label words (class order), required for
-            `zo_loss="candidates"`; see `meerkat_hf.tasks.candidate_token_ids`.
+            `zo_loss="candidates"` and `"balanced"`; see `meerkat_hf.tasks.candidate_token_ids`.
+        class_weights: per-class loss weights for `zo_loss="balanced"`; by default
+            `balanced_class_weights` of the train_dataset's `label` column.
 
     `args` may be a `MeerkatZOArguments` or a plain `TrainingArguments`, converted once to a
     `MeerkatZOArguments` with the ZO defaults (and validated there).
     After training, `trainer.zo_optimizer.history` is the run's virtual path (seeds, scalars, lr).
     """
 
-    def __init__(self, model=None, args=None, *trainer_args, candidate_ids=None, **trainer_kwargs):
+    def __init__(self, model=None, args=None, *trainer_args, candidate_ids=None, class_weights=None, **trainer_kwargs):
         if model is not None:
             _check_model(model)
         args = MeerkatZOArguments.from_training_arguments(args)  # converted once, validated there
-        if args.zo_loss == "candidates" and candidate_ids is None:
+        if args.zo_loss in ("candidates", "balanced") and candidate_ids is None:
             raise ValueError(
-                "zo_loss='candidates' needs the label words' token ids: "
+                f"zo_loss={args.zo_loss!r} needs the label words' token ids: "
                 "MeerkatZOTrainer(..., candidate_ids=meerkat_hf.tasks.candidate_token_ids(tokenizer, task))"
             )
         self.candidate_ids = None if candidate_ids is None else torch.as_tensor(candidate_ids, dtype=torch.long).reshape(-1)
+        self.class_weights = None
+        if args.zo_loss == "balanced":
+            self.class_weights = _class_weights(class_weights, self.candidate_ids.numel(),
+                                                trainer_kwargs.get("train_dataset"))
+        elif class_weights is not None:
+            raise ValueError(f"class_weights= is used by zo_loss='balanced' only (zo_loss={args.zo_loss!r})")
         if trainer_kwargs.get("optimizer_cls_and_kwargs") is not None:
             raise ValueError("MeerkatZOTrainer always uses ZOSGD; drop optimizer_cls_and_kwargs")
         optimizers = trainer_kwargs.get("optimizers")
@@ -216,9 +224,9 @@ class MeerkatZOTrainer(Trainer):
 
     def compute_zo_loss(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         """The loss one micro-batch contributes, scaled for accumulation exactly as Trainer scales it for backward."""
-        if self.args.zo_loss == "candidates":
+        if self.args.zo_loss in ("candidates", "balanced"):
             with self.compute_loss_context_manager():
-                loss = candidate_loss(forward_module(model), inputs, self.candidate_ids)
+                loss = candidate_loss(forward_module(model), inputs, self.candidate_ids, self.class_weights)
             scaled = False  # a per-batch mean over examples
         else:
             with self.compute_loss_context_manager():
@@ -282,6 +290,20 @@ class MeerkatZOTrainer(Trainer):
     def _load_best_model(self) -> None:
         logger.info("loading best model from %s (score: %s)", self.state.best_model_checkpoint, self.state.best_metric)
         self._load_delta(self.state.best_model_checkpoint)
+
+
+def _class_weights(given, num_classes: int, train_dataset) -> torch.Tensor:
+    """`class_weights=` as a float tensor, or the balanced weights of the training labels."""
+    if given is not None:
+        weights = torch.as_tensor(given, dtype=torch.float32).reshape(-1)
+        if weights.numel() != num_classes or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+            raise ValueError(f"class_weights must be {num_classes} finite numbers >= 0 (one per label word), got {given!r}")
+        return weights
+    columns = getattr(train_dataset, "column_names", None) or []
+    if "label" not in columns:
+        raise ValueError("zo_loss='balanced' needs class_weights= or a train_dataset with a `label` column "
+                         "(meerkat_hf.tasks.balanced_class_weights(labels, num_classes))")
+    return balanced_class_weights(train_dataset["label"], num_classes)
 
 
 def _check_model(model) -> None:

@@ -14,7 +14,7 @@ from transformers import TrainingArguments
 
 from .zo import check_eps
 
-ZO_LOSSES = ("lm", "candidates")
+ZO_LOSSES = ("lm", "candidates", "balanced")
 
 
 @dataclass
@@ -40,7 +40,9 @@ class MeerkatZOArguments(TrainingArguments):
         default="lm",
         metadata={
             "help": "lm: the model's own LM loss on `labels`; candidates: cross-entropy over the label words only "
-            "(MeZO-style classification; pass candidate_ids= to the trainer).",
+            "(MeZO-style classification; pass candidate_ids= to the trainer); balanced: the same, class-weighted "
+            "by 1/(C * training prior) so that moving the label prior cannot lower it (class_weights= or the "
+            "train_dataset's `label` column).",
             "choices": list(ZO_LOSSES),
         },
     )

@@ -229,3 +229,35 @@ def test_config_validation_and_yaml(tmp_path, assets):
     with pytest.raises(FileNotFoundError):
         FederationConfig.from_yaml(tmp_path / "missing.yaml")
     assert FederationConfig().algorithm == "meerkat"  # defaults validate
+
+
+def test_class_balanced_loss_uses_the_federation_label_prior(tmp_path, assets):
+    """task.loss=balanced: every client's loss weights classes by 1/(C * p_c) of the federation's
+    training labels (3:1 negative here), so the run differs from plain candidate cross-entropy."""
+    from federated_support import toy_rows, write_csv
+    from meerkat_hf.federated.task_data import build_classification_data
+    from meerkat_hf.loading import load_model_and_tokenizer
+    from meerkat_hf.tasks import candidate_loss
+
+    _, model_dir, files = assets
+    rows = toy_rows(64, 3)
+    skewed = rows + [r for r in rows if r["label"] == 0]  # 64 negative, 32 positive
+    train = write_csv(tmp_path / "skewed.csv", skewed)
+    task = {"data_files": {"train": train, "test": files["test"]}}
+    plain = _config(tmp_path / "plain", assets, task=task, rounds=1, partition={"scheme": "iid"}, save_final=True)
+    balanced = _config(tmp_path / "balanced", assets, task={**task, "loss": "balanced"}, rounds=1,
+                       partition={"scheme": "iid"}, save_final=True)
+    model, tokenizer = load_model_and_tokenizer(model_dir)
+    data = build_classification_data(balanced, tokenizer)
+    batch = data.collate(data.client_examples[0][:8])
+    from meerkat_hf.tasks import candidate_token_ids, custom_task
+
+    cand = candidate_token_ids(tokenizer, custom_task("{text}\nSentiment:", [" bad", " good"], ["text"]))
+    with torch.no_grad():
+        expected = candidate_loss(model, batch, cand, torch.tensor([96 / 128, 96 / 64]))
+        torch.testing.assert_close(data.loss_fn(model, batch), expected)
+    a, b = run_federation(plain), run_federation(balanced)
+    assert torch.equal(a.initial_values, b.initial_values) and not torch.equal(a.final_values, b.final_values)
+    assert b.training_summary["loss"] == "class-balanced candidate cross-entropy"
+    with pytest.raises(ConfigError, match="task.loss must be one of candidates, balanced"):
+        _config(tmp_path, assets, task={"loss": "focal"})

@@ -353,3 +353,21 @@ def test_custom_task_needs_data_files(movie_task, tmp_path):
     path.write_text("text,label\nfun,good\nboring,bad\n")
     ds = load_task_dataset(movie_task, "train", data_files=str(path), max_examples=1, seed=3)
     assert len(ds) == 1 and ds["label"][0] in (0, 1)
+
+
+def test_balanced_class_weights_make_every_class_count_the_same(tiny_tokenizer, tiny_llama, movie_task, movie_data):
+    from meerkat_hf.tasks import balanced_class_weights
+
+    weights = balanced_class_weights([0, 0, 0, 1], 2)  # prior 3/4, 1/4
+    torch.testing.assert_close(weights, torch.tensor([2 / 3, 2.0]))
+    torch.testing.assert_close(balanced_class_weights([0, 0], 3), torch.tensor([1 / 3, 0.0, 0.0]))  # absent: 0
+    with pytest.raises(ValueError, match="num_classes"):
+        balanced_class_weights([0, 3], 2)
+    train_batch, _ = _batches(tiny_tokenizer, movie_task, movie_data)
+    cand = candidate_token_ids(tiny_tokenizer, movie_task)
+    w = torch.tensor([0.25, 4.0])
+    with torch.no_grad():
+        per_example = F.cross_entropy(candidate_logits(tiny_llama, train_batch, cand).float(), train_batch["label"],
+                                      reduction="none")
+        wy = w[train_batch["label"]]
+        torch.testing.assert_close(candidate_loss(tiny_llama, train_batch, cand, w), (wy * per_example).sum() / wy.sum())

@@ -481,3 +481,29 @@ def test_candidate_loss_classification_with_offline_accuracy(tmp_path):
     assert end["eval_balanced_accuracy"] >= 0.7, end  # learned the keyword, not the label prior
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert losses[-1] < losses[0]  # the candidate cross-entropy (what is logged as loss) falls
+
+
+def test_balanced_candidate_loss_weights_classes_by_the_training_prior(tmp_path):
+    """zo_loss='balanced': the class weights come from the train_dataset's labels (or class_weights=)."""
+    from meerkat_hf.tasks import ClassificationCollator, candidate_token_ids, custom_task, encode_classification
+
+    tokenizer = build_tiny_tokenizer()
+    task = custom_task("{text} It was", {0: " bad", 1: " good"}, ["text"], name="toy")
+    data = encode_classification(tokenizer, task, Dataset.from_dict(
+        {"text": [f"{w} sad" for w in WORDS[:9]] + [f"{w} happy" for w in WORDS[:3]], "label": [0] * 9 + [1] * 3}), 32)
+    candidates = candidate_token_ids(tokenizer, task)
+    kw = dict(train_dataset=data, data_collator=ClassificationCollator(tokenizer), candidate_ids=candidates)
+    trainer = MeerkatZOTrainer(model=meerkat(), args=zo_args(tmp_path, max_steps=2, zo_loss="balanced",
+                                                                  per_device_train_batch_size=4), **kw)
+    torch.testing.assert_close(trainer.class_weights, torch.tensor([12 / 18, 12 / 6]))
+    trainer.train()
+    assert len(trainer.zo_optimizer.history) == 2
+    explicit = MeerkatZOTrainer(model=meerkat(), args=zo_args(tmp_path, zo_loss="balanced"), class_weights=[1, 3], **kw)
+    assert explicit.class_weights.tolist() == [1.0, 3.0]
+    with pytest.raises(ValueError, match="class_weights must be 2 finite"):
+        MeerkatZOTrainer(model=meerkat(), args=zo_args(tmp_path, zo_loss="balanced"), class_weights=[1, -1], **kw)
+    with pytest.raises(ValueError, match="zo_loss='balanced' only"):
+        MeerkatZOTrainer(model=meerkat(), args=zo_args(tmp_path, zo_loss="candidates"), class_weights=[1, 1], **kw)
+    with pytest.raises(ValueError, match="`label` column"):
+        MeerkatZOTrainer(model=meerkat(), args=zo_args(tmp_path, zo_loss="balanced"),
+                         train_dataset=data.remove_columns("label"), candidate_ids=candidates)

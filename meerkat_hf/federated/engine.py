@@ -218,6 +218,9 @@ def training_summary(config: FederationConfig, task: str, initial_eval: dict, fi
                                   f"{config.partition.num_single_label_clients} single-label clients)",
                      "rounds": config.rounds, "local_steps": config.local_steps, "learning_rate": config.lr,
                      "zo_eps": config.eps}
+    if config.task.type == "classification":
+        summary["loss"] = "class-balanced candidate cross-entropy" if config.task.loss == "balanced" \
+            else "candidate cross-entropy"
     hub_dataset = _task_hub_dataset(config)
     if hub_dataset:
         summary["datasets"] = [hub_dataset]

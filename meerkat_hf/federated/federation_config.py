@@ -37,6 +37,7 @@ from .protocol.virtual_path import LR_SCHEDULES
 ALGORITHMS = ("meerkat", "meerkat-vp", "random-early-stop", "full-fedzo", "lora-fedzo", "magnitude", "random", "fo-fedavg")
 PARTITION_SCHEMES = ("iid", "dirichlet", "shard", "shards", "single_label")
 TASK_TYPES = ("classification", "lm")
+CLASSIFICATION_LOSSES = ("candidates", "balanced")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -116,6 +117,10 @@ class TaskSection:
     text_column: str = "text"  # lm tasks
     eval_split: str = "eval"
     max_train_examples: int | None = None
+    # classification: candidates = cross-entropy over the label words (MeZO); balanced = the same,
+    # class-weighted by 1 / (C * p_c) with p_c the federation's training label frequencies, so that
+    # shifting the label prior cannot lower the loss (see tasks.balanced_class_weights)
+    loss: str = "candidates"
 
 
 @dataclass
@@ -244,6 +249,8 @@ class FederationConfig:
                  "task needs a tasks-module name (task.name) or a custom prompt + verbalizer")
             need(self.task.prompt is None or self.task.verbalizer is not None, "task.prompt needs task.verbalizer")
             need(self.task.prompt is None or self.task.data_files is not None, "a custom task.prompt needs task.data_files")
+            need(self.task.loss in CLASSIFICATION_LOSSES,
+                 f"task.loss must be one of {', '.join(CLASSIFICATION_LOSSES)} (got {self.task.loss!r})")
         else:
             need(self.task.data_files is not None, "task.type 'lm' needs task.data_files")
         scheme = self.partition.scheme.strip().lower().replace("-", "_")

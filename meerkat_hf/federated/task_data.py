@@ -21,6 +21,7 @@ from ..classification_metrics import ClassifierScores
 from ..model import forward_module
 from ..tasks import (
     ClassificationCollator,
+    balanced_class_weights,
     candidate_loss,
     candidate_scores,
     candidate_token_ids,
@@ -86,8 +87,14 @@ def build_classification_data(config: FederationConfig, tokenizer) -> FederatedD
     collate = ClassificationCollator(tokenizer)
     last_eval: dict = {}
 
+    weights = None
+    if t.loss == "balanced":  # the federation's label frequencies: every client optimises the same objective
+        held = np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]) if parts else np.zeros(0, np.int64)
+        weights = balanced_class_weights(labels[held], template.num_classes)
+        logger.info("class-balanced loss: weights %s", [round(float(w), 4) for w in weights])
+
     def loss_fn(model, batch):
-        return candidate_loss(forward_module(model), batch, cand)
+        return candidate_loss(forward_module(model), batch, cand, weights)
 
     def evaluate(model) -> dict[str, float]:
         scores, gold = candidate_scores(forward_module(model), tokenizer, template, eval_encoded,

@@ -19,6 +19,7 @@ from .templates import TASKS, TaskTemplate, custom_task, get_task, list_tasks
 from .verbalizer import (
     IGNORE_INDEX,
     ClassificationCollator,
+    balanced_class_weights,
     candidate_logits,
     candidate_loss,
     candidate_scores,
@@ -46,6 +47,7 @@ __all__ = [
     "IGNORE_INDEX",
     "ClassificationCollator",
     "candidate_logits",
+    "balanced_class_weights",
     "candidate_loss",
     "candidate_scores",
     "candidate_token_ids",

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -31,6 +32,7 @@ __all__ = [
     "ClassificationCollator",
     "prediction_positions",
     "candidate_logits",
+    "balanced_class_weights",
     "candidate_loss",
     "predict",
     "evaluate_accuracy",
@@ -368,10 +370,34 @@ def _targets(batch: Mapping[str, torch.Tensor], candidate_ids: torch.Tensor, dev
     return match.int().argmax(dim=1)
 
 
-def candidate_loss(model: Any, batch: Mapping[str, torch.Tensor], candidate_ids: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the candidate words only (MeZO's classification loss), in float32."""
+def candidate_loss(model: Any, batch: Mapping[str, torch.Tensor], candidate_ids: torch.Tensor,
+                   class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy over the candidate words only (MeZO's classification loss), in float32.
+
+    `class_weights` (one per class, e.g. from :func:`balanced_class_weights`) gives the weighted
+    mean ``sum_i w_{y_i} l_i / sum_i w_{y_i}``, as `F.cross_entropy(weight=...)` defines it.
+    """
     logits = candidate_logits(model, batch, candidate_ids).float()
-    return F.cross_entropy(logits, _targets(batch, candidate_ids, logits.device))
+    weight = None if class_weights is None else class_weights.to(device=logits.device, dtype=torch.float32)
+    return F.cross_entropy(logits, _targets(batch, candidate_ids, logits.device), weight=weight)
+
+
+def balanced_class_weights(labels: Any, num_classes: int) -> torch.Tensor:
+    """Class weights ``1 / (C * p_c)`` from the training labels' frequencies p_c.
+
+    With them the candidate loss is the *class-balanced* cross-entropy: every class counts the same,
+    so an update can no longer lower the loss by moving the label prior toward the majority class
+    (on tweets_binary, 69% negative, that is the first thing plain cross-entropy learns). Classes
+    absent from `labels` get weight 0 (they never occur in a batch drawn from them).
+    """
+    counts = torch.bincount(torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1), minlength=num_classes)
+    if counts.numel() != num_classes:
+        raise ValueError(f"labels hold class ids >= num_classes={num_classes}")
+    if int(counts.sum()) == 0:
+        raise ValueError("balanced class weights need at least one labelled example")
+    prior = counts.double() / counts.sum()
+    weights = torch.where(counts > 0, 1.0 / (num_classes * prior.clamp_min(1e-300)), torch.zeros((), dtype=torch.float64))
+    return weights.float()
 
 
 def predict(model: Any, batch: Mapping[str, torch.Tensor], candidate_ids: torch.Tensor) -> torch.LongTensor:
