@@ -15,6 +15,7 @@ byte for byte as it is. The sources, all under benchmarks/results/:
     learning_curves zo_study/RUN.jsonl for RUN in LEARNING_CURVE_RUNS (zo_study.py run)
     test_split     zo_study/test_results.jsonl     (zo_study.py test; a run tested twice: latest row)
     across_seeds   zo_study/test_results.jsonl, the SEED_RUNS at SEED_STEP
+    study_summary  (README) test_split's gains in short, then across_seeds
     federated_curves curves/*.jsonl                (learning_curve.py federated)
 
     python benchmarks/render_results.py            # rewrite the blocks in place
@@ -176,7 +177,7 @@ def render_diagnose(rec: Records) -> str:
     rows = []
     for mask, label, b in specs:
         r = latest[mask]
-        # |G|^2 is estimated unbiasedly (mean pair product of independent batch gradients), so a
+        # diagnose estimates |G|^2 unbiasedly (|mean of batch gradients|^2 minus its noise term), so a
         # gradient with no consistent direction can come out negative: that is "zero within noise".
         g2 = r["full_grad_sq"]
         rows.append([bold(label, b), bold(f"{r['k']:,}", b), "~0 (noise)" if g2 <= 0 else f"{g2:.2f}",
@@ -199,8 +200,8 @@ def _run_rows(rec: Records, name: str) -> tuple[dict, list[dict]]:
 
 
 def _optimizer(cfg: dict, long: bool) -> str:
-    name = {"zo": "ZO", "fo": "first-order SGD" if long else "FO"}.get(cfg.get("optimizer", "zo"), cfg.get("optimizer"))
-    return name
+    opt = cfg.get("optimizer", "zo")
+    return {"zo": "ZO", "fo": "first-order SGD" if long else "FO"}.get(opt, opt)
 
 
 def _spaced(values: list[int], step_values: list[int]) -> str:
@@ -348,7 +349,27 @@ def render_federated_curves(rec: Records) -> str:
                             "balanced acc [95% CI]", "AUC"], rows)
 
 
+def render_study_summary(rec: Records) -> str:
+    """The README's short form of test_split + across_seeds: what a reader needs before RESULTS.md."""
+    tests = rec.test_rows()
+    zs = rec.json("zo_study/baselines.json")["test"]["zero_shot"]["balanced_accuracy"]
+    rows = []
+    for name in [n for n in LEARNING_CURVE_RUNS if n in tests] + [n for n in tests if n not in LEARNING_CURVE_RUNS]:
+        r = tests[name]
+        cfg, fg = r["config"], r["forgetting"]
+        what = f"{_optimizer(cfg, long=True)}, lr {sci(cfg['lr'])}, seed {cfg.get('seed', 0)}"
+        rows.append([f"`{name}`", what, str(r["step"]), f3(r["trained"]["balanced_accuracy"]),
+                     _gain(r["gain_over_zero_shot"]),
+                     f"{fg['perplexity_before']:.1f} -> {fg['perplexity_after']:.1f}"])
+    caption = (f"Test split of the study's tested runs (`benchmarks/results/zo_study/test_results.jsonl`; all 2,314 "
+               f"test examples, zero-shot balanced accuracy {f3(zs)}; paired bootstrap 95% intervals; "
+               f"generic perplexity = forgetting):\n\n")
+    return caption + table(["run", "optimizer", "step", "test balanced acc", "gain over zero-shot",
+                            "generic perplexity"], rows) + "\n\n" + render_across_seeds(rec)
+
+
 RENDERERS: dict[str, Callable[[Records], str]] = {
+    "study_summary": render_study_summary,
     "baselines": render_baselines,
     "diagnose": render_diagnose,
     "learning_curves": render_learning_curves,
@@ -401,30 +422,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", type=Path, default=ROOT, help="repository root (default: this checkout)")
     args = ap.parse_args(argv)
     rec = Records(args.root)
+    rendered: list[tuple[Path, str, str]] = []
     stale_total = 0
     try:
+        # Everything is rendered before anything is written, so an error leaves every file as it was.
         for rel in DOCS:
             path = args.root / rel
-            if not path.is_file():
-                continue
-            # newline="" keeps the document's own line endings byte for byte.
-            text = path.read_text(encoding="utf-8", newline="") if sys.version_info >= (3, 13) else \
-                path.open(encoding="utf-8", newline="").read()
-            new, stale = render_text(text, rec, rel)
-            for name in stale:
-                if args.check:
-                    print(f"{rel}: block '{name}' is stale: the records say otherwise (run {SCRIPT})")
-                else:
-                    print(f"{rel}: block '{name}' regenerated")
-            stale_total += len(stale)
-            if new != text and not args.check:
-                write_atomic(path, new)
+            if path.is_file():
+                text = path.read_bytes().decode("utf-8")  # bytes, not read_text: keep the line endings
+                new, stale = render_text(text, rec, rel)
+                rendered.append((path, text, new))
+                stale_total += len(stale)
+                for name in stale:
+                    print(f"{rel}: block '{name}' is stale: the records say otherwise (run {SCRIPT})" if args.check
+                          else f"{rel}: block '{name}' regenerated")
     except RenderError as e:
         print(f"render_results: error: {e}", file=sys.stderr)
         return 2
-    if args.check and not stale_total:
-        print("render_results: every generated block matches the records")
-    return 1 if args.check and stale_total else 0
+    if args.check:
+        if not stale_total:
+            print("render_results: every generated block matches the records")
+        return 1 if stale_total else 0
+    for path, text, new in rendered:
+        if new != text:
+            write_atomic(path, new)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,100 @@
+"""benchmarks/render_results.py keeps the documented study tables equal to the recorded runs.
+
+The committed docs must match the committed records (the check CI runs); a changed record makes
+the check fail naming the block, a render fixes it, and nothing outside the blocks ever changes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("render_results", ROOT / "benchmarks" / "render_results.py")
+render_results = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(render_results)
+
+BLOCK = re.compile(r"(<!-- generated: (\S+) \(python benchmarks/render_results\.py\) -->\n).*?(<!-- /generated: \2 -->)", re.S)
+
+
+def outside_blocks(text: str) -> str:
+    """The document with every block's body emptied: what a render must never touch."""
+    return BLOCK.sub(r"\1\3", text)
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A copy of just what the renderer reads and writes (the docs, the records, the default job)."""
+    for rel in render_results.DOCS + ("meerkat_hf/federated/default.yaml",):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ROOT / rel, tmp_path / rel)
+    shutil.copytree(ROOT / "benchmarks" / "results", tmp_path / "benchmarks" / "results",
+                    ignore=shutil.ignore_patterns("ckpt", "*.png"))
+    return tmp_path
+
+
+def test_committed_docs_match_records(capsys):
+    assert render_results.main(["--check"]) == 0, capsys.readouterr().out
+    text = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    names = [m.group(2) for m in BLOCK.finditer(text)]
+    assert {"baselines", "diagnose", "learning_curves", "test_split", "across_seeds", "federated_curves"} <= set(names)
+    assert "study_summary" in (ROOT / "README.md").read_text()
+
+
+def test_changed_record_is_stale_then_rendered(repo: Path, capsys):
+    results = repo / "benchmarks" / "results" / "zo_study" / "test_results.jsonl"
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    seed2 = next(r for r in rows if r["name"] == "d1e-5_bal_lr1e-4_seed2")
+    seed2["gain_over_zero_shot"]["gain"] = 0.0456  # a retest recorded a different gain
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    doc = repo / "benchmarks" / "RESULTS.md"
+    before = doc.read_text()
+
+    assert render_results.main(["--check", "--root", str(repo)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    stale = [("benchmarks/RESULTS.md", "test_split"), ("benchmarks/RESULTS.md", "across_seeds"), ("README.md", "study_summary")]
+    assert sorted(out) == sorted(f"{doc}: block '{b}' is stale: the records say otherwise "
+                                 f"(run python benchmarks/render_results.py)" for doc, b in stale)
+    assert doc.read_text() == before  # --check writes nothing
+
+    assert render_results.main(["--root", str(repo)]) == 0
+    after = doc.read_text()
+    assert "| **+0.046 [+0.009, +0.034]** |" in after  # the new number, the recorded interval beside it
+    assert "+0.014 / +0.021 / +0.046" in after  # and the across-seeds row follows it
+    assert outside_blocks(after) == outside_blocks(before)
+    assert render_results.main(["--check", "--root", str(repo)]) == 0
+
+
+def test_render_leaves_text_outside_blocks_byte_for_byte(repo: Path):
+    doc = repo / "benchmarks" / "RESULTS.md"
+    # Stale bodies, odd whitespace and CRLF outside the blocks: only the bodies may change.
+    text = BLOCK.sub(r"\1| stale |\n\3", doc.read_text()).replace("Splits (", "Splits \t(", 1) + "tail\r\nno newline"
+    doc.write_bytes(text.encode())
+    assert render_results.main(["--root", str(repo)]) == 0
+    rendered = doc.read_bytes().decode()
+    assert "| stale |" not in rendered
+    assert outside_blocks(rendered) == outside_blocks(text)
+    assert rendered.endswith("tail\r\nno newline")
+    assert rendered == (ROOT / "benchmarks" / "RESULTS.md").read_text().replace("Splits (", "Splits \t(", 1) + "tail\r\nno newline"
+
+
+def test_unknown_block_and_missing_record_are_one_line_errors(repo: Path, capsys):
+    doc = repo / "benchmarks" / "RESULTS.md"
+    original = doc.read_text()
+    doc.write_text(original + "<!-- generated: nosuch (python benchmarks/render_results.py) -->\n<!-- /generated: nosuch -->\n")
+    assert render_results.main(["--check", "--root", str(repo)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("render_results: error: benchmarks/RESULTS.md: unknown block 'nosuch'") and "\n" not in err
+
+    doc.write_text(original)
+    (repo / "benchmarks" / "results" / "zo_study" / "d1e-5_bal_lr1e-4_seed2.jsonl").unlink()
+    assert render_results.main(["--root", str(repo)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("render_results: error: block 'learning_curves' needs the recorded file "
+                   "benchmarks/results/zo_study/d1e-5_bal_lr1e-4_seed2.jsonl, which is missing")
+    assert doc.read_text() == original  # an error writes nothing
