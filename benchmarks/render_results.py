@@ -368,7 +368,37 @@ def render_study_summary(rec: Records) -> str:
                             "generic perplexity"], rows) + "\n\n" + render_across_seeds(rec)
 
 
+def render_cli_runs(rec: Records) -> str:
+    """`meerkat-hf federate` runs recorded under benchmarks/results/cli/: NAME.summary.json (--summary-json)
+    + NAME.report.txt (its printed report, then `command:` and `wall:` lines)."""
+    summaries = sorted((rec.dir / "cli").glob("*.summary.json"))
+    if not summaries:
+        raise RenderError("block 'cli_runs' needs benchmarks/results/cli/*.summary.json, and there is none")
+    rows = []
+    for p in summaries:
+        name = p.name[: -len(".summary.json")]
+        s = rec.json(f"cli/{p.name}")
+        facts = {}
+        for line in rec.path(f"cli/{name}.report.txt").read_text().splitlines():
+            key, _, value = line.partition(": ")
+            if key in ("command", "wall"):
+                facts[key] = value.strip()
+        if set(facts) != {"command", "wall"}:
+            raise RenderError(f"block 'cli_runs': cli/{name}.report.txt needs a 'command:' and a 'wall:' line")
+        b, a, g = s["balanced_accuracy_before"], s["balanced_accuracy_after"], s["balanced_accuracy_gain"]
+        n = s.get("eval_examples") or "?"
+        rows.append([f"`{facts['command'].replace('HF_HUB_OFFLINE=1 ', '').replace('OMP_NUM_THREADS=1 ', '')}`",
+                     f"{f3(b['value'])} {ci(*b['ci95'])}", f"{f3(a['value'])} {ci(*a['ci95'])}",
+                     bold(f"{s3(g['value'])} {ci(*g['ci95'], signed=True)}", g["ci95"][0] > 0 or g["ci95"][1] < 0),
+                     facts["wall"]])
+    caption = ("`meerkat-hf federate` runs as a user runs them (recorded in `benchmarks/results/cli/`: the "
+               "`--summary-json` output and the printed report; balanced accuracy on the config's eval examples, "
+               "paired bootstrap 95% interval of the gain; bold where it excludes 0):\n\n")
+    return caption + table(["command", "balanced acc before", "after", "gain", "wall time"], rows)
+
+
 RENDERERS: dict[str, Callable[[Records], str]] = {
+    "cli_runs": render_cli_runs,
     "study_summary": render_study_summary,
     "baselines": render_baselines,
     "diagnose": render_diagnose,
