@@ -206,3 +206,58 @@ def test_central_noise_is_the_same_on_every_replica_and_client():
     assert not torch.equal(add_central_noise(plain, params, 4, {0: 30}), add_central_noise(plain, params, 3, {0: 30}))
     noiseless = ProtocolParams(7, LRSchedule(1e-2))
     assert torch.equal(aggregate_zo_round(w, records, noiseless, 3)[0], plain)
+
+
+# -- MeerkatZOTrainer ---------------------------------------------------------------------------------
+def test_trainer_dp_applies_the_noised_scalars_and_logs_epsilon(tmp_path, one_thread):
+    """A DP run: Poisson batches (empty ones included), every step's scalar is noised, the history
+    replays the model bit for bit, epsilon is logged and equals the library's for the steps taken."""
+    pytest.importorskip("opacus")
+    from test_trainer import cyclic_dataset, meerkat, zo_args
+    from meerkat_hf import zo
+    from meerkat_hf.trainer import MeerkatZOTrainer
+
+    model = meerkat()
+    start = model.values.clone()
+    # 8 examples, batch 2: q = 0.25 (an empty draw, P = 0.1 a step, is a noise-only step)
+    args = zo_args(tmp_path, max_steps=12, per_device_train_batch_size=2, logging_steps=4,
+                   dp_clip=1.0, dp_noise_multiplier=1.0, dp_noise_seed=3)
+    trainer = MeerkatZOTrainer(model=model, args=args, train_dataset=cyclic_dataset(8))
+    trainer.train()
+    history = trainer.zo_optimizer.history
+    assert len(history) == 12 and all(math.isfinite(s.grads[0]) for s in history)
+    assert torch.equal(zo.replay(start, history), model.values)
+    logged = [h for h in trainer.state.log_history if "dp_epsilon" in h]
+    assert [h["step"] for h in logged] == [4, 8, 12]
+    assert logged[-1]["dp_epsilon"] == pytest.approx(privacy.gaussian_epsilon(1.0, 0.25, 12, 1e-5), rel=1e-12)
+    assert logged[0]["dp_epsilon"] < logged[-1]["dp_epsilon"]
+    # the same private seed reproduces the run; the noise is real (|g| is not bounded by clip / batch)
+    model2 = meerkat()
+    MeerkatZOTrainer(model=model2, args=args, train_dataset=cyclic_dataset(8)).train()
+    assert torch.equal(model2.values, model.values)
+
+
+def test_trainer_dp_target_epsilon_and_bad_settings(tmp_path, one_thread):
+    pytest.importorskip("opacus")
+    from test_trainer import cyclic_dataset, meerkat, zo_args
+    from meerkat_hf.trainer import MeerkatZOTrainer
+
+    for bad, message in (({"dp_clip": 0, "dp_noise_multiplier": 1}, "dp_clip must be a finite number > 0"),
+                         ({"dp_clip": 1, "dp_noise_multiplier": -1}, "dp_noise_multiplier must be a finite number > 0"),
+                         ({"dp_clip": 1, "dp_noise_multiplier": 1, "dp_delta": 1}, "dp_delta must be in (0, 1)"),
+                         ({"dp_clip": 1}, "give exactly one of dp_noise_multiplier and dp_target_epsilon"),
+                         ({"dp_clip": 1, "dp_noise_multiplier": 1, "gradient_accumulation_steps": 2},
+                          "gradient_accumulation_steps=1")):
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            zo_args(tmp_path, **bad)
+    model = meerkat()
+    trainer = MeerkatZOTrainer(model=model, args=zo_args(tmp_path, max_steps=3, dp_clip=1.0, dp_target_epsilon=0.01),
+                               train_dataset=cyclic_dataset(16))
+    before = model.values.clone()
+    with pytest.raises(ValueError, match="unreachable"):
+        trainer.train()
+    assert torch.equal(model.values, before)  # refused before the first step
+    trainer = MeerkatZOTrainer(model=model, args=zo_args(tmp_path, max_steps=3, dp_clip=1.0, dp_target_epsilon=2.0),
+                               train_dataset=cyclic_dataset(16))
+    trainer.train()
+    assert trainer.dp_epsilon() <= 2.0 and trainer.dp.noise_multiplier > 0
