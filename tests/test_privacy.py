@@ -261,3 +261,22 @@ def test_trainer_dp_target_epsilon_and_bad_settings(tmp_path, one_thread):
                                train_dataset=cyclic_dataset(16))
     trainer.train()
     assert trainer.dp_epsilon() <= 2.0 and trainer.dp.noise_multiplier > 0
+
+
+def test_private_federation_example_runs(tmp_path, capsys):
+    """examples/configs/private_federation.yaml, as its comment runs it, on a tiny model."""
+    pytest.importorskip("opacus")
+    from pathlib import Path
+
+    from meerkat_hf.cli import main
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "configs" / "private_federation.yaml"
+    assert main(["federate", "--config", str(example), "--model", make_model_dir(tmp_path), "--output-dir",
+                 str(tmp_path / "run"), "--set", "rounds=1", "--set", "num_clients=4", "--set", "eval_examples=16",
+                 "--set", "task.max_train_examples=120", "--set", "mask.calibration_num_sequences=4",
+                 "--set", "mask.calibration_seq_len=32", "--set", "progress=false", "--set", "plots=false",
+                 "--set", "device=cpu", "--set", "dp.central_noise_multiplier=1.0"]) == 0
+    report = capsys.readouterr().out
+    assert "example-level DP: epsilon" in report and "user-level DP" in report
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0 < row["dp_epsilon"] <= 3.0 and row["dp_user_epsilon"] > 0
