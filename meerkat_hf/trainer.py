@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,7 +37,7 @@ from transformers import Trainer
 from transformers.trainer_utils import EvalPrediction
 from transformers.utils.generic import can_return_loss, find_labels
 
-from . import zo
+from . import privacy, zo
 from .classification_metrics import balanced_accuracy, macro_f1
 from .metrics import accuracy
 from .model import DELTA_WEIGHTS_NAME, MeerkatModel, forward_module
@@ -104,6 +105,11 @@ class MeerkatZOTrainer(Trainer):
             self.accelerator.scaler = None
         self._fix_model_introspection()
         self._prepare_forward_only()
+        self.dp: privacy.ExampleDP | None = None  # set by train() when args.dp_enabled
+        self._dp_generator: torch.Generator | None = None
+        if self.args.dp_enabled and self.accelerator.num_processes > 1:
+            raise ValueError("differential privacy in MeerkatZOTrainer runs in one process (the Poisson batch and the "
+                             "noise are drawn once per step); launch without data parallelism")
 
     def _prepare_forward_only(self) -> None:
         """Have accelerate prepare the MeerkatModel in evaluation mode: placement, autocast, compile, no DDP.
@@ -149,6 +155,90 @@ class MeerkatZOTrainer(Trainer):
         if self._signature_columns is None:
             columns = list(inspect.signature(self._inner_model().forward).parameters)
             self._signature_columns = columns + list(set(["label", "label_ids"] + self.label_names))
+
+    # -- differential privacy --------------------------------------------------------------
+    def train(self, *args, **kwargs):
+        if self.args.dp_enabled:
+            self._setup_dp()
+        return super().train(*args, **kwargs)
+
+    def _dp_planned_steps(self, num_examples: int) -> int:
+        a = self.args
+        if a.max_steps and a.max_steps > 0:
+            return int(a.max_steps)
+        per_epoch = math.ceil(num_examples / a.per_device_train_batch_size)
+        return max(1, math.ceil(a.num_train_epochs * per_epoch))
+
+    def _setup_dp(self) -> None:
+        """Resolve the noise multiplier (solving a target epsilon) before the first step: an unreachable
+        target is an error now, not after training."""
+        a = self.args
+        if self.train_dataset is None or not hasattr(self.train_dataset, "__len__"):
+            raise ValueError("differential privacy needs a train_dataset with a length (the Poisson rate is batch / n)")
+        n, batch = len(self.train_dataset), a.per_device_train_batch_size
+        sigma = a.dp_noise_multiplier
+        if sigma is None:
+            sigma = privacy.solve_noise_multiplier(a.dp_target_epsilon, a.dp_delta, min(1.0, batch / n),
+                                                   self._dp_planned_steps(n))
+        else:
+            privacy.require_accountant()  # epsilon is reported live: fail now if the extra is missing
+        self.dp = privacy.ExampleDP(float(a.dp_clip), float(sigma), batch, n, a.dp_noise_seed)
+        self._dp_generator = self.dp.generator(0)
+        logger.info("example-level DP: clip %g, noise multiplier %.4g, Poisson rate %.4g, delta %g",
+                    self.dp.clip, sigma, self.dp.sample_rate, a.dp_delta)
+
+    def get_train_dataloader(self):
+        """With DP: Poisson batches (each example joins with probability batch / n, from the private
+        generator; possibly empty), what the accountant assumes. Without: Trainer's own loader."""
+        if self.dp is None:
+            return super().get_train_dataloader()
+        import datasets
+
+        dataset, collator = self.train_dataset, self.data_collator
+        if isinstance(dataset, datasets.Dataset):
+            dataset = self._remove_unused_columns(dataset, description="Training")
+        else:
+            collator = self._get_collator_with_removed_columns(collator, description="Training")
+        sampler = _PoissonBatches(len(dataset), self.dp, self._dp_generator)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=_EmptyAware(collator),
+                                             num_workers=0, pin_memory=self.args.dataloader_pin_memory)
+        return self.accelerator.prepare(loader)
+
+    def _per_example_loss(self, model, inputs) -> torch.Tensor:
+        with self.compute_loss_context_manager():
+            if self.args.zo_loss in ("candidates", "balanced"):
+                return candidate_loss(forward_module(model), inputs, self.candidate_ids, self.class_weights,
+                                      reduction="none")
+            return privacy.causal_lm_per_example_loss(forward_module(model), inputs)
+
+    def _dp_training_step(self, model, inputs) -> torch.Tensor:
+        """Per-example scalars from the same 2q forward passes, clipped, averaged over the expected batch
+        size, plus private noise: the noised scalar is what ZOSGD applies (and what the history records)."""
+        seeds, directions = self._step_directions()
+        losses: list[torch.Tensor] = []
+        empty = "input_ids" not in inputs
+
+        def loss_fn() -> torch.Tensor:
+            per_example = self._per_example_loss(model, inputs).detach()
+            losses.append(per_example.float().mean())
+            return per_example
+
+        grads = []
+        for z in directions:
+            per_example = (torch.zeros(0, dtype=torch.float64) if empty else
+                           zo.projected_gradients_per_example(self.meerkat_model, loss_fn, z, float(self.args.zo_eps)))
+            grads.append(privacy.private_scalar(per_example, self.dp, self._dp_generator)[0])
+        self.zo_optimizer.accumulate(seeds, grads, directions)
+        if not losses:
+            return torch.zeros((), device=self.args.device)
+        return torch.stack(losses).mean().to(self.args.device)
+
+    def dp_epsilon(self) -> float | None:
+        """Epsilon at `dp_delta` spent so far (Opacus RDP, the steps taken); None without DP."""
+        if self.dp is None:
+            return None
+        return privacy.gaussian_epsilon(self.dp.noise_multiplier, self.dp.sample_rate, self.state.global_step,
+                                        self.args.dp_delta)
 
     # -- optimizer ------------------------------------------------------------------------
     @property
@@ -206,6 +296,10 @@ class MeerkatZOTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         """2q forward passes, no backward: hand the projected gradients to ZOSGD, return the mean loss."""
         model.eval()  # dropout off: both passes must evaluate the same function
+        if self.zo_optimizer is None:
+            raise RuntimeError("training_step needs the ZOSGD optimizer: call create_optimizer() first (train() does)")
+        if self.dp is not None:  # an empty Poisson batch is a noise-only step, not an error
+            return self._dp_training_step(model, self._prepare_inputs(inputs) if inputs else inputs)
         inputs = self._prepare_inputs(inputs)
         seeds, directions = self._step_directions()
         losses: list[torch.Tensor] = []
@@ -247,6 +341,8 @@ class MeerkatZOTrainer(Trainer):
         opt = self.zo_optimizer
         if opt is not None and "loss" in logs:
             logs = {**logs, **opt.pop_log_stats()}
+            if self.dp is not None:
+                logs["dp_epsilon"] = self.dp_epsilon()
         super().log(logs, start_time)
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -267,6 +363,11 @@ class MeerkatZOTrainer(Trainer):
             "learning_rate": self.args.learning_rate,
             "zo_skipped_steps": 0 if opt is None else opt.num_skipped,
         }
+        if self.dp is not None:
+            summary.update({"differential_privacy": "example-level (per-example clipped ZO scalars, Poisson sampling, "
+                                                    "private Gaussian noise; Opacus RDP accountant)",
+                            "dp_clip": self.dp.clip, "dp_noise_multiplier": self.dp.noise_multiplier,
+                            "dp_epsilon": self.dp_epsilon(), "dp_delta": self.args.dp_delta})
         self.meerkat_model.save_pretrained(output_dir, training_summary=summary)
         logger.info("saved Meerkat sparse delta (k=%d) to %s", self.meerkat_model.num_selected, output_dir)
         if self.processing_class is not None:
@@ -290,6 +391,30 @@ class MeerkatZOTrainer(Trainer):
     def _load_best_model(self) -> None:
         logger.info("loading best model from %s (score: %s)", self.state.best_model_checkpoint, self.state.best_metric)
         self._load_delta(self.state.best_model_checkpoint)
+
+
+class _PoissonBatches:
+    """A batch sampler drawing Poisson batches from the private generator; `len` is ceil(n / B) steps an epoch."""
+
+    def __init__(self, num_examples: int, dp: privacy.ExampleDP, generator: torch.Generator):
+        self.num_examples, self.dp, self.generator = num_examples, dp, generator
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_examples / self.dp.batch_size)
+
+    def __iter__(self):
+        for _ in range(len(self)):
+            yield privacy.poisson_indices(self.num_examples, self.dp.sample_rate, self.generator)
+
+
+class _EmptyAware:
+    """The data collator, except that an empty Poisson batch becomes {} (a noise-only step)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        return self.collator(features) if features else {}
 
 
 def _class_weights(given, num_classes: int, train_dataset) -> torch.Tensor:

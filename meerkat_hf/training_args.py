@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .privacy import check_dp_settings
 from .zo import check_eps
 
 ZO_LOSSES = ("lm", "candidates", "balanced")
@@ -47,6 +48,22 @@ class MeerkatZOArguments(TrainingArguments):
         },
     )
 
+    dp_clip: float | None = field(
+        default=None,
+        metadata={"help": "Example-level differential privacy: clip each example's projected gradient to [-C, C] "
+                          "(None: no DP). Batches are then Poisson-sampled with rate batch/n and the step's scalar "
+                          "gets Gaussian noise of std dp_noise_multiplier * C / batch from a private generator."},
+    )
+    dp_noise_multiplier: float | None = field(
+        default=None, metadata={"help": "Noise multiplier sigma (give this or dp_target_epsilon)."})
+    dp_target_epsilon: float | None = field(
+        default=None, metadata={"help": "Epsilon at dp_delta after the whole run; the noise multiplier is solved for it."})
+    dp_delta: float = field(default=1e-5, metadata={"help": "The delta of the reported (epsilon, delta)."})
+    dp_noise_seed: int | None = field(
+        default=None,
+        metadata={"help": "Tests only: seed the private noise and sampling (None: from `secrets`, unknown to anyone)."},
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         # fail at argument time, not after the model is loaded
@@ -57,6 +74,16 @@ class MeerkatZOArguments(TrainingArguments):
         if self.zo_loss not in ZO_LOSSES:
             raise ValueError(f"zo_loss must be one of {ZO_LOSSES}, got {self.zo_loss!r}")
         _check_backward_only_options(self)
+        if self.dp_enabled:
+            check_dp_settings(self.dp_clip, self.dp_noise_multiplier, self.dp_target_epsilon, self.dp_delta, prefix="dp_")
+            if self.gradient_accumulation_steps != 1:
+                raise ValueError("differential privacy clips and noises one Poisson batch per step: "
+                                 "set gradient_accumulation_steps=1 (raise the batch size instead)")
+
+    @property
+    def dp_enabled(self) -> bool:
+        """Whether example-level DP is on (any dp_ setting given)."""
+        return any(v is not None for v in (self.dp_clip, self.dp_noise_multiplier, self.dp_target_epsilon))
 
     @property
     def zo_base_seed(self) -> int:

@@ -96,6 +96,26 @@ def projected_gradient(
 
 
 @torch.no_grad()
+def projected_gradients_per_example(
+    target: SparseTarget, loss_fn: Callable[[], torch.Tensor], z: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """Per-example SPSA estimates (l_i(w+eps z) - l_i(w-eps z)) / (2 eps) as float64 [batch], weights left at w.
+
+    `loss_fn` returns one loss per example. The same two forward passes as `projected_gradient`
+    (and the same writes from the fp32 master); what differential privacy clips is each g_i.
+    """
+    w = target.values
+    try:
+        target.write(w + eps * z)
+        loss_plus = loss_fn().detach().to("cpu", torch.float64).reshape(-1)
+        target.write(w - eps * z)
+        loss_minus = loss_fn().detach().to("cpu", torch.float64).reshape(-1)
+    finally:
+        target.write(w)
+    return (loss_plus - loss_minus) / (2.0 * eps)
+
+
+@torch.no_grad()
 def apply_step(values: torch.Tensor, step: ZOStep, directions: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """w <- w - lr * (mean_j g_j z_j + wd * w), in place on the fp32 CPU master.
 

@@ -54,6 +54,14 @@ FEDERATE = [  # (--set overrides or extra args, what the one line must say)
     (["--set", "partition.alpha=0"], "partition.alpha must be > 0"),
     (["--set", "task.data_files.train=/nonexistent/train.csv"], "/nonexistent/train.csv does not exist"),
     (["--set", "lr"], "is not key=value"),
+    (["--set", "dp.clip=0", "--set", "dp.noise_multiplier=1"], "dp.clip must be a finite number > 0"),
+    (["--set", "dp.clip=-1", "--set", "dp.noise_multiplier=1"], "dp.clip must be a finite number > 0"),
+    (["--set", "dp.clip=1", "--set", "dp.noise_multiplier=0"], "dp.noise_multiplier must be a finite number > 0"),
+    (["--set", "dp.clip=1", "--set", "dp.noise_multiplier=-1"], "dp.noise_multiplier must be a finite number > 0"),
+    (["--set", "dp.clip=1"], "give exactly one of dp.noise_multiplier and dp.target_epsilon"),
+    (["--set", "dp.clip=1", "--set", "dp.noise_multiplier=1", "--set", "dp.delta=0"], "dp.delta must be in (0, 1)"),
+    (["--set", "dp.clip=1", "--set", "dp.noise_multiplier=1", "--set", "dp.delta=1"], "dp.delta must be in (0, 1)"),
+    (["--set", "dp.central_noise_multiplier=0"], "dp.central_noise_multiplier must be a finite number > 0"),
     (["--config", "/nonexistent/fed.yaml"], "/nonexistent/fed.yaml does not exist"),
     (["--config", "{root}/empty.yaml"], "empty.yaml is empty"),
     (["--config", "{root}/latin1.yaml"], "latin1.yaml is not UTF-8"),
@@ -78,6 +86,18 @@ def test_federate_bad_input(job, extra, message, capsys):
     assert len(lines) == 1 and lines[0].startswith("meerkat-hf: error:"), err
     assert message in lines[0], lines[0]
     assert not (root / "run").exists()  # nothing written
+
+
+DP_ACCOUNTANT = [  # refused by the accountant's floor, before a model loads (needs the [dp] extra)
+    (["--set", "dp.clip=1", "--set", "dp.target_epsilon=0.01"], "dp.target_epsilon=0.01 is unreachable"),
+    (["--set", "dp.clip=1", "--set", "dp.target_epsilon=0.05", "--set", "dp.delta=1e-9"], "is unreachable"),
+]
+
+
+@pytest.mark.parametrize("extra,message", DP_ACCOUNTANT, ids=[" ".join(a) for a, _ in DP_ACCOUNTANT])
+def test_federate_unreachable_epsilon(job, extra, message, capsys):
+    pytest.importorskip("opacus")
+    test_federate_bad_input(job, extra, message, capsys)
 
 
 MASK = [

@@ -195,7 +195,7 @@ def raw_values_max(summary, w0):
 def test_non_finite_round_is_refused_and_the_state_kept(proto, monkeypatch, caplog):
     from meerkat_hf.federated.protocol import server as server_mod
 
-    def poisoned(values, records, finals):
+    def poisoned(values, records, finals, *args):
         out = values.clone()
         out[0] = float("inf")
         return out

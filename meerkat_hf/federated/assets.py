@@ -8,6 +8,7 @@ decides bits exists once: `tests/test_flower.py` checks the driver and Flower ag
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -19,10 +20,12 @@ from ..loading import load_model_and_tokenizer
 from ..mask import SparseMask
 from ..mask_cache import get_or_compute_mask
 from ..model import get_meerkat_model
-from .federation_config import FederationConfig
+from ..privacy import ExampleDP, solve_noise_multiplier
+from ..zo import derive_seed
+from .federation_config import ConfigError, FederationConfig
 from .protocol.gradip import StepScheduler
 from .protocol.server import FederatedServer
-from .protocol.virtual_path import LRSchedule, ProtocolParams
+from .protocol.virtual_path import LRSchedule, ProtocolParams, update_bound
 
 
 def load_base_model(config: FederationConfig):
@@ -92,14 +95,54 @@ def wrap_model(config: FederationConfig, model, tokenizer, data, runtime, output
 
 
 # -- the protocol objects ---------------------------------------------------------------------
-def protocol_params(config: FederationConfig) -> ProtocolParams:
+def protocol_params(config: FederationConfig, initial_values: torch.Tensor | None = None) -> ProtocolParams:
+    """The numbers every node agrees on. Central (user-level) DP noise scales with the per-client
+    update bound S = max_update_ratio x ||w_S at round 0||, so it needs the round-0 values."""
+    central = 0.0
+    if config.dp.central_noise_multiplier is not None:
+        if initial_values is None:
+            raise ValueError("dp.central_noise_multiplier: protocol_params needs the round-0 values (the bound S)")
+        central = config.dp.central_noise_multiplier * update_bound(initial_values, config.validation.max_update_ratio)
     return ProtocolParams(config.seed, LRSchedule(config.lr, config.lr_schedule, config.rounds, config.lr_min_ratio),
-                          config.q, config.weight_decay)
+                          config.q, config.weight_decay, central)
+
+
+def planned_steps(config: FederationConfig) -> int:
+    """The most local steps one client can take in the run (sampled every round, never limited):
+    the step count a target epsilon is solved for, so the guarantee holds whatever the sampling."""
+    return config.rounds * config.local_steps
+
+
+@functools.lru_cache(maxsize=1024)
+def _solved_multiplier(target: float, delta: float, sample_rate: float, steps: int) -> float:
+    return solve_noise_multiplier(target, delta, sample_rate, steps)
+
+
+def client_noise_multiplier(config: FederationConfig, num_examples: int) -> float:
+    """A client's example-level noise multiplier: `dp.noise_multiplier`, or the one solved for
+    `dp.target_epsilon` from its own sample rate batch_size / n (same inputs, same answer on every node)."""
+    dp = config.dp
+    if dp.noise_multiplier is not None:
+        return float(dp.noise_multiplier)
+    rate = min(1.0, config.batch_size / num_examples)
+    try:
+        return _solved_multiplier(float(dp.target_epsilon), float(dp.delta), rate, planned_steps(config))
+    except ValueError as err:
+        raise ConfigError(f"federation config: {err}") from None
+
+
+def client_privacy(config: FederationConfig, num_examples: int, client_id: int = 0) -> ExampleDP | None:
+    """The `ExampleDP` of one client (None without example-level DP)."""
+    dp = config.dp
+    if not dp.example_level:
+        return None
+    seed = None if dp.noise_seed is None else derive_seed(dp.noise_seed, client_id)
+    return ExampleDP(float(dp.clip), client_noise_multiplier(config, num_examples), config.batch_size, num_examples, seed)
 
 
 def build_server(config: FederationConfig, mask, initial_values) -> FederatedServer:
     zo = config.local_optimizer == "zo"
-    server = FederatedServer(initial_values, mask.checksum, mask.fingerprint, protocol_params(config),
+    server = FederatedServer(initial_values, mask.checksum, mask.fingerprint, protocol_params(config, initial_values),
                              num_clients=config.num_clients, pretrain_grad=mask.pretrain_grad,
                              validation=config.validation, mode="zo" if zo else "dense")
     if config.uses_lora:  # the adapter's initial values are not part of the base model: download them

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from .assets import client_privacy
 from .protocol.client import ClientState, FederatedClient
 from .protocol.codec import KIND_DENSE, MessageError
 from .federation_config import FederationConfig
@@ -50,7 +51,10 @@ class InProcessTransport(Transport):
     def attach(self, engine: RoundEngine) -> None:
         config, data = engine.config, engine.data
         self.clients = [FederatedClient(c, data.client_examples[c], data.collate, batch_size=config.batch_size,
-                                        data_seed=config.seed, loss_fn=data.loss_fn) for c in range(config.num_clients)]
+                                        data_seed=config.seed, loss_fn=data.loss_fn,
+                                        per_example_loss_fn=data.per_example_loss_fn,
+                                        privacy=client_privacy(config, len(data.client_examples[c]), c))
+                        for c in range(config.num_clients)]
         if config.uses_lora:
             for cl in self.clients:
                 cl.state.synced_round = None

@@ -33,12 +33,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..classification_metrics import paired_gain
+from ..privacy import gaussian_epsilon
 from ..tasks import get_task
 from ..versions import environment, library_versions
 from ..zo import derive_seed
 from .checkpoint import check_resumable, clear_checkpoints, load_latest_checkpoint, save_checkpoint
 from .protocol.client import ClientState
-from .assets import build_scheduler, build_server, load_base_model, protocol_params, wrap_model
+from .assets import build_scheduler, build_server, client_noise_multiplier, load_base_model, protocol_params, wrap_model
 from .federation_config import FederationConfig
 from .reporting import MetricsLog, write_plots
 from .progress import eta_seconds, format_duration
@@ -145,6 +146,7 @@ class FederationResult:
     initial_eval: dict = field(default_factory=dict)  # the zero-shot state, before round 0
     training_summary: dict = field(default_factory=dict)  # what final/'s model card reports (and a push)
     gain: dict = field(default_factory=dict)  # balanced-accuracy gain after - before, paired bootstrap interval
+    privacy: dict = field(default_factory=dict)  # dp_epsilon / dp_user_epsilon at dp_delta (empty without DP)
 
 
 class Transport:
@@ -241,6 +243,68 @@ def training_summary(config: FederationConfig, task: str, initial_eval: dict, fi
     return summary
 
 
+class PrivacyLedger:
+    """Each client's privacy spent so far, computed on the server from public facts only.
+
+    Example-level: Opacus RDP epsilon at `dp.delta` of the client's sampled Gaussian steps (its
+    noise multiplier, rate batch_size / n_c, every step of every round it was sampled for,
+    whether or not its uplink arrived: an upper bound). User-level (central noise): the Gaussian
+    mechanism once per round the client took part in, with no amplification by client sampling
+    (the sampler is seeded from the federation seed, which the server knows).
+    """
+
+    def __init__(self, config: FederationConfig):
+        self.config = config
+        self.steps: dict[int, int] = {}
+        self.rounds: dict[int, int] = {}
+
+    def observe(self, plan: RoundPlan) -> None:
+        for c, budget in plan.budgets.items():
+            self.steps[c] = self.steps.get(c, 0) + int(budget)
+            self.rounds[c] = self.rounds.get(c, 0) + 1
+
+    def multipliers(self, sizes: dict[int, int]) -> dict[int, float]:
+        """Every known client's noise multiplier (solving a target epsilon fails here, before round 1)."""
+        return {c: client_noise_multiplier(self.config, n) for c, n in sorted(sizes.items())}
+
+    def row(self, sizes: dict[int, int]) -> dict:
+        dp, out = self.config.dp, {}
+        if dp.example_level:
+            eps = {c: gaussian_epsilon(client_noise_multiplier(self.config, sizes[c]),
+                                       min(1.0, self.config.batch_size / sizes[c]), s, dp.delta)
+                   for c, s in sorted(self.steps.items()) if c in sizes}
+            out.update({"dp_epsilon": max(eps.values(), default=0.0), "dp_delta": dp.delta,
+                        "dp_epsilon_clients": {str(c): e for c, e in eps.items()}})
+        if dp.central_noise_multiplier is not None:
+            out.update({"dp_user_epsilon": gaussian_epsilon(dp.central_noise_multiplier, 1.0,
+                                                            max(self.rounds.values(), default=0), dp.delta),
+                        "dp_delta": dp.delta})
+        return out
+
+    def state_dict(self) -> dict:
+        return {"steps": dict(self.steps), "rounds": dict(self.rounds)}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        state = state or {}
+        self.steps = {int(c): int(n) for c, n in state.get("steps", {}).items()}
+        self.rounds = {int(c): int(n) for c, n in state.get("rounds", {}).items()}
+
+
+def dp_summary(config: FederationConfig, row: dict, multipliers: dict[int, float]) -> dict:
+    """The model card's privacy lines (empty without DP)."""
+    dp, out = config.dp, {}
+    if dp.example_level:
+        sig = sorted(set(round(v, 4) for v in multipliers.values()))
+        out.update({"differential_privacy": "example-level (per-example clipped ZO scalars, Poisson sampling, "
+                                            "client-private Gaussian noise; Opacus RDP accountant)",
+                    "dp_clip": dp.clip, "dp_noise_multiplier": ", ".join(f"{s:g}" for s in sig) or "n/a",
+                    "dp_epsilon": row.get("dp_epsilon"), "dp_delta": dp.delta})
+    if dp.central_noise_multiplier is not None:
+        out.update({"dp_central_noise_multiplier": dp.central_noise_multiplier,
+                    "dp_user_epsilon": row.get("dp_user_epsilon"), "dp_delta": dp.delta})
+    return out
+
+
 class RoundEngine:
     """A federation's server side, set up from `config`; `run(transport)` runs (or resumes) it.
 
@@ -272,7 +336,7 @@ class RoundEngine:
         self.model, self.mask = wrap_model(config, model, tokenizer, self.data, self.runtime, self.out)
         self.k = self.model.num_selected
         self.initial = self.model.values.clone()
-        self.params = protocol_params(config)
+        self.params = protocol_params(config, self.initial)
         self.server = build_server(config, self.mask, self.initial)
         self.scheduler = build_scheduler(config, self.mask)
         self.counters: dict[str, int] = {"uplink": 0, "downlink": 0, "fedavg_full": 0, "skipped_steps": 0}
@@ -284,6 +348,9 @@ class RoundEngine:
         self.last_eval: dict = {}  # the latest evaluation
         self.round_eval: dict = {}  # this round's evaluation (empty when none was due)
         self.log: MetricsLog | None = None
+        self.privacy = PrivacyLedger(config)
+        self.dp_multipliers: dict[int, float] = {}
+        self.dp_row: dict = {}
 
     # -- before the first round -------------------------------------------------------------
     def _resume(self, transport: Transport) -> None:
@@ -295,6 +362,7 @@ class RoundEngine:
                 self.server.load_state_dict(ckpt["server"])
                 self.scheduler.load_state_dict(ckpt["scheduler"])
                 self.counters.update(ckpt["counters"])
+                self.privacy.load_state_dict(ckpt.get("privacy"))
                 transport.restore(ckpt)
                 self.start_round = self.server.round
                 logger.info("resumed from %s at round %d", ckpt["path"], self.start_round)
@@ -418,22 +486,42 @@ class RoundEngine:
             "replay_mismatches": mismatches,
             "clipped": {str(c): f for c, f in summary.clipped.items()}, "refused": summary.refused,
             **delivery.row,
+            **self._privacy_row(),
             "state_digest": summary.state_digest.hex(),
             "seconds": round(time.perf_counter() - plan.started, 3),
         }
+
+    def _client_sizes(self) -> dict[int, int]:
+        """Each client's example count as the server knows it (what its sample rate is computed from)."""
+        sizes = dict(self.server.example_caps)
+        if self.data is not None:
+            for c, examples in enumerate(self.data.client_examples):
+                sizes.setdefault(c, len(examples))
+        return sizes
+
+    def _privacy_row(self) -> dict:
+        if not self.config.dp.enabled:
+            return {}
+        self.dp_row = self.privacy.row(self._client_sizes())
+        return self.dp_row
 
     def checkpoint(self, r: int, transport: Transport) -> None:
         extra = dict(transport.checkpoint_state())
         save_checkpoint(self.out, r + 1, {  # named by rounds done, like the metrics rows
             "config": self.config.to_dict(), "mask_checksum": self.mask.checksum, "server": self.server.state_dict(),
             "clients": extra.pop("clients", []), "scheduler": self.scheduler.state_dict(),
-            "global_states": extra.pop("global_states", {}), "counters": dict(self.counters), **extra,
+            "global_states": extra.pop("global_states", {}), "counters": dict(self.counters),
+            "privacy": self.privacy.state_dict(), **extra,
         }, keep=self.config.keep_checkpoints)
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self, transport: Transport, *, after_round: Callable[[int, dict], None] | None = None) -> FederationResult:
         config, runtime = self.config, self.runtime
         transport.attach(self)
+        if config.dp.example_level:  # solve every known client's multiplier now: an unreachable target fails here
+            self.dp_multipliers = self.privacy.multipliers(self._client_sizes())
+            logger.info("example-level DP: clip %g, noise multiplier per client %s, delta %g", config.dp.clip,
+                        {c: round(s, 4) for c, s in self.dp_multipliers.items()}, config.dp.delta)
         self._resume(transport)
         self.log = MetricsLog(self.out, self.start_round) if runtime.is_main else None
         self.initial_eval = self._initial_evaluation()
@@ -445,6 +533,7 @@ class RoundEngine:
                    total=config.rounds, disable=not (config.progress and runtime.is_main))
         for r in bar:
             plan = self.plan_round(r)
+            self.privacy.observe(plan)
             delivery = transport.exchange(self, plan)
             summary, vp_info, mismatches = self.aggregate(plan, delivery)
             transport.commit(self, delivery, summary)
@@ -456,6 +545,7 @@ class RoundEngine:
                 postfix = {"up": self.counters["uplink"], "down": self.counters["downlink"]}
                 postfix.update({k: round(v, 4) for k in ("accuracy", "balanced_accuracy", "eval_loss")
                                 if (v := self.round_eval.get(k)) is not None})
+                postfix.update({k: round(row[k], 3) for k in ("dp_epsilon", "dp_user_epsilon") if k in row})
                 if config.progress:
                     eta = self._eta(plan, row)
                     postfix["eta"] = format_duration(eta)
@@ -529,6 +619,8 @@ class RoundEngine:
         task = self.data.description if self.data is not None else str(config.task.name)
         gain = self._gain() if runtime.is_main else {}
         summary = training_summary(config, task, self.initial_eval, last_eval, self.counters, limited, digest, gain)
+        if config.dp.enabled:
+            summary.update(dp_summary(config, self.dp_row or self._privacy_row(), self.dp_multipliers))
         if runtime.is_main and config.save_final:
             self.model.save_pretrained(self.out / "final", model_card=True, training_summary=summary)
         runtime.barrier()
@@ -538,7 +630,7 @@ class RoundEngine:
             limited_clients=limited, total_uplink_bytes=self.counters["uplink"],
             total_downlink_bytes=self.counters["downlink"], total_fedavg_full_bytes=self.counters["fedavg_full"],
             state_digest=digest, num_params=self.num_params, k=self.k, model=self.model, training_summary=summary,
-            gain=gain,
+            gain=gain, privacy=dict(self.dp_row),
         )
 
 

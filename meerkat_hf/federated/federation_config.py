@@ -1,6 +1,6 @@
 """`FederationConfig`: one YAML file describes a whole federated run (and its baseline switch).
 
-Sections mirror the pieces of a run (model, mask, task, partition, vp, validation, lora); the
+Sections mirror the pieces of a run (model, mask, task, partition, vp, validation, lora, dp); the
 rest are flat training knobs. Loading is strict: an unknown key is an error that lists the
 known ones, so a typo never silently falls back to a default.
 
@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from ..config import DEFAULT_EXCLUDE, METHODS, SparseMaskConfig
+from ..privacy import check_dp_settings, epsilon_floor
 from .protocol.server import ValidationConfig
 from .protocol.gradip import VPConfig
 from .protocol.virtual_path import LR_SCHEDULES
@@ -142,6 +143,35 @@ class LoRASection:
 
 
 @dataclass
+class DPSection:
+    """Differential privacy (README "Differential privacy"; `meerkat_hf.privacy`).
+
+    Example-level (`clip` set): every client clips per-example scalars to `clip`, Poisson-samples
+    its batches and adds Gaussian noise from a generator only it knows; give `noise_multiplier`
+    or `target_epsilon` (at `delta`, over the whole run; the multiplier is then solved for each
+    client from its dataset size). User-level (`central_noise_multiplier`): the server adds noise
+    of std multiplier x S x max FedAvg weight to every round's aggregate, S being the per-client
+    update bound `validation.max_update_ratio` x ||w_S at round 0||; seeded from the federation
+    seed, so server and clients know it and it protects the released model only.
+    """
+
+    clip: float | None = None  # None: no example-level DP
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    central_noise_multiplier: float | None = None  # None: no central (user-level) noise
+    noise_seed: int | None = None  # tests/debugging only: makes the private noise reproducible (voids its secrecy)
+
+    @property
+    def example_level(self) -> bool:
+        return self.clip is not None or self.noise_multiplier is not None or self.target_epsilon is not None
+
+    @property
+    def enabled(self) -> bool:
+        return self.example_level or self.central_noise_multiplier is not None
+
+
+@dataclass
 class FederationConfig:
     """Everything a federated run needs; `FederationConfig.from_yaml(path)` builds one."""
 
@@ -152,6 +182,7 @@ class FederationConfig:
     vp: VPConfig = field(default_factory=VPConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     lora: LoRASection = field(default_factory=LoRASection)
+    dp: DPSection = field(default_factory=DPSection)
     algorithm: str = "meerkat"
     num_clients: int = 10
     rounds: int = 10
@@ -273,6 +304,36 @@ class FederationConfig:
                  f"{self.algorithm} needs the masked pre-training gradient g_p: give mask.calibration or a saved mask with g_p")
             need(not self.uses_lora and self.mask_method != "full", "Meerkat-VP needs g_p, which full/LoRA masks do not have")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), f"device {self.device!r}")
+        self._validate_dp(need)
+
+    def _validate_dp(self, need) -> None:
+        """DP settings: cheap checks first, then (only when DP is on) the accountant's reachability floor."""
+        dp = self.dp
+        need(isinstance(dp.delta, (int, float)) and not isinstance(dp.delta, bool) and 0 < dp.delta < 1,
+             f"dp.delta must be in (0, 1) (got {dp.delta!r})")
+        if dp.example_level:
+            try:
+                check_dp_settings(dp.clip, dp.noise_multiplier, dp.target_epsilon, dp.delta)
+            except ValueError as err:
+                raise ConfigError(f"federation config: {err}") from None
+            need(self.local_optimizer == "zo", "example-level DP (dp.clip) is implemented for ZO algorithms, "
+                                               "not fo-fedavg")
+        c = dp.central_noise_multiplier
+        if c is not None:
+            need(_num(c) and c > 0, f"dp.central_noise_multiplier must be a finite number > 0 (got {c!r})")
+            need(self.validation.max_update_ratio is not None,
+                 "dp.central_noise_multiplier needs the per-client update bound validation.max_update_ratio (not null)")
+        need(dp.noise_seed is None or (isinstance(dp.noise_seed, int) and not isinstance(dp.noise_seed, bool)),
+             f"dp.noise_seed must be an integer or null (got {dp.noise_seed!r})")
+        if dp.enabled:
+            try:
+                floor = epsilon_floor(dp.delta)
+            except ImportError as err:
+                raise ConfigError(f"federation config: dp: {err}") from None
+            if dp.target_epsilon is not None:
+                need(dp.target_epsilon > floor,
+                     f"dp.target_epsilon={dp.target_epsilon:g} is unreachable: at delta={dp.delta:g} the accountant "
+                     f"certifies no epsilon below {floor:.3g} with any noise")
 
     def check_files(self) -> None:
         """The local `task.data_files` exist (the CLI checks before any model loads; not part of
@@ -288,7 +349,7 @@ class FederationConfig:
             raise ConfigError(f"federation config must be a mapping, got {type(data).__name__}")
         data = _numeric(data)  # YAML files, --set overrides and Flower run configs all come through here
         sections = {"model": ModelSection, "mask": MaskSection, "task": TaskSection, "partition": PartitionSection,
-                    "vp": VPConfig, "validation": ValidationConfig, "lora": LoRASection}
+                    "vp": VPConfig, "validation": ValidationConfig, "lora": LoRASection, "dp": DPSection}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -246,6 +246,13 @@ def format_report(result) -> str:
         who = "Meerkat-VP flagged" if cfg.scheduler_mode == "vp" else "randomly early-stopped"
         lines.append(f"{who} (limited to {cfg.vp.limited_steps} local step/round): "
                      f"{', '.join(f'client {c}' for c in result.limited_clients) or 'no client'}")
+    privacy = getattr(result, "privacy", None) or {}
+    if "dp_epsilon" in privacy:
+        lines.append(f"example-level DP: epsilon {privacy['dp_epsilon']:.3g} at delta {privacy['dp_delta']:g} "
+                     f"(worst client, clip {cfg.dp.clip:g}; Opacus RDP, Poisson sampling)")
+    if "dp_user_epsilon" in privacy:
+        lines.append(f"user-level DP (central noise, known to server and clients): epsilon "
+                     f"{privacy['dp_user_epsilon']:.3g} at delta {privacy['dp_delta']:g}")
     out = Path(result.output_dir)
     lines.append(f"outputs: {out}/metrics.jsonl, {out}/plots/*.png, {out}/final/ (mask + sparse delta + README.md; "
                  f"publish with --push-to-hub or MeerkatModel.push_to_hub)")

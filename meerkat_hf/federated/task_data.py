@@ -19,6 +19,7 @@ import torch
 
 from ..classification_metrics import ClassifierScores
 from ..model import forward_module
+from ..privacy import causal_lm_per_example_loss
 from ..tasks import (
     ClassificationCollator,
     balanced_class_weights,
@@ -42,6 +43,8 @@ class FederatedData:
     collate: Callable[[list], dict]
     loss_fn: Callable[[Any, dict], torch.Tensor]
     evaluate: Callable[[Any], dict[str, float]]
+    # one loss per example of the batch (example-level DP clips each one's scalar)
+    per_example_loss_fn: Callable[[Any, dict], torch.Tensor] | None = None
     labels: np.ndarray | None = None
     parts: list[list[int]] = field(default_factory=list)
     label_names: list[str] | None = None
@@ -96,6 +99,9 @@ def build_classification_data(config: FederationConfig, tokenizer) -> FederatedD
     def loss_fn(model, batch):
         return candidate_loss(forward_module(model), batch, cand, weights)
 
+    def per_example_loss_fn(model, batch):
+        return candidate_loss(forward_module(model), batch, cand, weights, reduction="none")
+
     def evaluate(model) -> dict[str, float]:
         scores, gold = candidate_scores(forward_module(model), tokenizer, template, eval_encoded,
                                         batch_size=config.eval_batch_size, max_length=config.max_length)
@@ -113,7 +119,7 @@ def build_classification_data(config: FederationConfig, tokenizer) -> FederatedD
     prompts = [template.format_prompt(train[i]) for i in range(min(len(train), 256))]
     return FederatedData(
         client_examples=[[rows[i] for i in p] for p in parts], collate=collate, loss_fn=loss_fn, evaluate=evaluate,
-        labels=labels, parts=parts, label_names=list(template.label_names), calibration_texts=prompts, last_eval=last_eval,
+        per_example_loss_fn=per_example_loss_fn, labels=labels, parts=parts, label_names=list(template.label_names), calibration_texts=prompts, last_eval=last_eval,
         description=f"{template.name}: {len(train)} train / {len(evalset)} eval examples, {template.num_classes} classes",
     )
 
@@ -183,6 +189,9 @@ def build_lm_data(config: FederationConfig, tokenizer) -> FederatedData:
     def loss_fn(model, batch):
         return forward_module(model)(**batch).loss
 
+    def per_example_loss_fn(model, batch):
+        return causal_lm_per_example_loss(forward_module(model), batch)
+
     @torch.no_grad()
     def evaluate(model) -> dict[str, float]:
         fwd = forward_module(model)
@@ -198,7 +207,7 @@ def build_lm_data(config: FederationConfig, tokenizer) -> FederatedData:
 
     return FederatedData(
         client_examples=[[rows[i] for i in p] for p in parts], collate=collate, loss_fn=loss_fn, evaluate=evaluate,
-        parts=parts, calibration_texts=train_texts[:256],
+        per_example_loss_fn=per_example_loss_fn, parts=parts, calibration_texts=train_texts[:256],
         description=f"lm: {len(rows)} train / {len(eval_rows)} eval texts",
     )
 

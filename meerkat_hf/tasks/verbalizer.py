@@ -371,15 +371,19 @@ def _targets(batch: Mapping[str, torch.Tensor], candidate_ids: torch.Tensor, dev
 
 
 def candidate_loss(model: Any, batch: Mapping[str, torch.Tensor], candidate_ids: torch.Tensor,
-                   class_weights: torch.Tensor | None = None) -> torch.Tensor:
+                   class_weights: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
     """Mean cross-entropy over the candidate words only (MeZO's classification loss), in float32.
 
     `class_weights` (one per class, e.g. from :func:`balanced_class_weights`) gives the weighted
     mean ``sum_i w_{y_i} l_i / sum_i w_{y_i}``, as `F.cross_entropy(weight=...)` defines it.
+    `reduction="none"` returns the per-example losses ``w_{y_i} l_i`` ([batch]; what
+    differential privacy clips), from the same forward pass.
     """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"candidate_loss reduction must be 'mean' or 'none', got {reduction!r}")
     logits = candidate_logits(model, batch, candidate_ids).float()
     weight = None if class_weights is None else class_weights.to(device=logits.device, dtype=torch.float32)
-    return F.cross_entropy(logits, _targets(batch, candidate_ids, logits.device), weight=weight)
+    return F.cross_entropy(logits, _targets(batch, candidate_ids, logits.device), weight=weight, reduction=reduction)
 
 
 def balanced_class_weights(labels: Any, num_classes: int) -> torch.Tensor:

@@ -36,7 +36,7 @@ from flwr.clientapp import ClientApp
 
 from ...mask import SparseMask
 from ...model import get_meerkat_model
-from ..assets import default_mask_location, load_base_model, protocol_params, wrap_model
+from ..assets import client_privacy, default_mask_location, load_base_model, protocol_params, wrap_model
 from ..protocol.client import ClientState, FederatedClient
 from ..protocol.codec import MessageError
 from ..federation_config import FederationConfig
@@ -144,8 +144,9 @@ def load_client(config: FederationConfig, client_id: int, *, mask_location: str 
     wrapped, mask, tokenizer, initial = _load_model(config, mask_location, dev)
     examples, data = _load_examples(config, client_id, tokenizer, data_files)
     client = FederatedClient(client_id, examples, data.collate, batch_size=config.batch_size,
-                             data_seed=config.seed, loss_fn=data.loss_fn)
-    rt = LoadedClient(config, client, wrapped, mask, protocol_params(config), dev, initial)
+                             data_seed=config.seed, loss_fn=data.loss_fn, per_example_loss_fn=data.per_example_loss_fn,
+                             privacy=client_privacy(config, len(examples), client_id))
+    rt = LoadedClient(config, client, wrapped, mask, protocol_params(config, initial), dev, initial)
     _CLIENTS[key] = rt
     logger.info("Meerkat client %d ready: %d examples, k=%d, mask %s", client_id, client.num_examples,
                 wrapped.num_selected, mask.checksum)

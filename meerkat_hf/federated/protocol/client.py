@@ -13,6 +13,11 @@ and the protocol needs control over seeds, scalars and the fp32 master.
   where they were, only weight decay applies) and counted in the uplink's `nan_steps` field.
   We do not send NaN: the server would reject the whole round of the client, throwing away its
   good steps; a logged, counted skip keeps them and keeps client and server in lockstep.
+* Example-level DP (`privacy`, an `ExampleDP`): each step's batch is Poisson-sampled and its
+  scalar is the clipped mean of per-example scalars plus Gaussian noise, both drawn from a
+  generator seeded by `secrets` afresh every round (`meerkat_hf.privacy`); the data pointer
+  is not used. The client then reports no clean number: `mean_loss` is NaN and `nan_steps` 0
+  (a non-finite per-example scalar counts as 0 in the clipped sum).
 * The client state is transactional: the driver commits the new `ClientState` only after the
   round's uplink was produced, so a client that drops out mid-round resumes from where it was.
 """
@@ -28,7 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...zo import ZOStep, apply_step, derive_seed, gaussian_direction, projected_gradient
+from ...privacy import ExampleDP, poisson_indices, private_scalar
+from ...zo import ZOStep, apply_step, derive_seed, gaussian_direction, projected_gradient, projected_gradients_per_example
 from .codec import (
     KIND_DENSE,
     DenseUplink,
@@ -87,11 +93,16 @@ class FederatedClient:
     """One client's private data, data pointer and local optimizer."""
 
     def __init__(self, client_id: int, examples: Sequence, collate_fn: Callable[[list], dict], *,
-                 batch_size: int, data_seed: int, loss_fn: LossFn | None = None):
+                 batch_size: int, data_seed: int, loss_fn: LossFn | None = None,
+                 privacy: ExampleDP | None = None, per_example_loss_fn: LossFn | None = None):
         if len(examples) == 0:
             raise ValueError(f"client {client_id} has no examples")
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if privacy is not None and per_example_loss_fn is None:
+            raise ValueError("example-level DP needs per_example_loss_fn (one loss per example of the batch)")
+        self.privacy = privacy
+        self.per_example_loss_fn = per_example_loss_fn
         self.client_id = int(client_id)
         self.examples = examples
         self.collate_fn = collate_fn
@@ -124,10 +135,13 @@ class FederatedClient:
 
     def batch(self, state: ClientState, device: torch.device | None) -> tuple[dict, ClientState]:
         idx, state = self.take(state, min(self.batch_size, len(self.examples)))
+        return self._collate(idx, device), state
+
+    def _collate(self, idx: list[int], device: torch.device | None) -> dict:
         batch = self.collate_fn([self.examples[i] for i in idx])
         if device is not None:
             batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-        return batch, state
+        return batch
 
     # -- downlink ------------------------------------------------------------------------
     def receive(self, data: bytes, *, mask_checksum: str | bytes, fingerprint: str | bytes, params: ProtocolParams,
@@ -194,19 +208,36 @@ class FederatedClient:
         grads: list[float] = []
         losses: list[float] = []
         nan_steps = 0
+        dp = self.privacy
+        generator = None if dp is None else dp.generator(self.client_id, round_id)
         for t in range(budget):
-            batch, state = self.batch(state, device)
+            if dp is None:
+                batch, state = self.batch(state, device)
+            else:  # Poisson sampling from the private generator (what the accountant assumes)
+                idx = poisson_indices(self.num_examples, dp.sample_rate, generator)
+                batch = self._collate(idx, device) if idx else None
+                state = replace(state, examples_seen=state.examples_seen + len(idx))
 
             def loss_fn(batch=batch) -> float:
                 value = float(self.loss_fn(model, batch))
                 losses.append(value)
                 return value
 
+            def per_example_loss_fn(batch=batch) -> torch.Tensor:
+                values = self.per_example_loss_fn(model, batch)
+                losses.append(float(values.float().mean()))
+                return values
+
             seeds, zs, gs = [], [], []
             for j in range(params.q):
                 seed = step_seed(params.federation_seed, round_id, self.client_id, t, j)
                 z = gaussian_direction(seed, k)
-                g = projected_gradient(model, loss_fn, z, eps)
+                if dp is None:
+                    g = projected_gradient(model, loss_fn, z, eps)
+                else:  # an empty batch still releases its noise: the accountant counts every step
+                    per_example = (projected_gradients_per_example(model, per_example_loss_fn, z, eps)
+                                   if batch is not None else torch.zeros(0, dtype=torch.float64))
+                    g, _ = private_scalar(per_example, dp, generator)
                 if not math.isfinite(g):
                     g = 0.0
                     nan_steps += 1
@@ -225,7 +256,7 @@ class FederatedClient:
                         start_digest, params.q, tuple(grads), nan_steps=nan_steps)
         new_state = replace(state, steps_done=state.steps_done + budget, rounds_done=state.rounds_done + 1,
                             nan_steps=state.nan_steps + nan_steps, synced_round=round_id)
-        finite = [x for x in losses if math.isfinite(x)]
+        finite = [x for x in losses if math.isfinite(x)] if dp is None else []  # DP: no clean loss leaves
         return LocalResult(self.client_id, round_id, uplink.encode(), new_state,
                            values.clone() if keep_final else None,
                            float(np.mean(finite)) if finite else float("nan"), budget, nan_steps, state_digest(values))
@@ -234,6 +265,8 @@ class FederatedClient:
                           params: ProtocolParams, mask_checksum: str | bytes, device: torch.device | None = None,
                           keep_final: bool = False, progress: StepCallback | None = None) -> LocalResult:
         """Backprop baseline: SGD on the same masked coordinates; the uplink is the dense fp32 delta."""
+        if self.privacy is not None:
+            raise ValueError("example-level DP is implemented for ZO clients only (not the fo-fedavg baseline)")
         start = start_values.detach().to("cpu", torch.float32).clone()
         model.set_values(start)
         values = model.values

@@ -263,11 +263,11 @@ class FederatedServer:
                     self._accepted[c] = DenseUplink(**{**u.__dict__, "delta": (u.delta.double() * scale).float()})
                     clipped[c] = scale
             accepted = [self._accepted[c] for c in sorted(self._accepted)]
-            new_values = aggregate_dense_round(self.values, accepted)
+            new_values = aggregate_dense_round(self.values, accepted, self.params, self.round)
         else:
             records, paths, finals, clipped = self._replay_accepted(sorted(self._accepted))
             accepted = [self._accepted[c] for c in sorted(self._accepted)]
-            new_values = fedavg_finals(self.values, records, finals)
+            new_values = fedavg_finals(self.values, records, finals, self.params, self.round)
             if not self.keep_client_finals:
                 finals = {}
         if accepted and not bool(torch.isfinite(new_values).all()):

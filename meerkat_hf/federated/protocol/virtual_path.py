@@ -78,14 +78,52 @@ class ProtocolParams:
     schedule: LRSchedule
     q: int = 1
     weight_decay: float = 0.0
+    # user-level DP: the std of the Gaussian noise on each round's aggregate is central_noise * max_c(n_c / N)
+    # (central_noise = noise multiplier x the server's per-client update bound S); 0: no central noise
+    central_noise: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.central_noise) and self.central_noise >= 0):
+            raise ValueError(f"central_noise must be a finite number >= 0, got {self.central_noise!r}")
         if not 1 <= self.q <= 255:
             raise ValueError(f"q (perturbations per step) must be in 1..255, got {self.q}")
         wd = self.weight_decay
         if not (isinstance(wd, (int, float)) and math.isfinite(wd) and 0 <= wd and self.schedule.lr * wd < 1):
             raise ValueError(f"weight_decay must be >= 0 with lr * weight_decay < 1 (so 1 - lr*wd stays in (0, 1]), "
                              f"got weight_decay={wd!r}, lr={self.schedule.lr!r}")
+
+
+_CENTRAL_TAG = 0x43454E54  # "CENT"
+
+
+def update_bound(values: torch.Tensor, ratio: float) -> float:
+    """`ratio` x ||values||_2 in exact-order float64 (numpy's single-threaded pairwise sum), so every
+    node derives the same bound, hence the same central noise scale, from the round-0 state."""
+    v64 = values.detach().to("cpu", torch.float64).numpy()
+    return float(ratio) * max(math.sqrt(float(np.add.reduce(v64 * v64))), 1e-12)
+
+
+def central_noise_std(params: ProtocolParams, counts: dict[int, int]) -> float:
+    """Std of a round's central noise: `central_noise` x the largest FedAvg weight (0 with no client).
+
+    With every client's update bounded by S, replacing one client's update by zero moves the
+    weighted average by at most max_c(n_c / N) * S: noise of that scale times the multiplier is
+    the Gaussian mechanism of DP-FedAvg (zero-out neighbours).
+    """
+    if not params.central_noise or not counts:
+        return 0.0
+    return params.central_noise * (max(counts.values()) / sum(counts.values()))
+
+
+def add_central_noise(values: torch.Tensor, params: ProtocolParams, round_id: int, counts: dict[int, int]) -> torch.Tensor:
+    """The aggregate plus the round's central noise, seeded from (federation seed, round): every server
+    replica and every client replaying the round's records adds the very same bits. Whoever knows
+    the federation seed (server, clients) knows this noise; it protects the released model only."""
+    std = central_noise_std(params, counts)
+    if std == 0.0:
+        return values
+    noise = gaussian_direction(derive_seed(params.federation_seed, round_id, _CENTRAL_TAG), values.numel())
+    return values.double().add_(noise.double().mul_(std)).float()
 
 
 def client_steps(params: ProtocolParams, round_id: int, client_id: int, grads: Sequence[float],
@@ -188,23 +226,25 @@ def aggregate_zo_round(values: torch.Tensor, updates: Sequence, params: Protocol
         if keep_final:
             finals[u.client_id] = final
         avg.add_state(u.client_id, final)
-    return avg.result(), paths, finals
+    return add_central_noise(avg.result(), params, round_id, avg.counts), paths, finals
 
 
-def fedavg_finals(values: torch.Tensor, records: Sequence, finals: dict[int, torch.Tensor]) -> torch.Tensor:
+def fedavg_finals(values: torch.Tensor, records: Sequence, finals: dict[int, torch.Tensor],
+                  params: ProtocolParams | None = None, round_id: int = 0) -> torch.Tensor:
     """FedAvg of replayed client states: the same arithmetic as `aggregate_zo_round` (the server
-    replays each client itself to check and bound it, then aggregates here)."""
+    replays each client itself to check and bound it, then aggregates here), central noise included."""
     ordered = sorted(records, key=lambda u: u.client_id)
     avg = FedAvg(values, {u.client_id: u.num_examples for u in ordered})
     for u in ordered:
         avg.add_state(u.client_id, finals[u.client_id])
-    return avg.result()
+    return avg.result() if params is None else add_central_noise(avg.result(), params, round_id, avg.counts)
 
 
-def aggregate_dense_round(values: torch.Tensor, updates: Sequence) -> torch.Tensor:
+def aggregate_dense_round(values: torch.Tensor, updates: Sequence, params: ProtocolParams | None = None,
+                          round_id: int = 0) -> torch.Tensor:
     """First-order FedAvg baseline: the uplinks carry dense fp32 deltas."""
     ordered = sorted(updates, key=lambda u: u.client_id)
     avg = FedAvg(values, {u.client_id: u.num_examples for u in ordered})
     for u in ordered:
         avg.add(u.client_id, u.delta.double())
-    return avg.result()
+    return avg.result() if params is None else add_central_noise(avg.result(), params, round_id, avg.counts)
