@@ -65,7 +65,7 @@ FULL_GRID = [
     (K_SMOLLM2, 10, 3), (K_SMOLLM2, 100, 100), (K_SMOLLM2, 1000, 2), (K_SMOLLM2, 10000, 1),
     (K_1B, 10, 3), (K_1B, 100, 2), (K_1B, 1000, 1), (K_1B, 10000, None),
 ]
-QUICK_GRID = [(4_096, 10, 3), (4_096, 100, 6), (4_096, 1000, None), (32_768, 10, 2), (32_768, 100, None)]
+QUICK_GRID = [(4_096, 10, 3), (4_096, 100, 6), (4_096, 1000, None), (32_768, 10, 2), (32_768, 100, 2), (32_768, 1000, None)]
 
 
 # -- memory ------------------------------------------------------------------------------------
@@ -193,6 +193,19 @@ def catchup_rows(k: int, clients: int) -> list[dict]:
         rows.append({"kind": "catchup", "k": k, "clients": clients, "missed": m, "records_bytes": records,
                      "dense_bytes": dense, "sent": "dense" if kind == KIND_DENSE else "records", "sent_bytes": sent})
     return rows
+
+
+def planning_row(clients: int) -> dict:
+    """CPU to plan a round's downlinks (the engine calls `downlink_plan` once per participant) while the
+    server holds one round of `clients` records: it sized every participant's chain record by record,
+    O(clients^2) per round, until `RoundRecords.nbytes` was cached."""
+    server, _ = make_server(K_SMOLLM2, clients)
+    server.history.append(RoundRecords(0, tuple(Record(c, num_examples(c), 1, (0.5,) * T) for c in range(clients))))
+    server.round, server.budgets = 1, {c: T for c in range(clients)}
+    t0 = time.process_time()
+    plans = {server.downlink_plan(c) for c in range(clients)}
+    return {"kind": "planning", "k": K_SMOLLM2, "clients": clients, "cpu_s": time.process_time() - t0,
+            "plans": sorted("dense" if kd == KIND_DENSE else "records" for kd, _ in plans)}
 
 
 # -- the grid ------------------------------------------------------------------------------------
@@ -368,6 +381,10 @@ def main(argv=None) -> int:
             for row in catchup_rows(k, clients):
                 catchup.append(row)
                 out.write(json.dumps(row) + "\n")
+        for clients in sorted({p for _, p, _ in grid}):
+            row = planning_row(clients)
+            out.write(json.dumps(row) + "\n")
+            log(f"planning {clients:,} downlinks: {row['cpu_s']:.4f} s CPU")
     with open(out_dir / "rows.jsonl") as f:
         rounds_rows = [json.loads(line) for line in f if '"kind": "round"' in line]
     if rounds_rows:
