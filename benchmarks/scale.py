@@ -23,7 +23,10 @@ the server's record history to its cap, showing memory does not grow with past r
     python benchmarks/scale.py                   # full grid, ~15 min on one core
     python benchmarks/scale.py --quick           # smoke run (seconds)
 
-Output under --out (default benchmarks/results/scale/): rows.jsonl (raw rows), table.md, scale.png.
+    python benchmarks/scale.py --render          # table and plot again from rows.jsonl (no measuring)
+
+Output under --out (default benchmarks/results/scale/): rows.jsonl (raw measured rows), cells.jsonl
+(per-cell medians, measured and extrapolated), table.md, scale.png.
 """
 
 from __future__ import annotations
@@ -254,7 +257,9 @@ def extrapolate(k: int, clients: int, cells: list[dict]) -> dict:
         if a[key] is None or b[key] is None:
             return None
         slope = (b[key] - a[key]) / (b["clients"] - a["clients"])
-        return b[key] + slope * (clients - b["clients"])
+        value = b[key] + slope * (clients - b["clients"])
+        # memory: at least what was measured (it may be flat in the clients: noise must not extrapolate below it)
+        return max(value, a[key], b[key]) if key == "peak_rss_delta_mib" else max(value, 0.0)
 
     one_round = RoundRecords(0, tuple(Record(c, num_examples(c), 1, (0.0,) * T) for c in range(clients)))
     records = downlink_size(KIND_RECORDS, clients, history=(one_round,))
@@ -347,6 +352,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cells", default=None,
                     help="comma-separated k:clients:rounds to run instead of the grid's choice (e.g. 106203:1000:1); the "
                          "grid's other cells are extrapolated (where two measured cells of their k allow it)")
+    ap.add_argument("--render", action="store_true", help="rebuild table.md, scale.png, cells.jsonl from --out's rows.jsonl")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     out_dir = Path(args.out)
@@ -357,48 +363,63 @@ def main(argv=None) -> int:
         grid = [(k, p, chosen.get((k, p))) for k, p, _ in grid] + [(k, p, r) for (k, p), r in chosen.items()
                                                                    if (k, p) not in {(g[0], g[1]) for g in grid}]
     log = lambda s: print(s, flush=True)  # noqa: E731
-    cells, catchup, flat = [], [], []
-    t0 = time.perf_counter()
-    with open(out_dir / "rows.jsonl", "w") as out:
-        for k, clients, rounds in grid:
-            if not rounds:
-                continue
-            cell = run_cell(k, clients, rounds, out, log)
-            cells.append(cell)
-            out.write(json.dumps(cell) + "\n")
-            log(f"k={k:,} P={clients:,}: {cell['cpu_s']:.3f} s CPU/round, {cell['cpu_per_client_round_ms']:.3f} ms per "
-                f"client-round = {100 * cell['share_of_client_round']:.4f}% of a client's local round")
-        for k, clients, rounds in grid:
-            if not rounds:
-                try:
-                    cell = extrapolate(k, clients, cells)
-                except ValueError as err:
-                    log(f"k={k:,} P={clients:,}: not run, not extrapolated ({err})")
+    command = "python benchmarks/scale.py" + " ".join([""] + (argv if argv is not None else sys.argv[1:]))
+    rows_path = out_dir / "rows.jsonl"
+    if not args.render:
+        t0 = time.perf_counter()
+        with open(rows_path, "w") as out:
+            for k, clients, rounds in grid:
+                if not rounds:
                     continue
-                cells.append(cell)
+                cell = run_cell(k, clients, rounds, out, log)
                 out.write(json.dumps(cell) + "\n")
-        for k, clients, _ in grid:
-            for row in catchup_rows(k, clients):
-                catchup.append(row)
+                log(f"k={k:,} P={clients:,}: {cell['cpu_s']:.3f} s CPU/round, {cell['cpu_per_client_round_ms']:.3f} ms "
+                    f"per client-round = {100 * cell['share_of_client_round']:.4f}% of a client's local round")
+            for k, clients, _ in grid:
+                for row in catchup_rows(k, clients):
+                    out.write(json.dumps(row) + "\n")
+            out.write(json.dumps({"kind": "meta", "wall_s": time.perf_counter() - t0, "command": command}) + "\n")
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    if not any(r["kind"] == "planning" for r in rows):  # milliseconds since RoundRecords.nbytes is cached
+        with open(rows_path, "a") as out:
+            for clients in sorted({p for _, p, _ in grid}):
+                row = planning_row(clients)
+                rows.append(row)
                 out.write(json.dumps(row) + "\n")
-        for clients in sorted({p for _, p, _ in grid}):
-            row = planning_row(clients)
-            out.write(json.dumps(row) + "\n")
-            log(f"planning {clients:,} downlinks: {row['cpu_s']:.4f} s CPU")
-    with open(out_dir / "rows.jsonl") as f:
-        rounds_rows = [json.loads(line) for line in f if '"kind": "round"' in line]
+                log(f"planning {clients:,} downlinks: {row['cpu_s']:.4f} s CPU")
+    render(grid, rows, out_dir, log)
+    return 0
+
+
+def render(grid, rows: list[dict], out_dir: Path, log) -> None:
+    """table.md, scale.png and cells.jsonl (measured + extrapolated cells) from the raw rows."""
+    cells = [r for r in rows if r["kind"] == "cell" and not r["extrapolated"]]
+    for k, clients, _ in grid:
+        if not any(c["k"] == k and c["clients"] == clients for c in cells):
+            try:
+                cells.append(extrapolate(k, clients, cells))
+            except ValueError as err:
+                log(f"k={k:,} P={clients:,}: not run, not extrapolated ({err})")
+    catchup = [r for r in rows if r["kind"] == "catchup"]
+    rounds_rows = [r for r in rows if r["kind"] == "round"]
+    flat = []
     if rounds_rows:
         longest = max({(r["k"], r["clients"]) for r in rounds_rows},
                       key=lambda kc: sum(1 for r in rounds_rows if (r["k"], r["clients"]) == kc))
         flat = [r for r in rounds_rows if (r["k"], r["clients"]) == longest]
     md = table(cells, catchup, flat)
-    md += (f"\nMeasured in {time.perf_counter() - t0:,.0f} s wall; T = {T} local steps, q = 1; one torch thread; "
-           f"`python benchmarks/scale.py{' --quick' if args.quick else ''}`.\n")
+    planning = [r for r in rows if r["kind"] == "planning"]
+    if planning:
+        md += "\nPlanning one round's downlinks (one `downlink_plan` per participant, one round of records held): " + \
+            ", ".join(f"{r['clients']:,} participants {1e3 * r['cpu_s']:.1f} ms" for r in planning) + ".\n"
+    meta = [r for r in rows if r["kind"] == "meta"]
+    md += (f"\nT = {T} local steps, q = 1; one torch thread" +
+           (f"; measured in {meta[-1]['wall_s']:,.0f} s wall; `{meta[-1]['command']}`" if meta else "") + ".\n")
     (out_dir / "table.md").write_text(md)
+    (out_dir / "cells.jsonl").write_text("".join(json.dumps(c) + "\n" for c in cells))
     if cells:
         plot(cells, catchup, out_dir / "scale.png")
     print(md)
-    return 0
 
 
 if __name__ == "__main__":
