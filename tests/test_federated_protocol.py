@@ -297,8 +297,8 @@ def _synthetic_round(clients, *, k=2000, poison=None, keep=False, q=2):
         assert server.receive(Uplink(0, c, 10 + 7 * c, server.checksum, server.digest, q, grads).encode()) is None
     honest = server_mod.replay_client
 
-    def replay(values, steps, *args):  # client `poison`'s path leaves finite values
-        final, gips = honest(values, steps, *args)
+    def replay(values, steps, *args, **kw):  # client `poison`'s path leaves finite values
+        final, gips = honest(values, steps, *args, **kw)
         if poison is not None and steps[0].seeds[0] == client_steps(params, 0, poison, [0.0] * q, q)[0].seeds[0]:
             final[0] = float("nan")
         return final, gips

@@ -325,11 +325,13 @@ class FederatedServer:
         clipped: dict[int, float] = {}
         avg = FedAvg(self.values, {c: self._accepted[c].num_examples for c in ids})
         streaming = True
+        work = None if self.keep_client_finals else torch.empty_like(self.values)  # reused replay target
+        buffers: list[torch.Tensor] = []  # reused directions
         for c in ids:
             u = self._accepted[c]
             rec = u.record
             steps = client_steps(self.params, self.round, c, rec.grads, rec.q, rec.lrs)
-            final, gips = replay_client(self.values, steps, self.gp64)
+            final, gips = replay_client(self.values, steps, self.gp64, out=work, buffers=buffers)
             own_digest = state_digest(final)
             if not bool(torch.isfinite(final).all()):
                 self._accepted.pop(c)
@@ -340,7 +342,8 @@ class FederatedServer:
             scale = self._clip_factor(delta.norm())
             if scale is not None:
                 rec = Record(c, rec.num_examples, rec.q, tuple(fp32(g * scale) for g in rec.grads), rec.lrs)
-                final, _ = replay_client(self.values, client_steps(self.params, self.round, c, rec.grads, rec.q, rec.lrs))
+                final, _ = replay_client(self.values, client_steps(self.params, self.round, c, rec.grads, rec.q, rec.lrs),
+                                         out=work, buffers=buffers)
                 delta = avg.delta(final)
                 clipped[c] = scale
                 logger.warning("round %d: client %d's update scaled by %.3g to the bound %.3g (max_update_ratio)",

@@ -111,17 +111,23 @@ def gradip(pretrain_grad64: np.ndarray, z: torch.Tensor, g: float) -> float:
     return float(g) * float(np.add.reduce(pretrain_grad64 * z.numpy().astype(np.float64)))
 
 
-def replay_client(values: torch.Tensor, steps: Iterable[ZOStep],
-                  pretrain_grad64: np.ndarray | None = None) -> tuple[torch.Tensor, list[float]]:
+def replay_client(values: torch.Tensor, steps: Iterable[ZOStep], pretrain_grad64: np.ndarray | None = None, *,
+                  out: torch.Tensor | None = None,
+                  buffers: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[float]]:
     """Replay one client's virtual path from `values` (not modified).
 
     Returns the client's final w_S (bit-identical to what the client computed) and, when the
     masked pre-training gradient is given, GradIP per step (mean over the q perturbations).
+
+    `out` (fp32, k values) receives the path instead of a fresh copy of `values`, and `buffers`
+    (a list the caller keeps, grown to q) holds the directions: a caller replaying many clients
+    passes the same ones each time, so no k-vector is allocated per client or per step (at
+    full-model k each fresh one is ~0.5 GB of page faults, as costly as drawing it).
     """
-    out = values.clone()
+    out = values.clone() if out is None else out.copy_(values)
     k = out.numel()
     gradips: list[float] = []
-    buffers: list[torch.Tensor] = []  # the q directions of a step, drawn into the same memory every step
+    buffers = [] if buffers is None else buffers
     for step in steps:
         while len(buffers) < len(step.seeds):
             buffers.append(torch.empty(k, dtype=torch.float32))
@@ -143,6 +149,7 @@ class FedAvg:
         self.total = sum(counts.values())
         self.counts = counts
         self.acc = torch.zeros_like(self.base64)
+        self._scratch: torch.Tensor | None = None
         self._last = -1
 
     def add(self, client_id: int, delta64: torch.Tensor, *, consume: bool = False) -> None:
@@ -156,8 +163,13 @@ class FedAvg:
         self.acc.add_(delta64.mul_(weight) if consume else delta64.mul(weight))
 
     def delta(self, client_values: torch.Tensor) -> torch.Tensor:
-        """float64(w_c) - float64(w): exact, the quantity FedAvg weights and the norm bound measures."""
-        return client_values.double().sub_(self.base64)
+        """float64(w_c) - float64(w): exact, the quantity FedAvg weights and the norm bound measures.
+
+        Written into one reused float64 buffer, valid until the next call (a fresh one per client
+        was, at full-model k, a 1 GB allocation and its page faults: ~half of adding a client)."""
+        if self._scratch is None:
+            self._scratch = torch.empty_like(self.base64)
+        return self._scratch.copy_(client_values).sub_(self.base64)
 
     def add_state(self, client_id: int, client_values: torch.Tensor) -> None:
         self.add(client_id, self.delta(client_values), consume=True)
@@ -191,9 +203,11 @@ def aggregate_zo_round(values: torch.Tensor, updates: Sequence, params: Protocol
     avg = FedAvg(values, {u.client_id: u.num_examples for u in ordered})
     paths: list[ClientPath] = []
     finals: dict[int, torch.Tensor] = {}
+    work = None if keep_final else torch.empty_like(values)  # one replay target for every client
+    buffers: list[torch.Tensor] = []
     for u in ordered:
         steps = client_steps(params, round_id, u.client_id, u.grads, u.q, u.lrs)
-        final, gips = replay_client(values, steps, pretrain_grad64)
+        final, gips = replay_client(values, steps, pretrain_grad64, out=work, buffers=buffers)
         if with_paths:
             paths.append(ClientPath(u.client_id, u.num_examples, gips, state_digest(final)))
         if keep_final:
