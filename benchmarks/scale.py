@@ -15,14 +15,14 @@ downlink a participant gets (records of the previous round vs the dense k-vector
 also times a client replaying a one-round records downlink (the client's catch-up CPU), and for
 every (k, clients) it encodes the catch-up downlink of a client that missed 1, 10, 100 rounds
 on a server whose history holds those rounds' records (bytes only: that history is not replayed,
-so it is cheap for every cell; the real-round cells cross-check the same numbers). Cells too
+so it is cheap for every cell; the real-round cells' one-round downlinks give the same sizes). Cells too
 slow for the budget are extrapolated linearly in the number of clients from the two largest
 measured cells of the same k, and marked so. The P=100, k=106k cell runs enough rounds to fill
 the server's record history to its cap, showing memory does not grow with past rounds.
 
-    python benchmarks/scale.py                   # full grid, ~15 min on one core
+    python benchmarks/scale.py                   # full grid: ~5 min of CPU on one quiet core (from the cells measured)
     python benchmarks/scale.py --quick           # smoke run (seconds)
-
+    python benchmarks/scale.py --cells 106203:1000:2,1200000:1000:0   # choose rounds per cell (0: extrapolate)
     python benchmarks/scale.py --render          # table and plot again from rows.jsonl (no measuring)
 
 Output under --out (default benchmarks/results/scale/): rows.jsonl (raw measured rows), cells.jsonl
@@ -35,8 +35,6 @@ import argparse
 import ctypes
 import hashlib
 import json
-import math
-import os
 import statistics
 import sys
 import time
