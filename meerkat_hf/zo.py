@@ -34,10 +34,18 @@ def derive_seed(*parts: int) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & _MASK63
 
 
-def gaussian_direction(seed: int, k: int) -> torch.Tensor:
-    """The protocol's perturbation z ~ N(0, I_k), fp32, generated on the CPU."""
+def gaussian_direction(seed: int, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The protocol's perturbation z ~ N(0, I_k), fp32, generated on the CPU.
+
+    `out` (an fp32 CPU tensor of k values) is filled instead of allocating: the same bits, and a
+    replay drawing thousands of directions skips as many allocations (~25% of a draw at k = 1.2M).
+    """
     gen = torch.Generator("cpu").manual_seed(int(seed))
-    return torch.randn(k, generator=gen, dtype=torch.float32)
+    if out is None:
+        return torch.randn(k, generator=gen, dtype=torch.float32)
+    if out.dtype != torch.float32 or out.device.type != "cpu" or out.numel() != k:
+        raise ValueError("gaussian_direction(out=) needs an fp32 CPU tensor of k values")
+    return torch.randn(k, generator=gen, out=out)
 
 
 class SparseTarget(Protocol):

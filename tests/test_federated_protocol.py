@@ -280,3 +280,62 @@ def test_replay_helpers_match_zo_module(setup):
 
     final, gips = replay_client(wrapped.base_values, steps, mask.pretrain_grad.double().numpy())
     assert torch.equal(final, replay(wrapped.base_values, steps)) and len(gips) == 2
+
+
+def _synthetic_round(clients, *, k=2000, poison=None, keep=False, q=2):
+    """A server on a synthetic k-vector fed valid synthetic uplinks (no model): fast protocol checks."""
+    from meerkat_hf.federated.protocol import server as server_mod
+
+    gen = torch.Generator().manual_seed(0)
+    values, gp = torch.randn(k, generator=gen) * 0.02, torch.randn(k, generator=gen)
+    params = ProtocolParams(11, LRSchedule(1e-3), q=q, weight_decay=0.01)
+    server = FederatedServer(values, "ab" * 16, "cd" * 8, params, num_clients=4, pretrain_grad=gp,
+                             keep_client_finals=keep)
+    server.begin_round(0, {c: 3 for c in clients})
+    for c in clients:
+        grads = tuple(float(np.float32(0.5 * (c + 1) * (-1) ** j)) for j in range(3 * q))
+        assert server.receive(Uplink(0, c, 10 + 7 * c, server.checksum, server.digest, q, grads).encode()) is None
+    honest = server_mod.replay_client
+
+    def replay(values, steps, *args, **kw):  # client `poison`'s path leaves finite values
+        final, gips = honest(values, steps, *args, **kw)
+        if poison is not None and steps[0].seeds[0] == client_steps(params, 0, poison, [0.0] * q, q)[0].seeds[0]:
+            final[0] = float("nan")
+        return final, gips
+
+    server_mod.replay_client, old = replay, server_mod.replay_client
+    try:
+        return server, server.finish_round()
+    finally:
+        server_mod.replay_client = old
+
+
+def test_streaming_fedavg_equals_the_documented_arithmetic_and_survives_a_non_finite_path():
+    from meerkat_hf.federated.protocol.virtual_path import fedavg_finals
+
+    server, s = _synthetic_round([0, 1, 2], keep=True)
+    start = torch.randn(2000, generator=torch.Generator().manual_seed(0)) * 0.02  # the round-0 state
+    records = server.history[-1].records
+    assert not torch.equal(server.values, start)
+    assert torch.equal(server.values, fedavg_finals(start, records, s.finals))
+    assert s.finals and _synthetic_round([0, 1, 2])[1].finals == {}  # finals only kept on request
+    # client 1's path is not finite: it is rejected and the others are aggregated with N over them only
+    poisoned, p = _synthetic_round([0, 1, 2], poison=1)
+    assert [(r.client_id, r.reason) for r in p.rejected] == [(1, "non-finite-path")] and p.accepted == [0, 2]
+    without, _ = _synthetic_round([0, 2])
+    assert torch.equal(poisoned.values, without.values)
+    assert [r.client_id for r in poisoned.history[-1].records] == [0, 2]
+
+
+def test_directions_into_a_buffer_and_cached_record_sizes_keep_the_bits():
+    from meerkat_hf.federated.protocol.codec import Record, RoundRecords
+    from meerkat_hf.zo import gaussian_direction
+
+    buf = torch.empty(5000)
+    for seed in (0, 7, 2**62):
+        assert torch.equal(gaussian_direction(seed, 5000, out=buf), gaussian_direction(seed, 5000))
+    with pytest.raises(ValueError, match="fp32 CPU tensor of k values"):
+        gaussian_direction(1, 5000, out=torch.empty(10))
+    rr = RoundRecords(3, (Record(1, 5, 1, (1.0, 2.0)), Record(2, 6, 2, (0.5,) * 4, (1e-3,))))
+    assert rr.nbytes() == rr.nbytes() == 8 + sum(len(r.encode()) for r in rr.records)
+    assert rr == RoundRecords(3, rr.records)  # the cache is no field: equality and repr unchanged

@@ -195,12 +195,14 @@ def raw_values_max(summary, w0):
 def test_non_finite_round_is_refused_and_the_state_kept(proto, monkeypatch, caplog):
     from meerkat_hf.federated.protocol import server as server_mod
 
-    def poisoned(values, records, finals, *args):
-        out = values.clone()
+    honest_result = server_mod.FedAvg.result
+
+    def poisoned(self):
+        out = honest_result(self)
         out[0] = float("inf")
         return out
 
-    monkeypatch.setattr(server_mod, "fedavg_finals", poisoned)
+    monkeypatch.setattr(server_mod.FedAvg, "result", poisoned)
     caplog.set_level(logging.ERROR)
     server, s, _ = _proto_round(proto, lambda u, U: u)
     assert s.refused and s.accepted == [] and {r.reason for r in s.rejected} == {"round-refused"}

@@ -173,7 +173,7 @@ class FederatedClient:
                 return memo[key], msg.round, budget
             values = cache
             for rr in msg.history:
-                values, _, _ = aggregate_zo_round(values, rr.records, params, rr.round)
+                values, _, _ = aggregate_zo_round(values, rr.records, params, rr.round, with_paths=False)
         if state_digest(values) != msg.state_digest:
             raise MessageError("digest-mismatch", f"reconstructed state of round {msg.round} differs from the server's")
         if memo is not None and msg.kind != KIND_DENSE:

@@ -202,7 +202,13 @@ class RoundRecords:
     records: tuple[Record, ...]
 
     def nbytes(self) -> int:
-        return _ROUND_HEAD.size + sum(r.nbytes() for r in self.records)
+        """Wire size, computed once: the server sizes every participant's downlink chain from it, so an
+        uncached sum over records made planning a round's downlinks O(participants^2)."""
+        n = self.__dict__.get("_nbytes")
+        if n is None:
+            n = _ROUND_HEAD.size + sum(r.nbytes() for r in self.records)
+            object.__setattr__(self, "_nbytes", n)
+        return n
 
 
 # -- uplink -------------------------------------------------------------------------------

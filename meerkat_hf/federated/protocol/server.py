@@ -47,10 +47,12 @@ from .codec import (
 )
 from .virtual_path import (
     ClientPath,
+    FedAvg,
     ProtocolParams,
+    add_central_noise,
     aggregate_dense_round,
+    aggregate_zo_round,
     client_steps,
-    fedavg_finals,
     fp32,
     replay_client,
 )
@@ -265,11 +267,8 @@ class FederatedServer:
             accepted = [self._accepted[c] for c in sorted(self._accepted)]
             new_values = aggregate_dense_round(self.values, accepted, self.params, self.round)
         else:
-            records, paths, finals, clipped = self._replay_accepted(sorted(self._accepted))
+            records, paths, finals, clipped, new_values = self._replay_accepted(sorted(self._accepted))
             accepted = [self._accepted[c] for c in sorted(self._accepted)]
-            new_values = fedavg_finals(self.values, records, finals, self.params, self.round)
-            if not self.keep_client_finals:
-                finals = {}
         if accepted and not bool(torch.isfinite(new_values).all()):
             refused = "the aggregated state is not finite"
             for u in accepted:
@@ -307,38 +306,60 @@ class FederatedServer:
         return self.max_update_norm / norm
 
     def _replay_accepted(self, ids: list[int]):
-        """Replay each accepted client's path; reject non-finite ones, scale over-long ones down.
+        """Replay each accepted client's path; reject non-finite ones, scale over-long ones down; FedAvg.
 
         Returns the records to aggregate (and to send clients: a scaled client's record carries
         its scaled scalars, so a replica or a client replaying it reaches the same bits), the
-        paths (digest of the path the client itself computed, GradIP), the finals, the factors.
+        paths (digest of the path the client itself computed, GradIP), the finals (only with
+        `keep_client_finals`), the factors, and the new global state.
+
+        Streaming: each client's delta is added to the FedAvg accumulator as soon as it is replayed,
+        so memory is a few k-vectors whatever the number of clients (keeping every client's final
+        state until the end cost clients x k x 4 bytes: 4.8 GB for 1,000 clients at k = 1.2M). The
+        weights n_c / N need N over the clients finally aggregated; if a non-finite path removes a
+        client, the survivors are replayed once more with the right N (rare: a broken or hostile
+        client), so the bits are those of `fedavg_finals` either way.
         """
         records: list[Record] = []
         paths: list[ClientPath] = []
         finals: dict[int, torch.Tensor] = {}
         clipped: dict[int, float] = {}
-        base64 = self.values.double()
+        avg = FedAvg(self.values, {c: self._accepted[c].num_examples for c in ids})
+        streaming = True
+        work = None if self.keep_client_finals else torch.empty_like(self.values)  # reused replay target
+        buffers: list[torch.Tensor] = []  # reused directions
         for c in ids:
             u = self._accepted[c]
             rec = u.record
             steps = client_steps(self.params, self.round, c, rec.grads, rec.q, rec.lrs)
-            final, gips = replay_client(self.values, steps, self.gp64)
+            final, gips = replay_client(self.values, steps, self.gp64, out=work, buffers=buffers)
             own_digest = state_digest(final)
             if not bool(torch.isfinite(final).all()):
                 self._accepted.pop(c)
                 self._reject(c, "non-finite-path", "the replayed virtual path leaves finite values", 0)
+                streaming = False
                 continue
-            scale = self._clip_factor((final.double() - base64).norm())
+            delta = avg.delta(final)
+            scale = self._clip_factor(delta.norm())
             if scale is not None:
                 rec = Record(c, rec.num_examples, rec.q, tuple(fp32(g * scale) for g in rec.grads), rec.lrs)
-                final, _ = replay_client(self.values, client_steps(self.params, self.round, c, rec.grads, rec.q, rec.lrs))
+                final, _ = replay_client(self.values, client_steps(self.params, self.round, c, rec.grads, rec.q, rec.lrs),
+                                         out=work, buffers=buffers)
+                delta = avg.delta(final)
                 clipped[c] = scale
                 logger.warning("round %d: client %d's update scaled by %.3g to the bound %.3g (max_update_ratio)",
                                self.round, c, scale, self.max_update_norm)
             records.append(rec)
             paths.append(ClientPath(c, rec.num_examples, gips, own_digest))
-            finals[c] = final
-        return records, paths, finals, clipped
+            if self.keep_client_finals:
+                finals[c] = final
+            if streaming:
+                avg.add(c, delta, consume=True)
+        if streaming:  # user-level DP: the round's central noise, the same bits as aggregate_zo_round's
+            new_values = add_central_noise(avg.result(), self.params, self.round, avg.counts)
+        else:  # N changed: FedAvg the survivors' records again (same arithmetic, right weights)
+            new_values, _, _ = aggregate_zo_round(self.values, records, self.params, self.round, with_paths=False)
+        return records, paths, finals, clipped, new_values
 
     def _prune_history(self) -> None:
         dense = downlink_size(KIND_DENSE, 0, k=self.k)

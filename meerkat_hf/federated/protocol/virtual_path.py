@@ -149,18 +149,27 @@ def gradip(pretrain_grad64: np.ndarray, z: torch.Tensor, g: float) -> float:
     return float(g) * float(np.add.reduce(pretrain_grad64 * z.numpy().astype(np.float64)))
 
 
-def replay_client(values: torch.Tensor, steps: Iterable[ZOStep],
-                  pretrain_grad64: np.ndarray | None = None) -> tuple[torch.Tensor, list[float]]:
+def replay_client(values: torch.Tensor, steps: Iterable[ZOStep], pretrain_grad64: np.ndarray | None = None, *,
+                  out: torch.Tensor | None = None,
+                  buffers: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[float]]:
     """Replay one client's virtual path from `values` (not modified).
 
     Returns the client's final w_S (bit-identical to what the client computed) and, when the
     masked pre-training gradient is given, GradIP per step (mean over the q perturbations).
+
+    `out` (fp32, k values) receives the path instead of a fresh copy of `values`, and `buffers`
+    (a list the caller keeps, grown to q) holds the directions: a caller replaying many clients
+    passes the same ones each time, so no k-vector is allocated per client or per step (at
+    full-model k each fresh one is ~0.5 GB of page faults, as costly as drawing it).
     """
-    out = values.clone()
+    out = values.clone() if out is None else out.copy_(values)
     k = out.numel()
     gradips: list[float] = []
+    buffers = [] if buffers is None else buffers
     for step in steps:
-        zs = [gaussian_direction(seed, k) for seed in step.seeds]
+        while len(buffers) < len(step.seeds):
+            buffers.append(torch.empty(k, dtype=torch.float32))
+        zs = [gaussian_direction(seed, k, out=buf) for seed, buf in zip(step.seeds, buffers)]
         if pretrain_grad64 is not None:
             gradips.append(sum(gradip(pretrain_grad64, z, g) for z, g in zip(zs, step.grads)) / len(zs))
         apply_step(out, step, directions=zs)
@@ -178,18 +187,30 @@ class FedAvg:
         self.total = sum(counts.values())
         self.counts = counts
         self.acc = torch.zeros_like(self.base64)
+        self._scratch: torch.Tensor | None = None
         self._last = -1
 
-    def add(self, client_id: int, delta64: torch.Tensor) -> None:
-        """Add one client's float64 delta; clients must come in ascending id order."""
+    def add(self, client_id: int, delta64: torch.Tensor, *, consume: bool = False) -> None:
+        """Add one client's float64 delta; clients must come in ascending id order.
+
+        `consume=True` lets the weighting overwrite `delta64` (same bits, one k-vector less)."""
         if client_id <= self._last:
             raise ValueError("FedAvg needs clients in ascending client-id order")
         self._last = client_id
         weight = self.counts[client_id] / self.total
-        self.acc.add_(delta64.mul(weight))
+        self.acc.add_(delta64.mul_(weight) if consume else delta64.mul(weight))
+
+    def delta(self, client_values: torch.Tensor) -> torch.Tensor:
+        """float64(w_c) - float64(w): exact, the quantity FedAvg weights and the norm bound measures.
+
+        Written into one reused float64 buffer, valid until the next call (a fresh one per client
+        was, at full-model k, a 1 GB allocation and its page faults: ~half of adding a client)."""
+        if self._scratch is None:
+            self._scratch = torch.empty_like(self.base64)
+        return self._scratch.copy_(client_values).sub_(self.base64)
 
     def add_state(self, client_id: int, client_values: torch.Tensor) -> None:
-        self.add(client_id, client_values.double().sub_(self.base64))
+        self.add(client_id, self.delta(client_values), consume=True)
 
     def result(self) -> torch.Tensor:
         if not self.counts:
@@ -208,21 +229,25 @@ class ClientPath:
 
 
 def aggregate_zo_round(values: torch.Tensor, updates: Sequence, params: ProtocolParams, round_id: int,
-                       pretrain_grad64: np.ndarray | None = None,
-                       keep_final: bool = False) -> tuple[torch.Tensor, list[ClientPath], dict[int, torch.Tensor]]:
+                       pretrain_grad64: np.ndarray | None = None, keep_final: bool = False,
+                       with_paths: bool = True) -> tuple[torch.Tensor, list[ClientPath], dict[int, torch.Tensor]]:
     """One round of Meerkat: replay each accepted update's virtual path, FedAvg the endpoints.
 
     `updates` are objects with `client_id`, `num_examples`, `grads`, `q`, `lrs` (uplinks or
-    downlink records). Used by the server to aggregate and by clients to apply a records downlink.
+    downlink records). Used by the server to aggregate and by clients to apply a records downlink
+    (`with_paths=False`: a catching-up client needs neither per-client digests nor GradIP).
     """
     ordered = sorted(updates, key=lambda u: u.client_id)
     avg = FedAvg(values, {u.client_id: u.num_examples for u in ordered})
     paths: list[ClientPath] = []
     finals: dict[int, torch.Tensor] = {}
+    work = None if keep_final else torch.empty_like(values)  # one replay target for every client
+    buffers: list[torch.Tensor] = []
     for u in ordered:
         steps = client_steps(params, round_id, u.client_id, u.grads, u.q, u.lrs)
-        final, gips = replay_client(values, steps, pretrain_grad64)
-        paths.append(ClientPath(u.client_id, u.num_examples, gips, state_digest(final)))
+        final, gips = replay_client(values, steps, pretrain_grad64, out=work, buffers=buffers)
+        if with_paths:
+            paths.append(ClientPath(u.client_id, u.num_examples, gips, state_digest(final)))
         if keep_final:
             finals[u.client_id] = final
         avg.add_state(u.client_id, final)
