@@ -315,6 +315,26 @@ def _settings(command: str, defaults: dict) -> dict:
     return flat
 
 
+def render_federated_test(rec: Records) -> str:
+    """Test split of the federated curves that were tested (`learning_curve.py test`), latest row per curve."""
+    tests: dict[str, dict] = {}
+    for r in rec.jsonl("curves/test_results.jsonl"):
+        tests[r["curve"]] = r
+    rows = []
+    for name, r in tests.items():
+        curve = rec.jsonl(f"curves/{name}.jsonl")
+        last = curve[-1]
+        fg = r["forgetting"]
+        rows.append([f"`{name}`", str(last["round"]), kilo(int(last["forward_passes"])),
+                     f"{f3(r['trained']['balanced_accuracy'])} {ci(*r['trained']['balanced_accuracy_ci'])}",
+                     _gain(r["gain_over_zero_shot"]), _gain(r["gain_over_prior_corrected"]),
+                     f"{fg['perplexity_before']:.2f} -> {fg['perplexity_after']:.2f}"])
+    caption = ("**Federated, test split** (`benchmarks/learning_curve.py test --name CURVE`: the curve's final state "
+               "on all 2,314 test tweets; paired bootstrap 95% intervals; forgetting as above):\n\n")
+    return caption + table(["curve", "rounds", "forward passes", "test balanced acc", "gain over zero-shot",
+                            "gain over prior-corrected zero-shot", "generic perplexity"], rows)
+
+
 def render_federated_curves(rec: Records) -> str:
     import yaml
 
@@ -406,6 +426,7 @@ RENDERERS: dict[str, Callable[[Records], str]] = {
     "test_split": render_test_split,
     "across_seeds": render_across_seeds,
     "federated_curves": render_federated_curves,
+    "federated_test": render_federated_test,
 }
 
 # ----------------------------------------------------------------------------------------- blocks
