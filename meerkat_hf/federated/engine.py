@@ -417,6 +417,7 @@ class RoundEngine:
             "cumulative_skipped_steps": self.counters["skipped_steps"],
             "replay_mismatches": mismatches,
             "clipped": {str(c): f for c, f in summary.clipped.items()}, "refused": summary.refused,
+            "weight_capped": {str(c): list(v) for c, v in summary.weight_capped.items()},
             **delivery.row,
             "state_digest": summary.state_digest.hex(),
             "seconds": round(time.perf_counter() - plan.started, 3),

@@ -277,6 +277,9 @@ class FederationConfig:
     def check_files(self) -> None:
         """The local `task.data_files` exist (the CLI checks before any model loads; not part of
         `validate`: a Flower server's config may name files only the sites hold)."""
+        need(self.validation.max_client_weight * self.num_clients >= 1,
+             f"validation.max_client_weight={self.validation.max_client_weight!r} is below 1/num_clients "
+             f"(1/{self.num_clients}): no round could meet it")
         for path in _local_files(self.task.data_files):
             if not Path(path).expanduser().exists():
                 raise ConfigError(f"federation config: task.data_files: {path} does not exist")
