@@ -317,6 +317,89 @@ def test_max_client_weight_must_be_a_fraction(tmp_path, assets, bad):
         _config(tmp_path, assets, validation={"max_client_weight": 0.2}).validate()
 
 
+# -- client-side check of the downlink --------------------------------------------------------------
+def _downlink_cases(w0):
+    """(name, downlink fields, expected reason): each one consistent (its digest is that of what it carries, so only
+    the content check can catch it)."""
+    from meerkat_hf.federated.protocol.codec import Record
+
+    lr = float(np.float32(1e-3))
+    nan_state = w0.clone()
+    nan_state[3] = float("nan")
+    inf_state = w0.clone()
+    inf_state[-1] = float("-inf")
+    rec = lambda **kw: Record(**{"client_id": 1, "num_examples": 12, "q": 1, "grads": (0.5, -0.25, 1.0), **kw})  # noqa: E731
+    return [
+        ("dense-nan", {"dense": nan_state}, "non-finite"),
+        ("dense-inf", {"dense": inf_state}, "non-finite"),
+        ("dense-wrong-k", {"dense": w0[:-1].clone()}, "wrong-size"),
+        ("record-nan-grad", {"records": [rec(grads=(0.5, float("nan"), 1.0))]}, "non-finite"),
+        ("record-inf-grad", {"records": [rec(grads=(float("inf"),) * 3)]}, "non-finite"),
+        ("record-nan-lr", {"records": [rec(lrs=(float("nan"),))]}, "non-finite"),
+        ("record-inf-lr", {"records": [rec(lrs=(lr, float("inf"), lr))]}, "non-finite"),
+        ("record-other-lr", {"records": [rec(lrs=(10.0,))]}, "wrong-lr"),
+        ("record-zero-weight", {"records": [rec(num_examples=0)]}, "bad-example-count"),
+        ("record-wrong-q", {"records": [rec(q=3)]}, "wrong-q"),
+        ("record-duplicate", {"records": [rec(), rec()]}, "duplicate"),
+        ("record-overflow", {"records": [rec(grads=(3e38, 3e38, 3e38), lrs=(lr,))], "lr": 0.9}, "non-finite"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_client_refuses_a_downlink_it_must_not_train_on(proto, case):
+    from meerkat_hf.federated import FederatedClient, LRSchedule, MessageError, ProtocolParams, state_digest
+    from meerkat_hf.federated.protocol.codec import KIND_DENSE, KIND_RECORDS, Downlink, RoundRecords
+    from meerkat_hf.federated.protocol.virtual_path import aggregate_zo_round
+
+    wrapped, mask, _ = proto
+    w0 = wrapped.base_values.clone()
+    name, fields, reason = _downlink_cases(w0)[case]
+    params = ProtocolParams(3, LRSchedule(fields.get("lr", 1e-3)))
+    lr = float(np.float32(fields.get("lr", 1e-3)))
+    if name == "record-overflow":
+        fields["records"] = [r.__class__(**{**r.__dict__, "lrs": (lr,)}) for r in fields["records"]]
+    client = FederatedClient(0, [[1, 2, 3]], None, batch_size=1, data_seed=0)
+    if "dense" in fields:
+        msg = Downlink(1, KIND_DENSE, bytes.fromhex(mask.checksum), mask.fingerprint, state_digest(fields["dense"]),
+                       ((0, 3),), dense=fields["dense"])
+        cache = None
+    else:
+        try:  # the digest of what the records produce, where it can be computed (a consistent lie)
+            digest = state_digest(aggregate_zo_round(w0, fields["records"], params, 0)[0])
+        except ValueError:
+            digest = bytes(8)
+        msg = Downlink(1, KIND_RECORDS, bytes.fromhex(mask.checksum), mask.fingerprint, digest, ((0, 3),),
+                       from_round=0, history=(RoundRecords(0, tuple(fields["records"])),))
+        cache = w0
+    with pytest.raises(MessageError) as err:
+        client.receive(msg.encode(), mask_checksum=mask.checksum, fingerprint=mask.fingerprint, params=params,
+                       cache=cache, k=w0.numel())
+    assert err.value.reason == reason, (name, str(err.value))
+
+
+def test_driver_client_refuses_a_poisoned_dense_state(tmp_path, assets, monkeypatch):
+    """A server whose dense state has NaN (with a matching digest) gets no client to train on it: every
+    client drops out of the round with the reason, and the server's round is empty (its state unchanged)."""
+    from meerkat_hf.federated.protocol import server as server_mod
+
+    real = server_mod.FederatedServer.downlink
+
+    def poisoned(self, kind, from_round=None):
+        saved = self.values
+        self.values = saved.clone()
+        self.values[0] = float("nan")
+        try:
+            return real(self, server_mod.KIND_DENSE)
+        finally:
+            self.values = saved
+
+    monkeypatch.setattr(server_mod.FederatedServer, "downlink", poisoned)
+    res = run_federation(_config(tmp_path, assets, rounds=1, eval_every=1))
+    row = res.metrics[0]
+    assert row["accepted"] == [] and set(row["dropped"]) == {str(c) for c in row["participants"]}
+    assert all("non-finite" in why for why in row["dropped"].values())
+
+
 # -- 2. client identity ---------------------------------------------------------------------------
 def test_a_client_cannot_speak_for_another(tmp_path, assets, caplog):
     """Client 0 forges a valid uplink signed as client 1 (right round, mask, start state, CRC) ahead of
