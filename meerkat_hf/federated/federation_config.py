@@ -273,13 +273,13 @@ class FederationConfig:
                  f"{self.algorithm} needs the masked pre-training gradient g_p: give mask.calibration or a saved mask with g_p")
             need(not self.uses_lora and self.mask_method != "full", "Meerkat-VP needs g_p, which full/LoRA masks do not have")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), f"device {self.device!r}")
+        need(self.validation.max_client_weight * self.num_clients >= 1,
+             f"validation.max_client_weight={self.validation.max_client_weight!r} is below 1/num_clients "
+             f"(1/{self.num_clients}): no round could meet it")
 
     def check_files(self) -> None:
         """The local `task.data_files` exist (the CLI checks before any model loads; not part of
         `validate`: a Flower server's config may name files only the sites hold)."""
-        need(self.validation.max_client_weight * self.num_clients >= 1,
-             f"validation.max_client_weight={self.validation.max_client_weight!r} is below 1/num_clients "
-             f"(1/{self.num_clients}): no round could meet it")
         for path in _local_files(self.task.data_files):
             if not Path(path).expanduser().exists():
                 raise ConfigError(f"federation config: task.data_files: {path} does not exist")
