@@ -1,6 +1,6 @@
 """Trust-boundary probe (issue 11): re-run the issue's attack classes and count the outcomes.
 
-    python benchmarks/trust_probe.py [--cases 5000] [--rounds 30] [--flips 400] [--resumes 2] [--out FILE]
+    python benchmarks/trust_probe.py [--cases 20000] [--rounds 30] [--flips 400] [--resumes 2] [--out FILE]
 
 Per class it prints tried / rejected cleanly / accepted within bounds / crashed / wrongly accepted:
 
@@ -200,7 +200,7 @@ def probe_messages(tally: Tally, cases: int) -> None:
             mutant = fix_crc(mutant)
         name = f"(a) mutated {klass}s"
         try:
-            with warnings_off():
+            with warnings_off(), quiet_logs():
                 if klass == "uplink":
                     outcome, note = judge_uplink(mutant, sender, mode, crc_fixed, original)
                 else:
@@ -446,7 +446,7 @@ def probe_cli(tally: Tally, root: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cases", type=int, default=5000, help="mutated messages in (a)")
+    ap.add_argument("--cases", type=int, default=20000, help="mutated messages in (a)")
     ap.add_argument("--rounds", type=int, default=3 * len(ATTACKS), help="federation rounds in (b), one attack each")
     ap.add_argument("--flips", type=int, default=400, help="single-bit flips of the newest checkpoint in (c)")
     ap.add_argument("--resumes", type=int, default=2, help="of those, full resumes through run_federation")
