@@ -133,7 +133,7 @@ def proto():
     return wrapped, mask, enc
 
 
-def _proto_round(proto, forge, params=None, **server_kw):
+def _proto_round(proto, forge, params=None, caps=None, **server_kw):
     """One round, 3 clients; `forge(uplink) -> Uplink` rewrites client 0's report. Returns (server, summary, uplinks)."""
     from test_federated_protocol import _clients, _server
 
@@ -144,7 +144,7 @@ def _proto_round(proto, forge, params=None, **server_kw):
     params = params or ProtocolParams(3, LRSchedule(1e-3))
     clients = _clients(enc)
     server = _server(wrapped, mask, params, **server_kw)
-    server.example_caps = {c.client_id: c.num_examples for c in clients}
+    server.example_caps = {c.client_id: c.num_examples for c in clients} | (caps or {})
     server.begin_round(0, {0: 3, 1: 3, 2: 3})
     ups = [c.train_zo(wrapped, server.values, 0, 3, params, mask.checksum, 1e-3).uplink for c in clients]
     ups[0] = forge(decode_uplink(ups[0]), Uplink).encode()
@@ -241,6 +241,165 @@ def test_malicious_client_through_the_driver(tmp_path, assets):
                          hooks=FederationHooks(tamper_uplink=tamper))
     assert all(set(r["clipped"]) == {"0"} for r in res.metrics)
     assert float(res.final_values.abs().max()) < 0.2  # 0.063 before; 12.3 without the bound (1.6e6 with lr/weight)
+
+
+def test_fedavg_weight_cap_water_fills_and_replays_bit_exactly(proto):
+    """Client 0 (which the server knows as a 1000-example client) would hold 1000/1024 of the FedAvg weight;
+    with max_client_weight=0.4 it gets 0.4, the two 12-example clients share the rest, and a client replaying
+    the records (which carry the capped counts) reaches the server's bits."""
+    from meerkat_hf.federated import FederatedClient, state_digest
+    from meerkat_hf.federated.protocol.codec import KIND_RECORDS
+    from meerkat_hf.federated.protocol.virtual_path import FedAvg
+
+    wrapped, mask, _ = proto
+    w0 = wrapped.base_values.clone()
+    big = lambda u, U: U(**{**u.__dict__, "num_examples": 1000})  # noqa: E731
+    server, s, params = _proto_round(proto, big, caps={0: 1000}, validation=ValidationConfig(max_client_weight=0.4))
+    assert s.accepted == [0, 1, 2] and s.weight_capped == {0: (1000, 16)}  # 16 / (16 + 12 + 12) = 0.4
+    counts = {r.client_id: r.num_examples for r in server.history[-1].records}
+    assert counts == {0: 16, 1: 12, 2: 12} and max(n / sum(counts.values()) for n in counts.values()) <= 0.4
+    avg = FedAvg(w0, counts)
+    for c in sorted(s.finals):
+        avg.add_state(c, s.finals[c])
+    assert torch.equal(avg.result(), server.values)
+    # uncapped, the same claim buys 1000/1024 of the weight
+    raw_server, raw, _ = _proto_round(proto, big, caps={0: 1000})
+    assert not raw.weight_capped and raw_server.history[-1].records[0].num_examples == 1000
+    assert raw_server.digest != server.digest
+    # a replica or a client replaying the records downlink reaches the same bits
+    server.begin_round(1, {1: 3})
+    client = FederatedClient(1, [[1, 2, 3]], None, batch_size=1, data_seed=0)
+    values, _, _ = client.receive(server.downlink(KIND_RECORDS, 0), mask_checksum=mask.checksum,
+                                  fingerprint=mask.fingerprint, params=params, cache=w0)
+    assert state_digest(values) == server.digest
+
+
+def test_cap_example_counts_water_filling():
+    from fractions import Fraction
+
+    from meerkat_hf.federated.protocol.virtual_path import cap_example_counts
+
+    assert cap_example_counts({0: 100, 1: 90, 2: 5, 3: 5}, 0.3) == {0: 7, 1: 7, 2: 5, 3: 5}  # two capped
+    assert cap_example_counts({0: 12, 1: 12, 2: 12}, 0.4) == {0: 12, 1: 12, 2: 12}  # nobody above: unchanged
+    assert cap_example_counts({0: 1000, 1: 8}, 0.4) == {0: 8, 1: 8}  # the cap cannot be met: equal weights
+    assert cap_example_counts({3: 10**9, 5: 1}, 1.0) == {3: 10**9, 5: 1}
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        n, cap = int(rng.integers(1, 9)), float(rng.choice([0.1, 0.25, 1 / 3, 0.4, 0.5, 0.9]))
+        counts = {c: int(rng.choice([1, 3, rng.integers(1, 10 ** int(rng.integers(1, 10)))])) for c in range(n)}
+        out = cap_example_counts(counts, cap)
+        assert all(1 <= out[c] <= counts[c] for c in counts)  # a count is only ever lowered
+        total = sum(out.values())
+        if n * Fraction(cap) > 1:
+            assert all(out[c] / total <= cap for c in out)
+            assert all(out[c] == counts[c] for c in out if out[c] != max(out.values()))  # the others keep theirs
+        else:
+            assert len(set(out.values())) == 1
+
+
+def test_weight_cap_through_the_driver_keeps_replay_exact(tmp_path, assets):
+    """Dirichlet partitions are unequal: with max_client_weight=0.3 the largest clients are capped every round,
+    and every client that replays a records downlink (capped counts included) verifies the server's digest."""
+    res = run_federation(_config(tmp_path, assets, rounds=3, eval_every=3, validation={"max_client_weight": 0.3}))
+    assert any(r["weight_capped"] for r in res.metrics)
+    for row in res.metrics:
+        for claimed, counted in row["weight_capped"].values():
+            assert counted < claimed
+    assert not any(r["downlink_fallbacks"] for r in res.metrics)
+    assert any(kind == "records" for r in res.metrics for kind in r["downlink_kinds"].values())  # records were replayed
+
+
+@pytest.mark.parametrize("bad", [0, -0.1, 1.5, float("inf"), float("nan"), "half", True])
+def test_max_client_weight_must_be_a_fraction(tmp_path, assets, bad):
+    from meerkat_hf.federated import ConfigError
+
+    with pytest.raises(ConfigError, match="max_client_weight must be a finite number in \\(0, 1\\]"):
+        _config(tmp_path, assets, validation={"max_client_weight": bad})
+    with pytest.raises(ConfigError, match="below 1/num_clients"):
+        _config(tmp_path, assets, validation={"max_client_weight": 0.2}).validate()
+
+
+# -- client-side check of the downlink --------------------------------------------------------------
+def _downlink_cases(w0):
+    """(name, downlink fields, expected reason): each one consistent (its digest is that of what it carries, so only
+    the content check can catch it)."""
+    from meerkat_hf.federated.protocol.codec import Record
+
+    lr = float(np.float32(1e-3))
+    nan_state = w0.clone()
+    nan_state[3] = float("nan")
+    inf_state = w0.clone()
+    inf_state[-1] = float("-inf")
+    rec = lambda **kw: Record(**{"client_id": 1, "num_examples": 12, "q": 1, "grads": (0.5, -0.25, 1.0), **kw})  # noqa: E731
+    return [
+        ("dense-nan", {"dense": nan_state}, "non-finite"),
+        ("dense-inf", {"dense": inf_state}, "non-finite"),
+        ("dense-wrong-k", {"dense": w0[:-1].clone()}, "wrong-size"),
+        ("record-nan-grad", {"records": [rec(grads=(0.5, float("nan"), 1.0))]}, "non-finite"),
+        ("record-inf-grad", {"records": [rec(grads=(float("inf"),) * 3)]}, "non-finite"),
+        ("record-nan-lr", {"records": [rec(lrs=(float("nan"),))]}, "non-finite"),
+        ("record-inf-lr", {"records": [rec(lrs=(lr, float("inf"), lr))]}, "non-finite"),
+        ("record-other-lr", {"records": [rec(lrs=(10.0,))]}, "wrong-lr"),
+        ("record-zero-weight", {"records": [rec(num_examples=0)]}, "bad-example-count"),
+        ("record-wrong-q", {"records": [rec(q=3)]}, "wrong-q"),
+        ("record-duplicate", {"records": [rec(), rec()]}, "duplicate"),
+        ("record-overflow", {"records": [rec(grads=(3e38, 3e38, 3e38), lrs=(lr,))], "lr": 0.9}, "non-finite"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_client_refuses_a_downlink_it_must_not_train_on(proto, case):
+    from meerkat_hf.federated import FederatedClient, LRSchedule, MessageError, ProtocolParams, state_digest
+    from meerkat_hf.federated.protocol.codec import KIND_DENSE, KIND_RECORDS, Downlink, RoundRecords
+    from meerkat_hf.federated.protocol.virtual_path import aggregate_zo_round
+
+    wrapped, mask, _ = proto
+    w0 = wrapped.base_values.clone()
+    name, fields, reason = _downlink_cases(w0)[case]
+    params = ProtocolParams(3, LRSchedule(fields.get("lr", 1e-3)))
+    lr = float(np.float32(fields.get("lr", 1e-3)))
+    if name == "record-overflow":
+        fields["records"] = [r.__class__(**{**r.__dict__, "lrs": (lr,)}) for r in fields["records"]]
+    client = FederatedClient(0, [[1, 2, 3]], None, batch_size=1, data_seed=0)
+    if "dense" in fields:
+        msg = Downlink(1, KIND_DENSE, bytes.fromhex(mask.checksum), mask.fingerprint, state_digest(fields["dense"]),
+                       ((0, 3),), dense=fields["dense"])
+        cache = None
+    else:
+        try:  # the digest of what the records produce, where it can be computed (a consistent lie)
+            digest = state_digest(aggregate_zo_round(w0, fields["records"], params, 0)[0])
+        except ValueError:
+            digest = bytes(8)
+        msg = Downlink(1, KIND_RECORDS, bytes.fromhex(mask.checksum), mask.fingerprint, digest, ((0, 3),),
+                       from_round=0, history=(RoundRecords(0, tuple(fields["records"])),))
+        cache = w0
+    with pytest.raises(MessageError) as err:
+        client.receive(msg.encode(), mask_checksum=mask.checksum, fingerprint=mask.fingerprint, params=params,
+                       cache=cache, k=w0.numel())
+    assert err.value.reason == reason, (name, str(err.value))
+
+
+def test_driver_client_refuses_a_poisoned_dense_state(tmp_path, assets, monkeypatch):
+    """A server whose dense state has NaN (with a matching digest) gets no client to train on it: every
+    client drops out of the round with the reason, and the server's round is empty (its state unchanged)."""
+    from meerkat_hf.federated.protocol import server as server_mod
+
+    real = server_mod.FederatedServer.downlink
+
+    def poisoned(self, kind, from_round=None):
+        saved = self.values
+        self.values = saved.clone()
+        self.values[0] = float("nan")
+        try:
+            return real(self, server_mod.KIND_DENSE)
+        finally:
+            self.values = saved
+
+    monkeypatch.setattr(server_mod.FederatedServer, "downlink", poisoned)
+    res = run_federation(_config(tmp_path, assets, rounds=1, eval_every=1))
+    row = res.metrics[0]
+    assert row["accepted"] == [] and set(row["dropped"]) == {str(c) for c in row["participants"]}
+    assert all("non-finite" in why for why in row["dropped"].values())
 
 
 # -- 2. client identity ---------------------------------------------------------------------------

@@ -101,7 +101,8 @@ class InProcessTransport(Transport):
                 msg = encoded[plan_]
                 outcome.downlink_bytes += len(msg)
                 outcome.downlink_kind = "dense" if plan_[0] == KIND_DENSE else "records"
-                receive = dict(mask_checksum=mask.checksum, fingerprint=mask.fingerprint, params=params)
+                receive = dict(mask_checksum=mask.checksum, fingerprint=mask.fingerprint, params=params,
+                               k=engine.model.num_selected)
                 try:
                     values, _, budget = client.receive(msg, cache=self.global_states.get(client.state.synced_round),
                                                        memo=memo, **receive)

@@ -485,6 +485,7 @@ class RoundEngine:
             "cumulative_skipped_steps": self.counters["skipped_steps"],
             "replay_mismatches": mismatches,
             "clipped": {str(c): f for c, f in summary.clipped.items()}, "refused": summary.refused,
+            "weight_capped": {str(c): list(v) for c, v in summary.weight_capped.items()},
             **delivery.row,
             **self._privacy_row(),
             "state_digest": summary.state_digest.hex(),

@@ -304,6 +304,9 @@ class FederationConfig:
                  f"{self.algorithm} needs the masked pre-training gradient g_p: give mask.calibration or a saved mask with g_p")
             need(not self.uses_lora and self.mask_method != "full", "Meerkat-VP needs g_p, which full/LoRA masks do not have")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), f"device {self.device!r}")
+        need(self.validation.max_client_weight * self.num_clients >= 1,
+             f"validation.max_client_weight={self.validation.max_client_weight!r} is below 1/num_clients "
+             f"(1/{self.num_clients}): no round could meet it")
         self._validate_dp(need)
 
     def _validate_dp(self, need) -> None:

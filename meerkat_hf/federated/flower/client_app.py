@@ -222,7 +222,8 @@ def build_client_app(config: FederationConfig | None = None, *, app_dir: str | o
         data, _ = M.read_downlink(message.content)
         try:
             values, round_id, budget = client.receive(data, mask_checksum=rt.mask.checksum,
-                                                      fingerprint=rt.mask.fingerprint, params=rt.params, cache=cache)
+                                                      fingerprint=rt.mask.fingerprint, params=rt.params, cache=cache,
+                                                      k=rt.model.num_selected)
         except MessageError as err:
             logger.warning("client %d: cannot apply the downlink (%s); asking for the dense state", client.client_id, err)
             return Message(M.need_dense_content(err.reason, err.detail), reply_to=message)

@@ -38,6 +38,7 @@ from ...zo import ZOStep, apply_step, derive_seed, gaussian_direction, projected
 from .codec import (
     KIND_DENSE,
     DenseUplink,
+    Downlink,
     MessageError,
     Uplink,
     checksum_bytes,
@@ -145,16 +146,20 @@ class FederatedClient:
 
     # -- downlink ------------------------------------------------------------------------
     def receive(self, data: bytes, *, mask_checksum: str | bytes, fingerprint: str | bytes, params: ProtocolParams,
-                cache: torch.Tensor | None, memo: dict | None = None) -> tuple[torch.Tensor, int, int]:
+                cache: torch.Tensor | None, memo: dict | None = None, k: int | None = None) -> tuple[torch.Tensor, int, int]:
         """Rebuild the round's global state: returns (values, round, my step budget).
 
         `cache` is the global state of `self.state.synced_round` (None: nothing held). A records
         downlink from another round, a wrong mask/base model or a reconstruction whose digest
         differs raise `MessageError`; the caller may then ask the server for the dense state.
+        The digest only proves the client reached the state the server meant, not that the state
+        is sane, so a state or records that would put NaN/inf (or another size than `k`, the
+        mask's) into the model are refused too (`check_downlink`): a client never trains on them.
         `memo` (optional, shared by simulated clients holding the same cached round) reuses a
         verified reconstruction of the same records.
         """
         msg = decode_downlink(data)
+        check_downlink(msg, params, k if k is not None else (None if cache is None else cache.numel()))
         if msg.mask_checksum != checksum_bytes(mask_checksum):
             raise MessageError("wrong-mask", "the server uses another mask")
         if msg.fingerprint != fingerprint_bytes(fingerprint):
@@ -174,6 +179,8 @@ class FederatedClient:
             values = cache
             for rr in msg.history:
                 values, _, _ = aggregate_zo_round(values, rr.records, params, rr.round, with_paths=False)
+                if not bool(torch.isfinite(values).all()):
+                    raise MessageError("non-finite", f"replaying the records of round {rr.round} leaves finite values")
         if state_digest(values) != msg.state_digest:
             raise MessageError("digest-mismatch", f"reconstructed state of round {msg.round} differs from the server's")
         if memo is not None and msg.kind != KIND_DENSE:
@@ -318,3 +325,38 @@ class FederatedClient:
         return LocalResult(self.client_id, round_id, uplink.encode(), new_state,
                            values.clone() if keep_final else None,
                            float(np.mean(losses)) if losses else float("nan"), budget, nan_steps, state_digest(values))
+
+
+def check_downlink(msg: Downlink, params: ProtocolParams, k: int | None = None) -> None:
+    """Refuse (`MessageError`) a decoded downlink the client must not train on.
+
+    The codec checks the framing; this checks the content against what the protocol allows: a
+    dense state of the mask's size with only finite values; records whose scalars are finite,
+    whose q is the federation's, whose learning rates (when echoed) are the federation's for that
+    round, whose example counts (FedAvg weights) are >= 1, one record per client per round.
+    """
+    if msg.kind == KIND_DENSE:
+        if k is not None and msg.dense.numel() != k:
+            raise MessageError("wrong-size", f"dense state of {msg.dense.numel()} values, the mask has k={k}")
+        if not bool(torch.isfinite(msg.dense).all()):
+            raise MessageError("non-finite", f"NaN or inf in the dense state of round {msg.round}")
+        return
+    for rr in msg.history:
+        lr = params.schedule(rr.round)
+        seen: set[int] = set()
+        for rec in rr.records:
+            where = f"round {rr.round}, client {rec.client_id}"
+            if rec.client_id in seen:
+                raise MessageError("duplicate", f"two records of client {rec.client_id} in round {rr.round}")
+            seen.add(rec.client_id)
+            if rec.num_examples < 1:
+                raise MessageError("bad-example-count", f"{where}: {rec.num_examples} examples (FedAvg weight)")
+            if rec.q != params.q:
+                raise MessageError("wrong-q", f"{where}: q={rec.q}, the federation uses q={params.q}")
+            if not all(math.isfinite(g) for g in rec.grads):
+                raise MessageError("non-finite", f"{where}: NaN or inf among the projected gradients")
+            if not all(math.isfinite(x) for x in rec.lrs):
+                raise MessageError("non-finite", f"{where}: NaN or inf learning rate")
+            if any(x != lr for x in rec.lrs):
+                raise MessageError("wrong-lr", f"{where}: learning rate(s) {sorted(set(rec.lrs))[:3]} != the "
+                                   f"federation's {lr:g}")

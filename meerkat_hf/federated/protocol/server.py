@@ -16,7 +16,9 @@ weight) may not exceed what the server knows of it (`example_caps`: the partitio
 assigned, or the size declared at enrolment) nor `max_examples`; the replayed update of one
 client in one round is bounded in L2 norm (`max_update_ratio` x the norm of the round-0 w_S):
 a longer one is scaled down by scaling that client's scalars, identically on every replica and
-in the records clients replay (reported in `RoundSummary.clipped`); a client whose replayed
+in the records clients replay (reported in `RoundSummary.clipped`); no client's FedAvg share
+exceeds `max_client_weight` (its count is lowered in the records, the excess goes to the others:
+`virtual_path.cap_example_counts`, reported in `RoundSummary.weight_capped`); a client whose replayed
 path is not finite is rejected, and a round whose new state would not be finite is refused
 (the previous state is kept, `RoundSummary.refused` says why).
 """
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -52,6 +54,7 @@ from .virtual_path import (
     add_central_noise,
     aggregate_dense_round,
     aggregate_zo_round,
+    cap_example_counts,
     client_steps,
     fp32,
     replay_client,
@@ -74,6 +77,9 @@ class ValidationConfig:
     # (None: unbounded); a longer update is scaled down to it. 10: far above any honest round (a client moving w_S
     # by 10x its whole pre-trained norm in one round has diverged), far below what |g| <= max_abs_grad allows
     max_update_ratio: float | None = 10.0
+    # the largest FedAvg share one client may hold in a round (1: no cap); a larger one is lowered to it and the
+    # excess shared among the others (water-filling on the example counts the records carry)
+    max_client_weight: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("max_abs_grad", "max_abs_delta", "max_lr", "max_examples", "max_update_ratio"):
@@ -82,6 +88,9 @@ class ValidationConfig:
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
                 raise ValueError(f"validation bound {name} must be a finite number > 0 (got {v!r})")
+        v = self.max_client_weight
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0 < v <= 1):
+            raise ValueError(f"validation bound max_client_weight must be a finite number in (0, 1] (got {v!r})")
         if not isinstance(self.max_examples, int) or self.max_examples > 2**32 - 1:
             raise ValueError(f"validation bound max_examples must be an integer <= 2**32-1 (got {self.max_examples!r})")
 
@@ -113,6 +122,7 @@ class RoundSummary:
     finals: dict[int, torch.Tensor] = field(default_factory=dict)
     clipped: dict[int, float] = field(default_factory=dict)  # client id -> factor its scalars were scaled by
     refused: str | None = None  # why the round's new state was not committed (the previous one is kept)
+    weight_capped: dict[int, tuple[int, int]] = field(default_factory=dict)  # client id -> (claimed, counted) examples
 
 
 class FederatedServer:
@@ -265,9 +275,11 @@ class FederatedServer:
                     self._accepted[c] = DenseUplink(**{**u.__dict__, "delta": (u.delta.double() * scale).float()})
                     clipped[c] = scale
             accepted = [self._accepted[c] for c in sorted(self._accepted)]
-            new_values = aggregate_dense_round(self.values, accepted, self.params, self.round)
+            counted, weight_capped = self._cap_weights(accepted)
+            new_values = aggregate_dense_round(self.values, [replace(u, num_examples=counted[u.client_id])
+                                                             for u in accepted], self.params, self.round)
         else:
-            records, paths, finals, clipped, new_values = self._replay_accepted(sorted(self._accepted))
+            records, paths, finals, clipped, new_values, weight_capped = self._replay_accepted(sorted(self._accepted))
             accepted = [self._accepted[c] for c in sorted(self._accepted)]
         if accepted and not bool(torch.isfinite(new_values).all()):
             refused = "the aggregated state is not finite"
@@ -289,6 +301,7 @@ class FederatedServer:
             finals=finals,
             clipped=clipped if accepted else {},
             refused=refused,
+            weight_capped=weight_capped if accepted else {},
         )
         if accepted:
             self.values = new_values
@@ -297,6 +310,17 @@ class FederatedServer:
         self._open = False
         summary.state_digest = self.digest
         return summary
+
+    def _cap_weights(self, updates) -> tuple[dict[int, int], dict[int, tuple[int, int]]]:
+        """The example counts FedAvg uses (`max_client_weight` applied) and the clients whose count was lowered."""
+        claimed = {u.client_id: u.num_examples for u in updates}
+        counted = cap_example_counts(claimed, self.validation.max_client_weight)
+        lowered = {c: (claimed[c], counted[c]) for c in claimed if counted[c] != claimed[c]}
+        if lowered:
+            logger.warning("round %d: FedAvg weight capped at %g (max_client_weight): %s", self.round,
+                           self.validation.max_client_weight,
+                           ", ".join(f"client {c} {a} -> {b} examples" for c, (a, b) in lowered.items()))
+        return counted, lowered
 
     def _clip_factor(self, norm: torch.Tensor | float) -> float | None:
         """The factor bringing an update of this norm down to the bound; None if within it."""
@@ -324,7 +348,10 @@ class FederatedServer:
         paths: list[ClientPath] = []
         finals: dict[int, torch.Tensor] = {}
         clipped: dict[int, float] = {}
-        avg = FedAvg(self.values, {c: self._accepted[c].num_examples for c in ids})
+        # FedAvg's counts with max_client_weight applied; the records carry them, so replicas and
+        # replaying clients weight exactly as the server does
+        counted = cap_example_counts({c: self._accepted[c].num_examples for c in ids}, self.validation.max_client_weight)
+        avg = FedAvg(self.values, counted)
         streaming = True
         work = None if self.keep_client_finals else torch.empty_like(self.values)  # reused replay target
         buffers: list[torch.Tensor] = []  # reused directions
@@ -349,17 +376,20 @@ class FederatedServer:
                 clipped[c] = scale
                 logger.warning("round %d: client %d's update scaled by %.3g to the bound %.3g (max_update_ratio)",
                                self.round, c, scale, self.max_update_norm)
-            records.append(rec)
             paths.append(ClientPath(c, rec.num_examples, gips, own_digest))
+            records.append(rec)
             if self.keep_client_finals:
                 finals[c] = final
             if streaming:
                 avg.add(c, delta, consume=True)
+        claimed = [self._accepted[c].record for c in sorted(self._accepted)]
+        counted, weight_capped = self._cap_weights(claimed)  # over the clients finally aggregated (logged)
+        records = [replace(r, num_examples=counted[r.client_id]) for r in records]
         if streaming:  # user-level DP: the round's central noise, the same bits as aggregate_zo_round's
             new_values = add_central_noise(avg.result(), self.params, self.round, avg.counts)
-        else:  # N changed: FedAvg the survivors' records again (same arithmetic, right weights)
+        else:  # N changed: FedAvg the survivors' records again (same arithmetic, the survivors' caps)
             new_values, _, _ = aggregate_zo_round(self.values, records, self.params, self.round, with_paths=False)
-        return records, paths, finals, clipped, new_values
+        return records, paths, finals, clipped, new_values, weight_capped
 
     def _prune_history(self) -> None:
         dense = downlink_size(KIND_DENSE, 0, k=self.k)

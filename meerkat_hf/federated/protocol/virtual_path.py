@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -174,6 +175,40 @@ def replay_client(values: torch.Tensor, steps: Iterable[ZOStep], pretrain_grad64
             gradips.append(sum(gradip(pretrain_grad64, z, g) for z, g in zip(zs, step.grads)) / len(zs))
         apply_step(out, step, directions=zs)
     return out, gradips
+
+
+def cap_example_counts(counts: dict[int, int], cap: float) -> dict[int, int]:
+    """Example counts (FedAvg weights) with no client's share above `cap`, by water-filling.
+
+    Why counts and not float weights: the server writes the capped counts into the records it
+    aggregates and sends, so a replica or a client replaying them runs the unchanged FedAvg
+    arithmetic and reaches the same bits. Exact rational arithmetic (no float rounding to differ
+    between machines): clients whose count exceeds the level x = cap * S_U / (1 - m * cap)
+    (S_U: the others' total, m: clients already capped) are capped to floor(x), largest first,
+    until no other client is above the level; the others keep their counts, so the excess goes to
+    them in proportion. floor(x) >= 1 whenever the cap can be met (len(counts) * cap > 1), and
+    every share is then <= cap exactly (n / N <= cap as rationals, so also as a rounded double).
+    With too few clients to meet the cap (len(counts) * cap <= 1) every client gets the smallest
+    count: equal weights, the nearest to the cap. `cap >= 1` returns the counts unchanged.
+    """
+    if cap >= 1 or len(counts) <= 1:
+        return dict(counts)
+    if any(n < 1 for n in counts.values()):
+        raise ValueError("every aggregated client needs a positive example count")
+    if len(counts) * Fraction(cap) <= 1:
+        low = min(counts.values())
+        return {c: low for c in counts}
+    limit = Fraction(cap)
+    order = sorted(counts, key=lambda c: (-counts[c], c))  # largest first (ties: by id, so every node agrees)
+    capped, rest = 0, sum(counts.values())  # rest: the total of the clients not capped yet
+    while capped < len(order) - 1 and counts[order[capped]] > limit * rest / (1 - capped * limit):
+        rest -= counts[order[capped]]
+        capped += 1
+    if capped == 0:
+        return dict(counts)
+    level = math.floor(limit * rest / (1 - capped * limit))
+    over = set(order[:capped])
+    return {c: (level if c in over else n) for c, n in counts.items()}
 
 
 class FedAvg:
