@@ -47,13 +47,15 @@ SCRIPT = "python benchmarks/render_results.py"
 # The single-site runs of the learning-curve table, in table order (a run not listed is not shown:
 # the study's dead ends on the 0.1% mask are summarised in prose).
 LEARNING_CURVE_RUNS = (
-    "d1e-5_bal_lr1e-4",
+    "d1e-5_bal_lr1e-4_long",  # seed 0 continued from its step-1000 checkpoint to 1600 (same batches/seeds)
     "d1e-5_bal_lr1e-4_seed1",
     "d1e-5_bal_lr1e-4_seed2",
     "d1e-5_bal_lr3e-4",
     "d1e-5_bal_lr1e-3",
     "fo_d1e-5_bal_lr1e-2",
 )
+# Order of the test-split rows: seed 0 at step 700, then the curves' runs (seed 0 continued to 1600 among them).
+TEST_ORDER = ("d1e-5_bal_lr1e-4",) + LEARNING_CURVE_RUNS
 # The same recipe under different seeds (batches and perturbations), compared at one fixed step.
 SEED_RUNS = ("d1e-5_bal_lr1e-4", "d1e-5_bal_lr1e-4_seed1", "d1e-5_bal_lr1e-4_seed2")
 SEED_STEP = 700
@@ -239,7 +241,7 @@ def _gain(g: dict) -> str:
 
 def render_test_split(rec: Records) -> str:
     tests = rec.test_rows()
-    order = [n for n in LEARNING_CURVE_RUNS if n in tests] + [n for n in tests if n not in LEARNING_CURVE_RUNS]
+    order = [n for n in TEST_ORDER if n in tests] + [n for n in tests if n not in TEST_ORDER]
     b = rec.json("zo_study/baselines.json")["test"]
     zs_ref, pc_ref = b["zero_shot"]["balanced_accuracy"], b["prior_corrected"]["balanced_accuracy"]
     ppl_ref = next(iter(tests.values()))["forgetting"]["perplexity_before"] if tests else float("nan")
@@ -374,7 +376,7 @@ def render_study_summary(rec: Records) -> str:
     tests = rec.test_rows()
     zs = rec.json("zo_study/baselines.json")["test"]["zero_shot"]["balanced_accuracy"]
     rows = []
-    for name in [n for n in LEARNING_CURVE_RUNS if n in tests] + [n for n in tests if n not in LEARNING_CURVE_RUNS]:
+    for name in [n for n in TEST_ORDER if n in tests] + [n for n in tests if n not in TEST_ORDER]:
         r = tests[name]
         cfg, fg = r["config"], r["forgetting"]
         what = f"{_optimizer(cfg, long=True)}, lr {sci(cfg['lr'])}, seed {cfg.get('seed', 0)}"
