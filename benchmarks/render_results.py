@@ -50,6 +50,7 @@ LEARNING_CURVE_RUNS = (
     "d1e-5_bal_lr1e-4_long",  # seed 0 continued from its step-1000 checkpoint to 1600 (same batches/seeds)
     "d1e-5_bal_lr1e-4_seed1",
     "d1e-5_bal_lr1e-4_seed2",
+    "d1e-5_bal_lr3e-4_cos_seed1",  # lr 3e-4 with cosine decay to 0 over 700 steps, seed 1
     "d1e-5_bal_lr3e-4",
     "d1e-5_bal_lr1e-3",
     "fo_d1e-5_bal_lr1e-2",
