@@ -17,7 +17,7 @@ import math
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -80,27 +80,35 @@ def check_eps(eps: float) -> float:
     return float(eps)
 
 
+def _two_point_losses(target: SparseTarget, loss_fn: Callable[[], Any], z: torch.Tensor, eps: float) -> tuple[Any, Any]:
+    """L(w+eps z) and L(w-eps z), leaving the weights at w.
+
+    Perturbed weights are always written from the fp32 master (w + eps z, then w - eps z, then
+    w), never by adding increments to low-precision weights, so bf16/fp16 cannot drift.
+    """
+    w = target.values
+    try:
+        target.write(w + eps * z)
+        loss_plus = loss_fn()
+        target.write(w - eps * z)
+        loss_minus = loss_fn()
+    finally:
+        target.write(w)
+    return loss_plus, loss_minus
+
+
 @torch.no_grad()
 def projected_gradient(
     target: SparseTarget, loss_fn: Callable[[], torch.Tensor | float], z: torch.Tensor, eps: float
 ) -> float:
     """SPSA two-point estimate (L(w+eps z) - L(w-eps z)) / (2 eps), leaving the weights at w.
 
-    Perturbed weights are always written from the fp32 master (w + eps z, then w - eps z, then
-    w), never by adding increments to low-precision weights, so bf16/fp16 cannot drift.
     A non-finite loss returns NaN; the weights are restored either way.
     """
-    w = target.values
-    try:
-        target.write(w + eps * z)
-        loss_plus = float(loss_fn())
-        target.write(w - eps * z)
-        loss_minus = float(loss_fn())
-    finally:
-        target.write(w)
-    if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
+    plus, minus = _two_point_losses(target, lambda: float(loss_fn()), z, eps)
+    if not (math.isfinite(plus) and math.isfinite(minus)):
         return float("nan")
-    return (loss_plus - loss_minus) / (2.0 * eps)
+    return (plus - minus) / (2.0 * eps)
 
 
 @torch.no_grad()
@@ -109,18 +117,11 @@ def projected_gradients_per_example(
 ) -> torch.Tensor:
     """Per-example SPSA estimates (l_i(w+eps z) - l_i(w-eps z)) / (2 eps) as float64 [batch], weights left at w.
 
-    `loss_fn` returns one loss per example. The same two forward passes as `projected_gradient`
-    (and the same writes from the fp32 master); what differential privacy clips is each g_i.
+    `loss_fn` returns one loss per example. The same two forward passes as `projected_gradient`;
+    what differential privacy clips is each g_i.
     """
-    w = target.values
-    try:
-        target.write(w + eps * z)
-        loss_plus = loss_fn().detach().to("cpu", torch.float64).reshape(-1)
-        target.write(w - eps * z)
-        loss_minus = loss_fn().detach().to("cpu", torch.float64).reshape(-1)
-    finally:
-        target.write(w)
-    return (loss_plus - loss_minus) / (2.0 * eps)
+    plus, minus = _two_point_losses(target, lambda: loss_fn().detach().to("cpu", torch.float64).reshape(-1), z, eps)
+    return (plus - minus) / (2.0 * eps)
 
 
 @torch.no_grad()

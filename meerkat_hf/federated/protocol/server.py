@@ -350,7 +350,7 @@ class FederatedServer:
         clipped: dict[int, float] = {}
         # FedAvg's counts with max_client_weight applied; the records carry them, so replicas and
         # replaying clients weight exactly as the server does
-        counted = cap_example_counts({c: self._accepted[c].num_examples for c in ids}, self.validation.max_client_weight)
+        counted, weight_capped = self._cap_weights([self._accepted[c] for c in ids])
         avg = FedAvg(self.values, counted)
         streaming = True
         work = None if self.keep_client_finals else torch.empty_like(self.values)  # reused replay target
@@ -382,12 +382,12 @@ class FederatedServer:
                 finals[c] = final
             if streaming:
                 avg.add(c, delta, consume=True)
-        claimed = [self._accepted[c].record for c in sorted(self._accepted)]
-        counted, weight_capped = self._cap_weights(claimed)  # over the clients finally aggregated (logged)
+        if not streaming:  # a client was removed: the caps are over the survivors
+            counted, weight_capped = self._cap_weights([self._accepted[c] for c in sorted(self._accepted)])
         records = [replace(r, num_examples=counted[r.client_id]) for r in records]
         if streaming:  # user-level DP: the round's central noise, the same bits as aggregate_zo_round's
             new_values = add_central_noise(avg.result(), self.params, self.round, avg.counts)
-        else:  # N changed: FedAvg the survivors' records again (same arithmetic, the survivors' caps)
+        else:  # N changed: FedAvg the survivors' records again (same arithmetic, right weights)
             new_values, _, _ = aggregate_zo_round(self.values, records, self.params, self.round, with_paths=False)
         return records, paths, finals, clipped, new_values, weight_capped
 
