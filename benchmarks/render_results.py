@@ -17,6 +17,8 @@ byte for byte as it is. The sources, all under benchmarks/results/:
     across_seeds   zo_study/test_results.jsonl, the SEED_RUNS at SEED_STEP
     study_summary  (README) test_split's gains in short, then across_seeds
     federated_curves curves/*.jsonl                (learning_curve.py federated)
+    comparison     compare/table.md                (compare.py table, from compare/cells.jsonl + tests.jsonl)
+    vp_detector    vp_detector/detector.md         (vp_detector.py tune, from vp_detector/traces.jsonl)
 
     python benchmarks/render_results.py            # rewrite the blocks in place
     python benchmarks/render_results.py --check    # exit 1 naming each stale block (for CI)
@@ -420,7 +422,19 @@ def render_cli_runs(rec: Records) -> str:
     return caption + table(["command", "balanced acc before", "after", "gain", "wall time"], rows)
 
 
+def render_comparison(rec: Records) -> str:
+    """The paper's comparison: the tables `benchmarks/compare.py table` wrote next to its records."""
+    return rec.path("compare/table.md").read_text().rstrip("\n")
+
+
+def render_vp_detector(rec: Records) -> str:
+    """Meerkat-VP's detector as a classifier: `benchmarks/vp_detector.py tune`'s report."""
+    return rec.path("vp_detector/detector.md").read_text().rstrip("\n")
+
+
 RENDERERS: dict[str, Callable[[Records], str]] = {
+    "comparison": render_comparison,
+    "vp_detector": render_vp_detector,
     "cli_runs": render_cli_runs,
     "study_summary": render_study_summary,
     "baselines": render_baselines,

@@ -48,6 +48,18 @@ def gaussian_direction(seed: int, k: int, out: torch.Tensor | None = None) -> to
     return torch.randn(k, generator=gen, out=out)
 
 
+def all_finite(values: torch.Tensor) -> bool:
+    """True when no NaN/inf is in `values`: one min/max pass, no k-sized bool temporary.
+
+    `torch.aminmax` propagates NaN and shows +-inf at an end, so it answers the same question as
+    `torch.isfinite(values).all()` ~30x faster at full-model k (0.04 s vs 1.2 s for 106M values).
+    """
+    if values.numel() == 0 or not values.is_floating_point():
+        return True
+    lo, hi = torch.aminmax(values.detach())
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
 class SparseTarget(Protocol):
     """What SPSA needs from a model: the fp32 CPU master of w_S and a way to load values."""
 
@@ -87,10 +99,16 @@ def _two_point_losses(target: SparseTarget, loss_fn: Callable[[], Any], z: torch
     w), never by adding increments to low-precision weights, so bf16/fp16 cannot drift.
     """
     w = target.values
+    # One k-vector for both perturbed states instead of four temporaries (at full-model k each is
+    # ~0.4 GB and ~0.2 s of page faults). eps*z rounded, then added to / subtracted from w: the
+    # very bits of `w + eps * z` and `w - eps * z` (IEEE addition commutes).
+    perturbed = torch.empty_like(w)
     try:
-        target.write(w + eps * z)
+        torch.mul(z, eps, out=perturbed).add_(w)
+        target.write(perturbed)
         loss_plus = loss_fn()
-        target.write(w - eps * z)
+        torch.sub(w, torch.mul(z, eps, out=perturbed), out=perturbed)
+        target.write(perturbed)
         loss_minus = loss_fn()
     finally:
         target.write(w)

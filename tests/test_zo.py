@@ -254,3 +254,48 @@ def test_zosgd_rejects_plain_models_and_bad_hyperparameters():
         ZOSGD(m, lr=float("nan"))
     with pytest.raises(ValueError):
         ZOSGD(m, lr=0.1, weight_decay=-1.0)
+
+
+def test_perturbed_states_are_the_bits_of_w_plus_and_minus_eps_z():
+    """`_two_point_losses` reuses one buffer; the model must see exactly w + eps z and w - eps z."""
+    k, eps = 5003, 1e-3
+    seen = []
+
+    class Target:
+        values = torch.randn(k, generator=torch.Generator().manual_seed(1))
+
+        def write(self, v):
+            seen.append(v.clone())
+
+    z = zo.gaussian_direction(3, k)
+    target = Target()
+    zo._two_point_losses(target, lambda: 0.0, z, eps)
+    w = target.values
+    assert torch.equal(seen[0], w + eps * z) and torch.equal(seen[1], w - eps * z) and torch.equal(seen[2], w)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_all_finite_finds_one_bad_value_anywhere(bad):
+    for k in (1, 2, 4099):
+        for pos in {0, k // 2, k - 1}:
+            x = torch.randn(k)
+            x[pos] = bad
+            assert not zo.all_finite(x)
+        assert zo.all_finite(torch.randn(k))
+    assert zo.all_finite(torch.zeros(0)) and zo.all_finite(torch.arange(3))
+
+
+def test_chunked_gradip_matches_the_direct_sum_and_is_deterministic():
+    import numpy as np
+
+    from meerkat_hf.federated.protocol import virtual_path as vp
+
+    k = (1 << 20) * 2 + 12345  # three chunks
+    z = zo.gaussian_direction(5, k)
+    g64 = np.random.default_rng(0).standard_normal(k)
+    direct = 0.7 * float(np.add.reduce(g64 * z.numpy().astype(np.float64)))
+    chunked = vp.gradip(g64, z, 0.7)
+    assert chunked == vp.gradip(g64, z, 0.7)  # the same bits on every call (every replica)
+    assert math.isclose(chunked, direct, rel_tol=1e-12)
+    small = z[:1000]  # at most one chunk: the unchanged formula, bit for bit
+    assert vp.gradip(g64[:1000], small, 0.7) == 0.7 * float(np.add.reduce(g64[:1000] * small.numpy().astype(np.float64)))

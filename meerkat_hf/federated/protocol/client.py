@@ -34,7 +34,15 @@ import numpy as np
 import torch
 
 from ...privacy import ExampleDP, poisson_indices, private_scalar
-from ...zo import ZOStep, apply_step, derive_seed, gaussian_direction, projected_gradient, projected_gradients_per_example
+from ...zo import (
+    ZOStep,
+    all_finite,
+    apply_step,
+    derive_seed,
+    gaussian_direction,
+    projected_gradient,
+    projected_gradients_per_example,
+)
 from .codec import (
     KIND_DENSE,
     DenseUplink,
@@ -179,7 +187,7 @@ class FederatedClient:
             values = cache
             for rr in msg.history:
                 values, _, _ = aggregate_zo_round(values, rr.records, params, rr.round, with_paths=False)
-                if not bool(torch.isfinite(values).all()):
+                if not all_finite(values):
                     raise MessageError("non-finite", f"replaying the records of round {rr.round} leaves finite values")
         if state_digest(values) != msg.state_digest:
             raise MessageError("digest-mismatch", f"reconstructed state of round {msg.round} differs from the server's")
@@ -305,7 +313,7 @@ class FederatedClient:
                         .detach().float().cpu()
                         for s in slices
                     ])
-                    if not bool(torch.isfinite(grad).all()):
+                    if not all_finite(grad):
                         nan_steps += 1
                         continue
                     with torch.no_grad():
@@ -338,7 +346,7 @@ def check_downlink(msg: Downlink, params: ProtocolParams, k: int | None = None) 
     if msg.kind == KIND_DENSE:
         if k is not None and msg.dense.numel() != k:
             raise MessageError("wrong-size", f"dense state of {msg.dense.numel()} values, the mask has k={k}")
-        if not bool(torch.isfinite(msg.dense).all()):
+        if not all_finite(msg.dense):
             raise MessageError("non-finite", f"NaN or inf in the dense state of round {msg.round}")
         return
     for rr in msg.history:

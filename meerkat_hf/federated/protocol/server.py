@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
+from ...zo import all_finite
 from .codec import (
     KIND_DENSE,
     KIND_RECORDS,
@@ -252,7 +253,7 @@ class FederatedServer:
     def _check_dense(self, msg: DenseUplink) -> tuple[str, str] | None:
         if msg.delta.numel() != self.k:
             return "wrong-number-of-scalars", f"{msg.delta.numel()} values, k={self.k}"
-        if not bool(torch.isfinite(msg.delta).all()):
+        if not all_finite(msg.delta):
             return "non-finite", "NaN or inf in the dense delta"
         worst = float(msg.delta.abs().max()) if self.k else 0.0
         if worst > self.validation.max_abs_delta:
@@ -281,7 +282,7 @@ class FederatedServer:
         else:
             records, paths, finals, clipped, new_values, weight_capped = self._replay_accepted(sorted(self._accepted))
             accepted = [self._accepted[c] for c in sorted(self._accepted)]
-        if accepted and not bool(torch.isfinite(new_values).all()):
+        if accepted and not all_finite(new_values):
             refused = "the aggregated state is not finite"
             for u in accepted:
                 self._reject(u.client_id, "round-refused", refused + "; the previous state is kept", 0)
@@ -361,7 +362,7 @@ class FederatedServer:
             steps = client_steps(self.params, self.round, c, rec.grads, rec.q, rec.lrs)
             final, gips = replay_client(self.values, steps, self.gp64, out=work, buffers=buffers)
             own_digest = state_digest(final)
-            if not bool(torch.isfinite(final).all()):
+            if not all_finite(final):
                 self._accepted.pop(c)
                 self._reject(c, "non-finite-path", "the replayed virtual path leaves finite values", 0)
                 streaming = False

@@ -144,10 +144,29 @@ def client_steps(params: ProtocolParams, round_id: int, client_id: int, grads: S
     return steps
 
 
+_GRADIP_CHUNK = 1 << 20
+
+
 def gradip(pretrain_grad64: np.ndarray, z: torch.Tensor, g: float) -> float:
-    """GradIP = g * <g_p, z>: exact fp64 products, numpy pairwise sum (single-threaded, so every
-    rank computes the same number)."""
-    return float(g) * float(np.add.reduce(pretrain_grad64 * z.numpy().astype(np.float64)))
+    """GradIP = g * <g_p, z>: exact fp64 products, numpy pairwise sums (single-threaded, so every
+    rank computes the same number).
+
+    Above 2^20 values the products are formed and summed chunk by chunk in one reused 8 MB buffer
+    (partial sums added in order), not as two full-size float64 temporaries: at full-model k
+    those were ~1.7 GB and most of a server's replay step."""
+    zn = z.numpy()
+    k = zn.size
+    if k <= _GRADIP_CHUNK:
+        return float(g) * float(np.add.reduce(pretrain_grad64 * zn.astype(np.float64)))
+    buf = np.empty(_GRADIP_CHUNK, dtype=np.float64)
+    total = 0.0
+    for start in range(0, k, _GRADIP_CHUNK):
+        n = min(_GRADIP_CHUNK, k - start)
+        part = buf[:n]
+        part[...] = zn[start:start + n]
+        np.multiply(pretrain_grad64[start:start + n], part, out=part)
+        total += float(np.add.reduce(part))
+    return float(g) * total
 
 
 def replay_client(values: torch.Tensor, steps: Iterable[ZOStep], pretrain_grad64: np.ndarray | None = None, *,

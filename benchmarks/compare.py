@@ -1,0 +1,494 @@
+"""The paper's comparison at a budget that separates the methods (issue 13, item 1).
+
+Meerkat vs Full-FedZO vs LoRA-FedZO vs a weight-magnitude mask vs a random mask, plus first-order
+FedAvg on Meerkat's mask as the reference: SmolLM2-135M-Instruct, `tweets_binary` (all train
+tweets), 10 clients, Dirichlet alpha=0.5, T local steps, the recipe of RESULTS.md ("Does it
+learn?": density 1e-5, class-balanced loss), the same rounds x clients x T ZO steps (two forward
+passes each; fo-fedavg: one forward + one backward) for every method.
+
+The search is the same for every method: three learning rates half a decade apart around the
+method's published/pilot value, seed 0, judged by the last round's *validation* balanced
+accuracy (512 examples); when the best one is at an edge of the grid, one more point beyond that
+edge is run (once). Then seeds 1 and 2 run at the chosen lr; seed 0 of the chosen lr is reused.
+Every cell also scores the whole *test* split at its end (sealed in `test`: the selection code
+never reads it, the table reports it only for the chosen lr).
+
+    python benchmarks/compare.py prepare                 # zero-shot test predictions, the masks (cached)
+    nohup python benchmarks/compare.py run --worker 0/2 &   # one per core; resumable, cells claimed by file
+    nohup python benchmarks/compare.py run --worker 1/2 &
+    python benchmarks/compare.py status                  # what is done, claimed, waiting
+    python benchmarks/compare.py table                   # markdown tables (validation search, test mean +- std)
+    python benchmarks/compare.py plot                    # curves per method (validation, chosen lr, mean of seeds)
+
+A killed cell resumes from its last round checkpoint (`resume=true`); a finished cell is one line
+of `cells.jsonl`, so rerunning `run` only does what is missing. `--set key=value` changes the
+shared settings (a different grid: use another `--out`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TASK = "tweets_binary"
+
+# Settings every method shares: the paper's T=10 Non-IID setting at the recipe of "Does it learn?".
+COMMON = [
+    "num_clients=10", "client_fraction=1.0", "partition.scheme=dirichlet", "partition.alpha=0.5",
+    "partition.num_single_label_clients=0", "local_steps=10", "rounds=3", "batch_size=8", "max_length=64",
+    "eps=1e-3", "task.loss=balanced", "task.max_train_examples=null", "task.eval_split=validation",
+    "eval_examples=512", "eval_every=1", "vp.calibration_local_steps=null", "mask.density=1e-5",
+    "mask.calibration=python_docs", "mask.calibration_num_sequences=64", "mask.calibration_seq_len=256",
+    # simulated clients take the server's state instead of replaying the records themselves: the
+    # same bits (tests/test_federated_driver.py), the same downlink bytes counted, one replay less
+    "simulate_downlink=false", "torch_threads=1", "progress=false", "plots=false", "save_final=false", "resume=true", "keep_checkpoints=1",
+]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    overrides: tuple[str, ...]
+    lrs: tuple[float, ...]  # the search grid, half a decade apart, centred on the prior value
+    why: str
+
+
+# Grids: every one is 3 points x sqrt(10) apart around a value from ../shared/ZO_REFERENCES.md or our study.
+METHODS = {
+    "meerkat": Method("meerkat", ("algorithm=meerkat",), (1e-4, 3e-4, 1e-3),
+                      "sensitivity mask (calibration text) at density 1e-5; the study's 1e-4..3e-4"),
+    "magnitude": Method("magnitude", ("algorithm=magnitude",), (1e-4, 3e-4, 1e-3),
+                        "largest-|w| mask, same density and grid as Meerkat"),
+    "random": Method("random", ("algorithm=random",), (1e-4, 3e-4, 1e-3), "random mask, same density and grid"),
+    "lora-fedzo": Method("lora-fedzo", ("algorithm=lora-fedzo",), (3e-5, 1e-4, 3e-4),
+                         "ZO on a rank-8 LoRA adapter (q, v); MeZO+LoRA used 5e-5..1e-4"),
+    "fo-fedavg": Method("fo-fedavg", ("algorithm=fo-fedavg",), (3e-3, 1e-2, 3e-2),
+                        "first-order SGD on Meerkat's mask (reference); single-site FO learned at 1e-2"),
+    "full-fedzo": Method("full-fedzo", ("algorithm=full-fedzo",), (1e-6, 3e-6, 1e-5),
+                         "ZO on all parameters; DeComFL used 5e-6 on OPT-125m, MeZO 1e-6..1e-7"),
+}
+SEEDS = (0, 1, 2)
+PAPER = {  # Ran et al. (ICLR 2026), main table, T=10, Dirichlet 0.5, average accuracy
+    "Llama-3.2-1B": {"meerkat": 0.759, "full-fedzo": 0.699, "lora-fedzo": 0.715, "magnitude": 0.717},
+    "Qwen2-1.5B": {"meerkat": 0.805, "full-fedzo": 0.761},
+}
+
+
+def _log(msg: str) -> None:
+    print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+
+def lr_tag(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-")
+
+
+def cell_name(method: str, lr: float, seed: int) -> str:
+    return f"{method}-lr{lr_tag(lr)}-s{seed}"
+
+
+def read_cells(out: Path) -> dict[str, dict]:
+    path = out / "cells.jsonl"
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["cell"]: r for r in rows}
+
+
+def val_score(row: dict) -> float:
+    """The selection criterion: the last round's validation balanced accuracy."""
+    return float(row["final_validation"]["balanced_accuracy"])
+
+
+def search_state(method: Method, done: dict[str, dict], extra: list[str]) -> tuple[list[float], float | None]:
+    """(lrs still to run at seed 0, the chosen lr once the search is complete)."""
+    grid = sorted(method.lrs)
+    missing = [lr for lr in grid if cell_name(method.name, lr, 0) not in done]
+    if missing:
+        return missing, None
+    scores = {lr: val_score(done[cell_name(method.name, lr, 0)]) for lr in grid}
+    best = max(grid, key=lambda lr: (scores[lr], -lr))  # ties: the smaller lr
+    step = grid[1] / grid[0]
+    if best in (grid[0], grid[-1]):  # at an edge: one more point beyond it, once
+        beyond = best / step if best == grid[0] else best * step
+        name = cell_name(method.name, beyond, 0)
+        if name not in done:
+            return [beyond], None
+        scores[beyond] = val_score(done[name])
+        best = max(scores, key=lambda lr: (scores[lr], -lr))
+    return [], best
+
+
+def read_tests(out: Path) -> dict[str, dict]:
+    path = out / "tests.jsonl"
+    if not path.exists():
+        return {}
+    return {r["cell"]: r for r in (json.loads(x) for x in path.read_text().splitlines() if x.strip())}
+
+
+def plan(out: Path, methods: list[str], extra: list[str]) -> list[tuple[str, str, float, int]]:
+    """Tasks runnable now, as (kind, method, lr, seed): search cells first (every method), then
+    the chosen lr's other seeds, then test scoring of the chosen lr's finished cells."""
+    done, tested = read_cells(out), read_tests(out)
+    search, finals, tests = [], [], []
+    for name in methods:
+        todo, chosen = search_state(METHODS[name], done, extra)
+        search += [("cell", name, lr, 0) for lr in todo]
+        if chosen is not None:
+            finals += [("cell", name, chosen, s) for s in SEEDS if cell_name(name, chosen, s) not in done]
+            tests += [("test", name, chosen, s) for s in SEEDS
+                      if cell_name(name, chosen, s) in done and cell_name(name, chosen, s) not in tested]
+    if tests and not (out / "zero_shot_test.npz").exists():
+        tests = [("zero-shot", "", 0.0, 0)]
+    return search + finals + tests
+
+
+def task_name(kind: str, method: str, lr: float, seed: int) -> str:
+    return "zero-shot" if kind == "zero-shot" else (("test-" if kind == "test" else "") + cell_name(method, lr, seed))
+
+
+def config_overrides(method: str, lr: float, seed: int, out: Path, extra: list[str]) -> list[str]:
+    return [*COMMON, *METHODS[method].overrides, f"lr={lr:g}", f"seed={seed}", *extra,
+            f"output_dir={out / 'cells' / cell_name(method, lr, seed)}"]
+
+
+def reproduce_command(overrides: list[str]) -> str:
+    shown = [o for o in overrides if not o.startswith(("output_dir=", "progress=", "resume=", "keep_checkpoints="))]
+    return "HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 meerkat-hf federate" + "".join(f" --set {shlex.quote(o)}" for o in shown)
+
+
+# ------------------------------------------------------------------------------------------ scoring
+TEST_LIMIT = None  # --test-limit: a smoke run scores only this many test tweets
+
+
+def _test_set(tokenizer, max_length: int = 64):
+    from meerkat_hf.tasks import encode_classification, load_task_dataset
+
+    data = load_task_dataset(TASK, "test")
+    if TEST_LIMIT:
+        data = data.select(range(TEST_LIMIT))
+    return encode_classification(tokenizer, TASK, data, max_length, include_label_word=False)
+
+
+def score_test(model, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    from meerkat_hf.model import forward_module
+    from meerkat_hf.tasks import candidate_scores
+
+    scores, labels = candidate_scores(forward_module(model), tokenizer, TASK, _test_set(tokenizer), batch_size=32,
+                                      max_length=64)
+    return scores.numpy(), labels.numpy()
+
+
+def zero_shot(out: Path) -> dict:
+    """Zero-shot test scores (computed once per output folder, by `prepare` or the first cell)."""
+    path = out / "zero_shot_test.npz"
+    if not path.exists():
+        from meerkat_hf.loading import load_model_and_tokenizer
+
+        model, tok = load_model_and_tokenizer("smollm2")
+        scores, labels = score_test(model, tok)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, scores=scores, labels=labels)
+        os.replace(tmp, path)
+    z = np.load(path)
+    return {"scores": z["scores"], "labels": z["labels"]}
+
+
+def test_report(scores: np.ndarray, labels: np.ndarray, zs: dict) -> dict:
+    from meerkat_hf.classification_metrics import ClassifierScores, paired_gain
+
+    if not np.array_equal(labels, zs["labels"]):
+        raise RuntimeError("the test split differs from the cached zero-shot one; delete zero_shot_test.npz")
+    trained, zero = ClassifierScores(scores, labels), ClassifierScores(zs["scores"], labels)
+    rep = trained.report()
+    keep = ("n", "accuracy", "balanced_accuracy", "balanced_accuracy_ci", "macro_f1", "macro_f1_ci", "auc",
+            "predicted_rate")
+    return {**{k: rep[k] for k in keep if k in rep},
+            "gain_over_zero_shot": paired_gain(zero.predictions(), trained.predictions(), labels)}
+
+
+# ------------------------------------------------------------------------------------------- a cell
+def run_cell(method: str, lr: float, seed: int, out: Path, extra: list[str]) -> dict:
+    from meerkat_hf.federated import FederationConfig, run_federation
+    from meerkat_hf.federated.federation_config import DEFAULT_CONFIG
+
+    overrides = config_overrides(method, lr, seed, out, extra)
+    config = FederationConfig.from_yaml(DEFAULT_CONFIG, overrides)
+    start = time.perf_counter()
+    result = run_federation(config)
+    train_seconds = time.perf_counter() - start
+    rows = result.metrics
+    passes_per_step = 2 * config.batch_size * config.q
+    curve, passes = [{"round": 0, "forward_passes": 0, **_val(result.initial_eval)}], 0
+    for r in rows:
+        passes += passes_per_step * sum(int(r["budgets"][str(c)]) for c in r["accepted"])
+        if r.get("balanced_accuracy") is not None:
+            curve.append({"round": r["round"], "forward_passes": passes, **_val(r)})
+    # The final state, for `test` (run only for the lrs the validation search chose).
+    torch.save(result.final_values, Path(config.output_dir) / "final_values.pt")
+    return {
+        "cell": cell_name(method, lr, seed), "method": method, "lr": lr, "seed": seed, "k": result.k,
+        "num_params": result.num_params, "forward_passes": passes, "rounds": config.rounds,
+        "local_steps": config.local_steps, "client_rounds": sum(len(r["accepted"]) for r in rows), "curve": curve, "final_validation": curve[-1],
+        "uplink_bytes": result.total_uplink_bytes, "downlink_bytes": result.total_downlink_bytes,
+        "train_seconds": round(train_seconds, 1), "state_digest": result.state_digest,
+        "command": reproduce_command(overrides),
+        "host": socket.gethostname(), "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+
+
+def test_cell(method: str, lr: float, seed: int, out: Path, extra: list[str]) -> dict:
+    """Score a finished cell's final state on the whole test split (chosen lrs only)."""
+    from meerkat_hf.federated import FederationConfig
+    from meerkat_hf.federated.engine import RoundEngine
+    from meerkat_hf.federated.federation_config import DEFAULT_CONFIG
+
+    overrides = config_overrides(method, lr, seed, out, extra)
+    config = FederationConfig.from_yaml(DEFAULT_CONFIG, overrides)
+    start = time.perf_counter()
+    engine = RoundEngine(config, evaluate=False)  # the same model/mask/adapter wrapping as the run
+    engine.model.set_values(torch.load(Path(config.output_dir) / "final_values.pt"))
+    scores, labels = score_test(engine.model, engine.tokenizer)
+    return {"cell": cell_name(method, lr, seed), "test": test_report(scores, labels, zero_shot(out)),
+            "test_seconds": round(time.perf_counter() - start, 1)}
+
+
+def _tokenizer():
+    """The embedded model's tokenizer (the run's model object does not carry one)."""
+    from transformers import AutoTokenizer
+
+    from meerkat_hf.loading import resolve_model_source
+
+    path, gguf = resolve_model_source("smollm2")
+    return AutoTokenizer.from_pretrained(path, gguf_file=gguf)
+
+
+def _val(row: dict) -> dict:
+    keys = ("accuracy", "balanced_accuracy", "balanced_accuracy_ci_low", "balanced_accuracy_ci_high", "macro_f1", "auc")
+    return {k: row.get(k) for k in keys}
+
+
+# ------------------------------------------------------------------------------------------ workers
+def _claim(out: Path, name: str) -> bool:
+    """Claim a cell by creating its lock file; a lock whose process is gone is taken over."""
+    lock = out / "claims" / f"{name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = f"{socket.gethostname()} {os.getpid()}"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        host, _, pid = lock.read_text().partition(" ")
+        if host == socket.gethostname() and pid.strip().isdigit() and _alive(int(pid)):
+            return False
+        lock.write_text(me)  # stale (its process died, or another machine's session ended)
+        return True
+    with os.fdopen(fd, "w") as f:
+        f.write(me)
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run(args) -> None:
+    out, methods = Path(args.out), args.methods
+    out.mkdir(parents=True, exist_ok=True)
+    while True:
+        todo = plan(out, methods, args.set)
+        mine = next((t for t in todo if _claim(out, task_name(*t))), None)
+        if mine is None:
+            if not todo:
+                _log("nothing left to run")
+                return
+            _log(f"{len(todo)} tasks claimed by other workers; waiting")
+            time.sleep(60)
+            continue
+        kind, method, lr, seed = mine
+        name = task_name(*mine)
+        _log(f"{name}: start")
+        start = time.perf_counter()
+        if kind == "zero-shot":
+            zero_shot(out)
+        elif kind == "test":
+            row = test_cell(method, lr, seed, out, args.set)
+            with (out / "tests.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        else:
+            row = run_cell(method, lr, seed, out, args.set)
+            with (out / "cells.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        (out / "claims" / f"{name}.lock").unlink(missing_ok=True)
+        _log(f"{name}: done in {time.perf_counter() - start:.0f} s")
+
+
+def prepare(args) -> None:
+    """Zero-shot test scores, and every method's mask computed into the cache (so workers start fast)."""
+    from meerkat_hf.federated import FederationConfig
+    from meerkat_hf.federated.engine import RoundEngine
+    from meerkat_hf.federated.federation_config import DEFAULT_CONFIG
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    zs = zero_shot(out)
+    _log(f"zero-shot test scores: {len(zs['labels'])} examples")
+    for name in args.methods:
+        if name in ("full-fedzo", "lora-fedzo"):
+            continue  # no calibrated mask to cache
+        overrides = config_overrides(name, METHODS[name].lrs[0], 0, out / "prepare", args.set)
+        RoundEngine(FederationConfig.from_yaml(DEFAULT_CONFIG, overrides), evaluate=False)
+        _log(f"{name}: mask ready")
+
+
+def status(args) -> None:
+    out = Path(args.out)
+    done = read_cells(out)
+    todo = plan(out, args.methods, args.set)
+    claims = sorted(p.stem for p in (out / "claims").glob("*.lock")) if (out / "claims").exists() else []
+    print(f"done {len(done)}: " + ", ".join(sorted(done)))
+    print(f"claimed {len(claims)}: " + ", ".join(claims))
+    print(f"runnable now {len(todo)}: " + ", ".join(task_name(*t) for t in todo))
+    secs = [r["train_seconds"] for r in done.values()] + [r["test_seconds"] for r in read_tests(out).values()]
+    if secs:
+        print(f"cell wall time: mean {np.mean(secs) / 60:.1f} min, total {sum(secs) / 3600:.2f} h of one core")
+
+
+# -------------------------------------------------------------------------------------------- table
+def _mean_std(xs: list[float]) -> str:
+    if not xs:
+        return "n/a"
+    sd = float(np.std(xs, ddof=1)) if len(xs) > 1 else float("nan")
+    return f"{np.mean(xs):.3f} +- {sd:.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+
+
+def chosen_rows(out: Path, methods: list[str], extra: list[str]) -> dict[str, tuple[float | None, list[dict]]]:
+    done = read_cells(out)
+    result = {}
+    for name in methods:
+        _, chosen = search_state(METHODS[name], done, extra)
+        rows = [done[cell_name(name, chosen, s)] for s in SEEDS if chosen is not None and cell_name(name, chosen, s) in done]
+        result[name] = (chosen, rows)
+    return result
+
+
+def table(args) -> str:
+    from meerkat_hf.federated.reporting import format_bytes
+
+    out = Path(args.out)
+    done = read_cells(out)
+    lines = ["Search (seed 0, last-round validation balanced accuracy on 512 examples; * = chosen):", "",
+             "| method | " + " | ".join(["lr", "validation bal. acc", "AUC"]) + " |", "|---|---|---|---|"]
+    chosen = chosen_rows(out, args.methods, args.set)
+    for name in args.methods:
+        cells = sorted((r for r in done.values() if r["method"] == name and r["seed"] == 0), key=lambda r: r["lr"])
+        for r in cells:
+            mark = "*" if chosen[name][0] == r["lr"] else ""
+            v = r["final_validation"]
+            lines.append(f"| {name} | {r['lr']:g}{mark} | {v['balanced_accuracy']:.3f} | {v.get('auc') or float('nan'):.3f} |")
+    zs = zero_shot(out)
+    from meerkat_hf.classification_metrics import ClassifierScores
+
+    z = ClassifierScores(zs["scores"], zs["labels"]).report()
+    lines += ["", f"Test (all {z['n']} tweets; zero-shot balanced accuracy {z['balanced_accuracy']:.3f}, macro-F1 "
+              f"{z['macro_f1']:.3f}, accuracy {z['accuracy']:.3f}); mean +- std over seeds at the chosen lr:", "",
+              "| method | lr | seeds (tested) | balanced acc | macro-F1 | accuracy | gain over zero-shot [95% CI per seed] | "
+              "k (trained) | bytes per client-round | paper (Llama-3.2-1B / Qwen2-1.5B) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in args.methods:
+        lr, rows = chosen[name]
+        if not rows:
+            lines.append(f"| {name} | {'searching' if lr is None else f'{lr:g}'} | 0 | | | | | | | |")
+            continue
+        tested = read_tests(out)
+        t = [tested[r["cell"]]["test"] for r in rows if r["cell"] in tested]
+        if not t:
+            lines.append(f"| {name} | {lr:g} | {len(rows)} (test not scored yet) | | | | | | | |")
+            continue
+        gains = ", ".join(f"{g['gain_over_zero_shot']['gain']:+.3f} [{g['gain_over_zero_shot']['gain_ci'][0]:+.3f}, "
+                          f"{g['gain_over_zero_shot']['gain_ci'][1]:+.3f}]" for g in t)
+        per_client_round = np.mean([(r["uplink_bytes"] + r["downlink_bytes"]) / r.get("client_rounds", r["rounds"] * 10)
+                                    for r in rows])
+        paper = " / ".join(f"{PAPER[m].get(name, float('nan')):.3f}" if name in PAPER[m] else "-" for m in PAPER)
+        lines.append(f"| {name} | {lr:g} | {len(t)} | {_mean_std([x['balanced_accuracy'] for x in t])} | "
+                     f"{_mean_std([x['macro_f1'] for x in t])} | {_mean_std([x['accuracy'] for x in t])} | {gains} | "
+                     f"{rows[0]['k']:,} | {format_bytes(int(per_client_round))} | {paper} |")
+    secs = sum(r["train_seconds"] for r in done.values()) + sum(r["test_seconds"] for r in read_tests(out).values())
+    lines += ["", f"{len(done)} cells, {secs / 3600:.2f} h of one CPU core in all. Commands: `cells.jsonl` (`command`)."]
+    text = "\n".join(lines)
+    print(text)
+    (out / "table.md").write_text(text + "\n")
+    return text
+
+
+def plot(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(args.out)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, (lr, rows) in chosen_rows(out, args.methods, args.set).items():
+        if not rows:
+            continue
+        x = [p["forward_passes"] for p in rows[0]["curve"]]
+        ys = np.array([[p["balanced_accuracy"] for p in r["curve"]] for r in rows if len(r["curve"]) == len(x)])
+        mean = ys.mean(0)
+        ax.plot(x, mean, marker="o", label=f"{name} (lr {lr:g}, {len(ys)} seeds)")
+        if len(ys) > 1:
+            sd = ys.std(0, ddof=1)
+            ax.fill_between(x, mean - sd, mean + sd, alpha=0.12)
+    ax.set_xlabel("forward passes (examples x 2 per ZO step, all clients)")
+    ax.set_ylabel("balanced accuracy, validation (512 tweets), mean +- std")
+    ax.set_title("10 clients, Dirichlet 0.5, T=10: each method at its validation-chosen lr")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "compare_curves.png", dpi=120)
+    _log(f"wrote {out / 'compare_curves.png'}")
+
+
+def _methods(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    return names
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/compare")
+    p.add_argument("--methods", type=_methods, default=list(METHODS), help=f"comma-separated, of {','.join(METHODS)}")
+    p.add_argument("--set", action="append", default=[], help="a shared FederationConfig override, key=value")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--worker", default="0/1", help="informational: i/n of the workers sharing --out")
+    for name in ("prepare", "status", "table", "plot"):
+        sub.add_parser(name)
+    p.add_argument("--test-limit", type=int, default=None, help="smoke runs only: score this many test tweets")
+    args = p.parse_args(argv)
+    global TEST_LIMIT
+    TEST_LIMIT = args.test_limit
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    {"prepare": prepare, "run": run, "status": status, "table": table, "plot": plot}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The decision logic of `benchmarks/compare.py` (the lr search, the task plan, claims) and of
+`benchmarks/vp_detector.py` (confusion counts, tuning on one set, scoring on another), without a model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def compare():
+    return _load("compare")
+
+
+def _finish(out: Path, compare, method: str, lr: float, seed: int, val: float) -> None:
+    row = {"cell": compare.cell_name(method, lr, seed), "method": method, "lr": lr, "seed": seed,
+           "final_validation": {"balanced_accuracy": val}, "train_seconds": 1.0}
+    with (out / "cells.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def test_search_runs_the_grid_then_the_chosen_lrs_other_seeds_then_tests(tmp_path, compare):
+    plan = compare.plan(tmp_path, ["meerkat"], [])
+    assert [(k, lr, s) for k, _, lr, s in plan] == [("cell", 1e-4, 0), ("cell", 3e-4, 0), ("cell", 1e-3, 0)]
+    for lr, val in ((1e-4, 0.74), (3e-4, 0.76), (1e-3, 0.70)):
+        _finish(tmp_path, compare, "meerkat", lr, 0, val)
+    plan = compare.plan(tmp_path, ["meerkat"], [])
+    # 3e-4 won inside the grid: seeds 1 and 2 run at it, and seed 0's cell is scored on test
+    assert plan == [("cell", "meerkat", 3e-4, 1), ("cell", "meerkat", 3e-4, 2), ("zero-shot", "", 0.0, 0)]
+    (tmp_path / "zero_shot_test.npz").write_bytes(b"")
+    assert compare.plan(tmp_path, ["meerkat"], [])[-1] == ("test", "meerkat", 3e-4, 0)
+
+
+def test_a_winner_at_the_grid_edge_gets_one_more_point_beyond_it(tmp_path, compare):
+    for lr, val in ((1e-4, 0.70), (3e-4, 0.72), (1e-3, 0.75)):
+        _finish(tmp_path, compare, "magnitude", lr, 0, val)
+    todo, chosen = compare.search_state(compare.METHODS["magnitude"], compare.read_cells(tmp_path), [])
+    assert chosen is None and todo == [pytest.approx(3e-3)]  # x3, the grid's step
+    _finish(tmp_path, compare, "magnitude", todo[0], 0, 0.60)  # worse beyond the edge: back to 1e-3, no more points
+    assert compare.search_state(compare.METHODS["magnitude"], compare.read_cells(tmp_path), []) == ([], 1e-3)
+
+
+def test_ties_choose_the_smaller_lr(tmp_path, compare):
+    for lr in (3e-3, 1e-2, 3e-2):
+        _finish(tmp_path, compare, "fo-fedavg", lr, 0, 0.75)
+    todo, chosen = compare.search_state(compare.METHODS["fo-fedavg"], compare.read_cells(tmp_path), [])
+    assert chosen is None and todo == [pytest.approx(9e-4)]  # 3e-3 is the edge: one step below it
+
+
+def test_claims_are_exclusive_and_stale_ones_are_taken_over(tmp_path, compare):
+    assert compare._claim(tmp_path, "cell-a")
+    assert not compare._claim(tmp_path, "cell-a")  # held by this live process
+    lock = tmp_path / "claims" / "cell-a.lock"
+    lock.write_text(f"{os.uname().nodename} 999999999")  # a process that is gone
+    assert compare._claim(tmp_path, "cell-a")
+
+
+def test_cell_commands_reproduce_the_cell_without_run_plumbing(tmp_path, compare):
+    overrides = compare.config_overrides("full-fedzo", 3e-6, 2, tmp_path, ["rounds=4"])
+    command = compare.reproduce_command(overrides)
+    assert "--set algorithm=full-fedzo" in command and "--set lr=3e-06" in command and "--set seed=2" in command
+    assert "--set rounds=4" in command and "output_dir" not in command and "resume" not in command
+    assert overrides.index("rounds=4") > overrides.index("rounds=3")  # --set wins over the shared settings
+
+
+def test_detector_confusion_and_tuning_on_one_set_scoring_on_another(tmp_path):
+    vp = _load("vp_detector")
+    decaying = [[10.0, 9.0, 8.0, 0.5, 0.2, 0.1, 0.05, 0.01]]
+    oscillating = [[10.0, -8.0, 9.0, -11.0, 7.0, -9.0, 10.0, -8.0]]
+    feds = []
+    for i in range(6):
+        single = [i % 3]
+        feds.append({"federation": i, "single_label": single,
+                     "gradip": {str(c): (decaying if c in single else oscillating) for c in range(4)}})
+    with (tmp_path / "traces.jsonl").open("w") as f:
+        f.writelines(json.dumps(x) + "\n" for x in feds)
+    m = vp.confusion(feds, {"steps": 8, "participations": 1, "ratio_threshold": 0.2, "rule": "ratio", "min_steps": 1})
+    assert (m["tp"], m["fp"], m["fn"], m["tn"], m["f1"]) == (6, 0, 0, 18, 1.0)
+
+    class Args:
+        out, tune, report = str(tmp_path), "0-2", "3-5"
+
+    vp.tune(Args)
+    text = (tmp_path / "detector.md").read_text()
+    assert "| tuned | report | 3 | 0 | 0 | 9 | 1.000 | 1.000 | 1.000 |" in text
