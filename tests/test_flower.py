@@ -216,12 +216,13 @@ def test_flower_and_driver_write_the_same_final_folder(fed_files):
 
 
 class _FakeReply:
-    def __init__(self, node: int, content):
-        self.metadata = type("Meta", (), {"src_node_id": node})()
+    def __init__(self, node: int, reply_to: str, content=None, error: str | None = None):
+        self.metadata = type("Meta", (), {"src_node_id": node, "reply_to_message_id": reply_to})()
         self.content = content
+        self.error = type("Error", (), {"reason": error})()
 
     def has_error(self) -> bool:
-        return False
+        return self.error.reason is not None
 
 
 class _FakeGrid:
@@ -234,17 +235,18 @@ class _FakeGrid:
         return list(self.claims)
 
     def send_and_receive(self, msgs, timeout=None):
-        return [_FakeReply(m.metadata.dst_node_id, M.hello_content(*self.claims[m.metadata.dst_node_id], self.checksum))
-                for m in msgs]
+        replies = []
+        for i, m in enumerate(msgs):  # like Flower's grids, give each message its id as it is pushed
+            m.metadata.message_id = f"hello-{i}"
+            node = m.metadata.dst_node_id
+            replies.append(_FakeReply(node, m.metadata.message_id, M.hello_content(*self.claims[node], self.checksum)))
+        return replies
 
 
-def test_client_ids_are_bound_to_nodes_by_the_server(monkeypatch):
-    """A node is bound to its client id for the whole run (not first-hello-per-connection), a second
-    node claiming it is refused even once the first has gone, an operator's client-nodes map decides
-    up front, and a client's FedAvg weight is capped by what it declared when it enrolled."""
+@pytest.fixture
+def bare_server(monkeypatch):
+    """`MeerkatFlowerServer`s without a model or a Flower app: enough for node bookkeeping and replies."""
     from types import SimpleNamespace
-
-    from meerkat_hf.federated.flower.server_app import MeerkatFlowerServer
 
     from meerkat_hf.federated.flower import server_app
 
@@ -253,7 +255,7 @@ def test_client_ids_are_bound_to_nodes_by_the_server(monkeypatch):
         metadata=SimpleNamespace(dst_node_id=dst_node_id)))  # a real one needs a running Flower app
 
     def server(options: FlowerOptions):
-        s = object.__new__(MeerkatFlowerServer)
+        s = object.__new__(server_app.MeerkatFlowerServer)
         s.config = SimpleNamespace(num_clients=3, validation=SimpleNamespace(max_examples=2**31 - 1))
         s.options, s.client_mask_path = options, "mask"
         s.engine = SimpleNamespace(mask=SimpleNamespace(checksum="ab" * 16), counters={"hello_messages": 0},
@@ -262,6 +264,14 @@ def test_client_ids_are_bound_to_nodes_by_the_server(monkeypatch):
         s.bound = dict(options.client_nodes or {})
         return s
 
+    return server
+
+
+def test_client_ids_are_bound_to_nodes_by_the_server(bare_server):
+    """A node is bound to its client id for the whole run (not first-hello-per-connection), a second
+    node claiming it is refused even once the first has gone, an operator's client-nodes map decides
+    up front, and a client's FedAvg weight is capped by what it declared when it enrolled."""
+    server = bare_server
     s = server(FlowerOptions())
     s.discover(_FakeGrid({101: (0, 10), 102: (1, 20)}, "ab" * 16))
     assert s.node_of == {0: 101, 1: 102} and s.engine.server.example_caps == {0: 10, 1: 20}
@@ -284,3 +294,26 @@ def test_client_ids_are_bound_to_nodes_by_the_server(monkeypatch):
     assert "node 7 is client 0, not 2" in s.refused[7] and not s.node_of
     with pytest.raises(ValueError, match="client-nodes"):
         FlowerOptions(client_nodes="0-7")
+
+
+def test_a_superlink_error_reply_drops_its_addressee_at_once(bare_server):
+    """For a node that cannot answer (its SuperNode was killed: its heartbeats stopped) the SuperLink
+    answers itself, with an error and its own node id as the sender. That answer closes the node's
+    part of the round, with its reason; a reply from a node the message was not sent to is ignored."""
+    from types import SimpleNamespace
+
+    from meerkat_hf.federated.engine import ClientOutcome
+    from meerkat_hf.federated.flower.server_app import _Sent
+
+    class Grid:
+        def send_and_receive(self, msgs, timeout=None):
+            msgs[0].metadata.message_id = "m7"
+            return [_FakeReply(9, "m7", M.uplink_content([b"not yours"])),
+                    _FakeReply(1, "m7", error="Error: Node Unavailable")]
+
+    s = bare_server(FlowerOptions(round_timeout=300))
+    sent = [_Sent(2, 7, "records", 10, SimpleNamespace(metadata=SimpleNamespace(dst_node_id=7)))]
+    replies, _, _ = s._exchange(Grid(), sent)
+    outcomes = {2: ClientOutcome(2)}
+    s._take_replies(0, sent, replies, outcomes, {}, [], allow_fallback=True)
+    assert outcomes[2].dropped == "SuperLink error: Error: Node Unavailable"

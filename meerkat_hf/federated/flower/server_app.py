@@ -116,8 +116,8 @@ class MeerkatFlowerServer(Transport):
         nbytes = sum(M.message_nbytes(m) for m in msgs)
         replies = list(grid.send_and_receive(msgs, timeout=self.options.round_timeout))
         nbytes += sum(M.message_nbytes(r) for r in replies)
-        for rep in sorted(replies, key=lambda m: m.metadata.src_node_id):
-            node = rep.metadata.src_node_id
+        answers = _replies_by_node(msgs, replies)
+        for node, rep in sorted(answers.items()):
             if rep.has_error():  # e.g. the node could not load its data yet: ask again next round
                 logger.warning("node %d could not say hello (will ask again next round): %s", node, rep.error.reason)
                 continue
@@ -148,7 +148,7 @@ class MeerkatFlowerServer(Transport):
                         logger.info("node %d is Meerkat client %d (%d examples)", node, cid, n_examples)
                         continue
             logger.warning("node %d takes no part: %s", node, self.refused[node])
-        for node in set(new) - {r.metadata.src_node_id for r in replies}:
+        for node in set(new) - set(answers):
             logger.warning("node %d did not answer the hello; will ask again next round", node)
         self.engine.counters["hello_messages"] += nbytes
         return nbytes
@@ -163,11 +163,8 @@ class MeerkatFlowerServer(Transport):
     def _exchange(self, grid: Grid, sent: list[_Sent]) -> tuple[dict[int, Message], int, int]:
         down = sum(M.message_nbytes(s.message) for s in sent)
         replies = list(grid.send_and_receive([s.message for s in sent], timeout=self.options.round_timeout)) if sent else []
-        by_node = {}
-        for rep in replies:
-            by_node.setdefault(rep.metadata.src_node_id, rep)
         up = sum(M.message_nbytes(r) for r in replies)
-        return by_node, down, up
+        return _replies_by_node([s.message for s in sent], replies), down, up
 
     def exchange(self, engine: RoundEngine, plan: RoundPlan) -> Delivery:
         """Hello to new nodes, each participant's downlink in a ``train`` message, the replies
@@ -230,8 +227,9 @@ class MeerkatFlowerServer(Transport):
             rep = replies.get(s.node_id)
             if rep is None:
                 o.dropped = "no reply" + (f" within {self.options.round_timeout:g} s" if self.options.round_timeout else "")
-            elif rep.has_error():
-                o.dropped = f"ClientApp error: {rep.error.reason}"
+            elif rep.has_error():  # raised by the ClientApp, or the SuperLink's answer for an unreachable node
+                who = "ClientApp" if rep.metadata.src_node_id == s.node_id else "SuperLink"
+                o.dropped = f"{who} error: {rep.error.reason}"
             else:
                 reply = M.read_reply(rep.content)
                 if reply.status == M.STATUS_NEED_DENSE and allow_fallback:
@@ -289,6 +287,22 @@ class MeerkatFlowerServer(Transport):
             **result_fields(result), clients=dict(self.node_of),
             total_message_bytes={"uplink": counters["uplink_messages"], "downlink": counters["downlink_messages"],
                                  "hello": counters["hello_messages"]})
+
+
+def _replies_by_node(sent: list[Message], replies: list[Message]) -> dict[int, Message]:
+    """Each node's reply to the messages `sent` (the first one; at most one per node is sent).
+
+    Matched by the message replied to, not by the sender: for a node that cannot answer (its
+    heartbeats stopped, the message expired) the SuperLink replies itself, with an error and
+    its own node id as the sender. A reply from anyone else than the addressee is ignored."""
+    addressee = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+    out: dict[int, Message] = {}
+    for rep in replies:
+        node = addressee.get(rep.metadata.reply_to_message_id)
+        if node is None or (rep.metadata.src_node_id != node and not rep.has_error()):
+            continue
+        out.setdefault(node, rep)
+    return out
 
 
 def build_server_app(config: FederationConfig | None = None, *, options: FlowerOptions | None = None,
