@@ -139,6 +139,17 @@ def test_messages_round_trip_and_malformed_replies(monkeypatch):
     assert M.read_reply(M.uplink_content([b"a", b"b"])).uplinks == [b"a", b"b"]
     assert M.read_reply(M.need_dense_content("cache-mismatch")).status == M.STATUS_NEED_DENSE
 
+    # the client's data pointer: reported in a reply, sent back with a downlink; a malformed one is ignored
+    from meerkat_hf.federated.protocol.client import ClientState
+
+    state = ClientState(epoch=2, position=5, steps_done=9, examples_seen=36, rounds_done=3, nan_steps=1, synced_round=3)
+    carried = M.read_reply(M.uplink_content([b"up"], client_state=state)).client_state
+    assert carried == {k: v for k, v in state.to_dict().items() if k != "synced_round"}
+    assert M.read_client_state(M.downlink_content(data, 9, carried)[M.META]) == carried
+    assert M.read_client_state(M.downlink_content(data, 9)[M.META]) is None
+    for bad in ([1, 2], [-1, 0, 0, 0, 0, 0], ["1", 0, 0, 0, 0, 0], "[0, 0, 0, 0, 0, 0]"):
+        assert M.read_client_state({"client-state": bad}) is None
+
     from flwr.app import ConfigRecord, RecordDict
 
     for content in (RecordDict(), RecordDict({M.META: ConfigRecord({"status": "bogus"})}),
@@ -256,11 +267,11 @@ def bare_server(monkeypatch):
 
     def server(options: FlowerOptions):
         s = object.__new__(server_app.MeerkatFlowerServer)
-        s.config = SimpleNamespace(num_clients=3, validation=SimpleNamespace(max_examples=2**31 - 1))
+        s.config = SimpleNamespace(num_clients=3, validation=SimpleNamespace(max_examples=2**31 - 1), uses_lora=False)
         s.options, s.client_mask_path = options, "mask"
         s.engine = SimpleNamespace(mask=SimpleNamespace(checksum="ab" * 16), counters={"hello_messages": 0},
-                                   server=SimpleNamespace(example_caps={}))
-        s.node_of, s.client_of, s.refused = {}, {}, {}
+                                   server=SimpleNamespace(example_caps={}, synced={0: 0, 1: 0, 2: 0}))
+        s.node_of, s.client_of, s.refused, s.client_states = {}, {}, {}, {}
         s.bound = dict(options.client_nodes or {})
         return s
 
@@ -279,8 +290,10 @@ def test_client_ids_are_bound_to_nodes_by_the_server(bare_server):
     assert s.node_of == {1: 102}
     s.discover(_FakeGrid({102: (1, 20), 666: (0, 10**6)}, "ab" * 16))  # an impostor claims the free slot
     assert 0 not in s.node_of and "bound to node 101" in s.refused[666]
+    s.engine.server.synced[0] = 5  # what client 0 held when its node left
     s.discover(_FakeGrid({102: (1, 20), 666: (0, 10**6), 101: (0, 10**6)}, "ab" * 16))  # 101 comes back
     assert s.node_of == {0: 101, 1: 102} and s.engine.server.example_caps[0] == 10  # the first declaration holds
+    assert s.engine.server.synced[0] == 0  # a node that says hello again is taken to hold a fresh Context
     assert s.checkpoint_state()["flower_nodes"] == {0: 101, 1: 102}
 
     opts = options_from_run_config({"flower.client-nodes": "0:7, 1:8"})
@@ -292,6 +305,10 @@ def test_client_ids_are_bound_to_nodes_by_the_server(bare_server):
     s = server(opts)
     s.discover(_FakeGrid({7: (2, 5)}, "ab" * 16))  # node 7 is client 0 by the map, whatever it claims
     assert "node 7 is client 0, not 2" in s.refused[7] and not s.node_of
+    # resuming: the checkpoint's bindings and client data pointers come back; the operator's map wins
+    s = server(options_from_run_config({"flower.client-nodes": "1:9"}))
+    s.restore({"flower_nodes": {0: 7, 1: 8}, "flower_client_states": {0: {"epoch": 1, "position": 4}}})
+    assert s.bound == {0: 7, 1: 9} and s.client_states == {0: {"epoch": 1, "position": 4}}
     with pytest.raises(ValueError, match="client-nodes"):
         FlowerOptions(client_nodes="0-7")
 

@@ -83,6 +83,9 @@ class MeerkatFlowerServer(Transport):
         # Meerkat client id -> the Flower node it is bound to for the whole run (kept when the node disconnects,
         # so another node cannot take its place; `options.client_nodes` sets it in advance)
         self.bound: dict[int, int] = dict(self.options.client_nodes or {})
+        # Meerkat client id -> its data pointer as it last reported it (`messages.CLIENT_STATE_FIELDS`):
+        # sent back with every downlink, for a client whose Flower Context is new (resumed run, restarted node)
+        self.client_states: dict[int, dict[str, int]] = {}
         self.grid: Grid | None = None
 
     # -- nodes ------------------------------------------------------------------------------
@@ -143,6 +146,9 @@ class MeerkatFlowerServer(Transport):
                     else:
                         self.node_of[cid], self.client_of[node] = node, cid
                         self.bound[cid] = node
+                        # A node saying hello is new to this run or was gone: it most likely holds a fresh
+                        # Context, i.e. the base model (round 0), so records from round 0 need no dense retry.
+                        self.engine.server.synced[cid] = None if self.config.uses_lora else 0
                         # its FedAvg weight can never exceed what it declared when it first enrolled
                         self.engine.server.example_caps.setdefault(cid, n_examples)
                         logger.info("node %d is Meerkat client %d (%d examples)", node, cid, n_examples)
@@ -156,8 +162,8 @@ class MeerkatFlowerServer(Transport):
     # -- one round --------------------------------------------------------------------------------
     def _message(self, cid: int, data: bytes, round_id: int, kind: str) -> _Sent:
         node = self.node_of[cid]
-        msg = Message(M.downlink_content(data, round_id), dst_node_id=node, message_type=MessageType.TRAIN,
-                      group_id=str(round_id))
+        msg = Message(M.downlink_content(data, round_id, self.client_states.get(cid)), dst_node_id=node,
+                      message_type=MessageType.TRAIN, group_id=str(round_id))
         return _Sent(cid, node, kind, len(data), msg)
 
     def _exchange(self, grid: Grid, sent: list[_Sent]) -> tuple[dict[int, Message], int, int]:
@@ -239,6 +245,8 @@ class MeerkatFlowerServer(Transport):
                     o.dropped = f"cannot apply the dense downlink either: {reply.reason} {reply.detail}"
                 elif reply.status == M.STATUS_OK:
                     uplinks[s.client_id] = reply.uplinks
+                    if reply.client_state is not None:  # it trained: its pointer moved, whatever the server decides
+                        self.client_states[s.client_id] = reply.client_state
                     o.trained, o.mean_loss, o.final_digest = True, reply.mean_loss, reply.final_digest
                 else:
                     rej = Rejection(r, s.client_id, reply.reason or "malformed-reply",
@@ -264,11 +272,17 @@ class MeerkatFlowerServer(Transport):
     def run_info(self) -> dict:
         return {"runtime": "flower", "client_mask_path": self.client_mask_path}
 
-    def checkpoint_state(self) -> dict:  # client state lives on the SuperNodes
-        return {"clients": [], "global_states": {}, "flower_nodes": dict(self.bound)}
+    def checkpoint_state(self) -> dict:  # client state lives on the SuperNodes; the server keeps a copy of the pointers
+        return {"clients": [], "global_states": {}, "flower_nodes": dict(self.bound),
+                "flower_client_states": {c: dict(s) for c, s in self.client_states.items()}}
 
-    def restore(self, checkpoint: dict) -> None:  # a resumed run keeps every client bound to its node
-        self.bound.update({int(c): int(n) for c, n in checkpoint.get("flower_nodes", {}).items()})
+    def restore(self, checkpoint: dict) -> None:
+        """A resumed run keeps every client bound to its node (an operator's `client_nodes` map
+        still decides) and hands each client its checkpointed data pointer."""
+        self.bound = {**{int(c): int(n) for c, n in checkpoint.get("flower_nodes", {}).items()},
+                      **(self.options.client_nodes or {})}
+        self.client_states = {int(c): {k: int(v) for k, v in s.items()}
+                              for c, s in checkpoint.get("flower_client_states", {}).items()}
 
     def report(self, row: dict) -> None:
         logger.info("round %d: accepted %s, rejected %s, dropped %s, %d uplink / %d downlink bytes "
