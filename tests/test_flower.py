@@ -139,6 +139,17 @@ def test_messages_round_trip_and_malformed_replies(monkeypatch):
     assert M.read_reply(M.uplink_content([b"a", b"b"])).uplinks == [b"a", b"b"]
     assert M.read_reply(M.need_dense_content("cache-mismatch")).status == M.STATUS_NEED_DENSE
 
+    # the client's data pointer: reported in a reply, sent back with a downlink; a malformed one is ignored
+    from meerkat_hf.federated.protocol.client import ClientState
+
+    state = ClientState(epoch=2, position=5, steps_done=9, examples_seen=36, rounds_done=3, nan_steps=1, synced_round=3)
+    carried = M.read_reply(M.uplink_content([b"up"], client_state=state)).client_state
+    assert carried == {k: v for k, v in state.to_dict().items() if k != "synced_round"}
+    assert M.read_client_state(M.downlink_content(data, 9, carried)[M.META]) == carried
+    assert M.read_client_state(M.downlink_content(data, 9)[M.META]) is None
+    for bad in ([1, 2], [-1, 0, 0, 0, 0, 0], ["1", 0, 0, 0, 0, 0], "[0, 0, 0, 0, 0, 0]"):
+        assert M.read_client_state({"client-state": bad}) is None
+
     from flwr.app import ConfigRecord, RecordDict
 
     for content in (RecordDict(), RecordDict({M.META: ConfigRecord({"status": "bogus"})}),
@@ -216,12 +227,13 @@ def test_flower_and_driver_write_the_same_final_folder(fed_files):
 
 
 class _FakeReply:
-    def __init__(self, node: int, content):
-        self.metadata = type("Meta", (), {"src_node_id": node})()
+    def __init__(self, node: int, reply_to: str, content=None, error: str | None = None):
+        self.metadata = type("Meta", (), {"src_node_id": node, "reply_to_message_id": reply_to})()
         self.content = content
+        self.error = type("Error", (), {"reason": error})()
 
     def has_error(self) -> bool:
-        return False
+        return self.error.reason is not None
 
 
 class _FakeGrid:
@@ -234,17 +246,18 @@ class _FakeGrid:
         return list(self.claims)
 
     def send_and_receive(self, msgs, timeout=None):
-        return [_FakeReply(m.metadata.dst_node_id, M.hello_content(*self.claims[m.metadata.dst_node_id], self.checksum))
-                for m in msgs]
+        replies = []
+        for i, m in enumerate(msgs):  # like Flower's grids, give each message its id as it is pushed
+            m.metadata.message_id = f"hello-{i}"
+            node = m.metadata.dst_node_id
+            replies.append(_FakeReply(node, m.metadata.message_id, M.hello_content(*self.claims[node], self.checksum)))
+        return replies
 
 
-def test_client_ids_are_bound_to_nodes_by_the_server(monkeypatch):
-    """A node is bound to its client id for the whole run (not first-hello-per-connection), a second
-    node claiming it is refused even once the first has gone, an operator's client-nodes map decides
-    up front, and a client's FedAvg weight is capped by what it declared when it enrolled."""
+@pytest.fixture
+def bare_server(monkeypatch):
+    """`MeerkatFlowerServer`s without a model or a Flower app: enough for node bookkeeping and replies."""
     from types import SimpleNamespace
-
-    from meerkat_hf.federated.flower.server_app import MeerkatFlowerServer
 
     from meerkat_hf.federated.flower import server_app
 
@@ -253,15 +266,23 @@ def test_client_ids_are_bound_to_nodes_by_the_server(monkeypatch):
         metadata=SimpleNamespace(dst_node_id=dst_node_id)))  # a real one needs a running Flower app
 
     def server(options: FlowerOptions):
-        s = object.__new__(MeerkatFlowerServer)
-        s.config = SimpleNamespace(num_clients=3, validation=SimpleNamespace(max_examples=2**31 - 1))
+        s = object.__new__(server_app.MeerkatFlowerServer)
+        s.config = SimpleNamespace(num_clients=3, validation=SimpleNamespace(max_examples=2**31 - 1), uses_lora=False)
         s.options, s.client_mask_path = options, "mask"
         s.engine = SimpleNamespace(mask=SimpleNamespace(checksum="ab" * 16), counters={"hello_messages": 0},
-                                   server=SimpleNamespace(example_caps={}))
-        s.node_of, s.client_of, s.refused = {}, {}, {}
+                                   server=SimpleNamespace(example_caps={}, synced={0: 0, 1: 0, 2: 0}))
+        s.node_of, s.client_of, s.refused, s.client_states = {}, {}, {}, {}
         s.bound = dict(options.client_nodes or {})
         return s
 
+    return server
+
+
+def test_client_ids_are_bound_to_nodes_by_the_server(bare_server):
+    """A node is bound to its client id for the whole run (not first-hello-per-connection), a second
+    node claiming it is refused even once the first has gone, an operator's client-nodes map decides
+    up front, and a client's FedAvg weight is capped by what it declared when it enrolled."""
+    server = bare_server
     s = server(FlowerOptions())
     s.discover(_FakeGrid({101: (0, 10), 102: (1, 20)}, "ab" * 16))
     assert s.node_of == {0: 101, 1: 102} and s.engine.server.example_caps == {0: 10, 1: 20}
@@ -269,8 +290,10 @@ def test_client_ids_are_bound_to_nodes_by_the_server(monkeypatch):
     assert s.node_of == {1: 102}
     s.discover(_FakeGrid({102: (1, 20), 666: (0, 10**6)}, "ab" * 16))  # an impostor claims the free slot
     assert 0 not in s.node_of and "bound to node 101" in s.refused[666]
+    s.engine.server.synced[0] = 5  # what client 0 held when its node left
     s.discover(_FakeGrid({102: (1, 20), 666: (0, 10**6), 101: (0, 10**6)}, "ab" * 16))  # 101 comes back
     assert s.node_of == {0: 101, 1: 102} and s.engine.server.example_caps[0] == 10  # the first declaration holds
+    assert s.engine.server.synced[0] == 0  # a node that says hello again is taken to hold a fresh Context
     assert s.checkpoint_state()["flower_nodes"] == {0: 101, 1: 102}
 
     opts = options_from_run_config({"flower.client-nodes": "0:7, 1:8"})
@@ -282,5 +305,32 @@ def test_client_ids_are_bound_to_nodes_by_the_server(monkeypatch):
     s = server(opts)
     s.discover(_FakeGrid({7: (2, 5)}, "ab" * 16))  # node 7 is client 0 by the map, whatever it claims
     assert "node 7 is client 0, not 2" in s.refused[7] and not s.node_of
+    # resuming: the checkpoint's bindings and client data pointers come back; the operator's map wins
+    s = server(options_from_run_config({"flower.client-nodes": "1:9"}))
+    s.restore({"flower_nodes": {0: 7, 1: 8}, "flower_client_states": {0: {"epoch": 1, "position": 4}}})
+    assert s.bound == {0: 7, 1: 9} and s.client_states == {0: {"epoch": 1, "position": 4}}
     with pytest.raises(ValueError, match="client-nodes"):
         FlowerOptions(client_nodes="0-7")
+
+
+def test_a_superlink_error_reply_drops_its_addressee_at_once(bare_server):
+    """For a node that cannot answer (its SuperNode was killed: its heartbeats stopped) the SuperLink
+    answers itself, with an error and its own node id as the sender. That answer closes the node's
+    part of the round, with its reason; a reply from a node the message was not sent to is ignored."""
+    from types import SimpleNamespace
+
+    from meerkat_hf.federated.engine import ClientOutcome
+    from meerkat_hf.federated.flower.server_app import _Sent
+
+    class Grid:
+        def send_and_receive(self, msgs, timeout=None):
+            msgs[0].metadata.message_id = "m7"
+            return [_FakeReply(9, "m7", M.uplink_content([b"not yours"])),
+                    _FakeReply(1, "m7", error="Error: Node Unavailable")]
+
+    s = bare_server(FlowerOptions(round_timeout=300))
+    sent = [_Sent(2, 7, "records", 10, SimpleNamespace(metadata=SimpleNamespace(dst_node_id=7)))]
+    replies, _, _ = s._exchange(Grid(), sent)
+    outcomes = {2: ClientOutcome(2)}
+    s._take_replies(0, sent, replies, outcomes, {}, [], allow_fallback=True)
+    assert outcomes[2].dropped == "SuperLink error: Error: Node Unavailable"

@@ -11,7 +11,9 @@ round's global state from the records or the dense vector), `train_zo` (or the f
 baseline), uplink bytes out. What a client carries between rounds lives in the Flower
 `Context.state` of its node: the `ClientState` (data pointer, synced round) as a
 `ConfigRecord` and the global state it last held (the k-vector records downlinks build on) as
-an `ArrayRecord`. Both are committed only once the uplink exists, as in the driver.
+an `ArrayRecord`. Both are committed only once the uplink exists, as in the driver. A
+`Context` lasts one run on one SuperNode: a client without one (a run resumed from a
+checkpoint, a restarted SuperNode) takes its data pointer from the copy the server sends.
 
 The model, mask and data are loaded once per process and reused across rounds (and across the
 simulated nodes an actor serves: each call writes its own start state into the masked
@@ -158,12 +160,21 @@ def _initial_synced(config: FederationConfig) -> int | None:
     return None if config.uses_lora else 0  # LoRA: the adapter's start is not in the base model
 
 
-def load_client_state(context: Context, rt: LoadedClient) -> tuple[ClientState, torch.Tensor | None]:
-    """The client's `ClientState` and the global state it holds (that of `synced_round`)."""
+def load_client_state(context: Context, rt: LoadedClient,
+                      carried: dict[str, int] | None = None) -> tuple[ClientState, torch.Tensor | None]:
+    """The client's `ClientState` and the global state it holds (that of `synced_round`).
+
+    `carried`: the data pointer the server last heard from this client (see `messages`), used
+    only when this node's `Context` holds no state of its own (a new run, e.g. resumed after a
+    SuperLink restart, or a restarted SuperNode): the client then goes on where it was, as a
+    resumed in-process run does, instead of starting its data over."""
     rec = context.state.config_records.get(STATE_CLIENT)
-    if rec is None:  # first round of this node: it holds the base model, i.e. the round-0 state
+    if rec is None:  # first round of this node in this run: it holds the base model, i.e. the round-0 state
         synced = _initial_synced(rt.config)
-        return ClientState(synced_round=synced), (rt.initial if synced == 0 else None)
+        if carried:
+            logger.info("client %d: no state in this run's Context; continuing from the data pointer the "
+                        "server last heard of (%s)", rt.client.client_id, carried)
+        return ClientState(**(carried or {}), synced_round=synced), (rt.initial if synced == 0 else None)
     fields = {f.name for f in dataclasses.fields(ClientState)}
     values = {k: int(v) for k, v in rec.items() if k in fields}
     if values.get("synced_round") == _NONE_ROUND:
@@ -218,7 +229,8 @@ def build_client_app(config: FederationConfig | None = None, *, app_dir: str | o
     def train(message: Message, context: Context) -> Message:
         cfg, rt = setup(message, context)
         client = rt.client
-        client.state, cache = load_client_state(context, rt)
+        carried = M.read_client_state(message.content.config_records.get(M.META))
+        client.state, cache = load_client_state(context, rt, carried)
         data, _ = M.read_downlink(message.content)
         try:
             values, round_id, budget = client.receive(data, mask_checksum=rt.mask.checksum,
@@ -235,7 +247,8 @@ def build_client_app(config: FederationConfig | None = None, *, app_dir: str | o
         if hooks is not None and getattr(hooks, "tamper_uplink", None) is not None:
             uplinks = list(hooks.tamper_uplink(round_id, client.client_id, res.uplink))
         store_client_state(context, res.new_state, values)  # transactional: only once the uplink exists
-        content = M.uplink_content(uplinks, mean_loss=res.mean_loss, final_digest=res.final_digest)
+        content = M.uplink_content(uplinks, mean_loss=res.mean_loss, final_digest=res.final_digest,
+                                   client_state=res.new_state)
         return Message(content, reply_to=message)
 
     return app

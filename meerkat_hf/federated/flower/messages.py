@@ -5,7 +5,12 @@ them into Flower records and takes them out again. Every Flower record is a sepa
 on the wire with its own ~140-byte header and reference, so each message uses one
 `ConfigRecord` (``"meerkat"``) where it can:
 
-* downlink (server -> client, message type ``train``): ``{"round", "downlink": <codec bytes>}``.
+* downlink (server -> client, message type ``train``): ``{"round", "downlink": <codec bytes>}``,
+  plus ``"client-state"`` once the server has heard from the client: its data pointer as the
+  client last reported it (see `CLIENT_STATE_FIELDS`). A Flower `Context` lives as long as one
+  run on one SuperNode, so a resumed run (after a SuperLink restart) or a restarted SuperNode
+  starts with an empty one; such a client continues from this copy, exactly as a resumed
+  in-process run continues from the client states in its checkpoint.
   A downlink larger than `INLINE_LIMIT` (a dense k-vector of a large mask) instead travels as
   a uint8 `Array` in the `ArrayRecord` ``"meerkat.downlink"``, which Flower splits into 5 MiB
   chunks, so it never meets a gRPC message-size limit.
@@ -13,7 +18,8 @@ on the wire with its own ~140-byte header and reference, so each message uses on
   bytes; the first-order baseline's dense delta, when larger than `INLINE_LIMIT`, rides in the
   `ArrayRecord` ``"meerkat.uplink"`` instead) plus two diagnostics the protocol does not need: ``"loss"`` (mean local train loss)
   and ``"digest"`` (8-byte digest of the client's own final state, compared with the server's
-  replay). ``{"status": "need-dense", "reason"}`` when the client could not rebuild the
+  replay), and ``"client-state"``, the client's new data pointer (the server keeps it for the
+  downlinks above and its checkpoints). ``{"status": "need-dense", "reason"}`` when the client could not rebuild the
   round's state from a records downlink (the server then sends the dense state).
 * hello (message type ``query``): the client's Meerkat id, example count and mask checksum, so
   the server can map Flower node ids to the client ids that step seeds are derived from.
@@ -25,10 +31,13 @@ the payloads Flower pushes/pulls, without the gRPC/HTTP framing around them.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+from ..protocol.client import ClientState
 
 META = "meerkat"
 DOWNLINK = "meerkat.downlink"
@@ -52,15 +61,38 @@ def records_nbytes(content: RecordDict) -> int:
     return sum(record.count_bytes() for record in content.values())
 
 
+# -- the client's data pointer ------------------------------------------------------------------
+# `ClientState` without `synced_round` (which global state a client holds is its own business: it
+# follows from its cache). Travels as a list of ints in this order.
+CLIENT_STATE_FIELDS = tuple(f.name for f in dataclasses.fields(ClientState) if f.name != "synced_round")
+
+
+def client_state_values(state: ClientState | dict) -> list[int]:
+    d = state.to_dict() if isinstance(state, ClientState) else state
+    return [int(d[name]) for name in CLIENT_STATE_FIELDS]
+
+
+def read_client_state(meta) -> dict[str, int] | None:
+    """The ``"client-state"`` of a downlink or reply, or None if absent or malformed (never trusted blindly)."""
+    values = meta.get("client-state") if meta is not None else None
+    if (not isinstance(values, list) or len(values) != len(CLIENT_STATE_FIELDS)
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)):
+        return None
+    return dict(zip(CLIENT_STATE_FIELDS, values))
+
+
 # -- downlink ----------------------------------------------------------------------------------
 INLINE_LIMIT = 1 << 20  # bytes; larger downlinks go into a chunked ArrayRecord
 
 
-def downlink_content(data: bytes, round_id: int) -> RecordDict:
+def downlink_content(data: bytes, round_id: int, client_state: dict[str, int] | None = None) -> RecordDict:
+    meta: dict = {"round": int(round_id)}
+    if client_state is not None:
+        meta["client-state"] = client_state_values(client_state)
     if len(data) <= INLINE_LIMIT:
-        return RecordDict({META: ConfigRecord({"round": int(round_id), "downlink": bytes(data)})})
+        return RecordDict({META: ConfigRecord({**meta, "downlink": bytes(data)})})
     return RecordDict({
-        META: ConfigRecord({"round": int(round_id)}),
+        META: ConfigRecord(meta),
         DOWNLINK: ArrayRecord({"bytes": Array(np.frombuffer(data, dtype=np.uint8))}),
     })
 
@@ -78,7 +110,8 @@ def read_downlink(content: RecordDict) -> tuple[bytes, int]:
 
 
 # -- uplink (the train reply) ------------------------------------------------------------------
-def uplink_content(uplinks: list[bytes], *, mean_loss: float | None = None, final_digest: bytes = b"") -> RecordDict:
+def uplink_content(uplinks: list[bytes], *, mean_loss: float | None = None, final_digest: bytes = b"",
+                   client_state: ClientState | None = None) -> RecordDict:
     """A train reply. Normally one uplink (``"uplink"``); fault-injection hooks may turn it into
     none or several (``"uplinks"``), which the server then validates one by one."""
     meta: dict = {"status": STATUS_OK}
@@ -93,6 +126,8 @@ def uplink_content(uplinks: list[bytes], *, mean_loss: float | None = None, fina
         meta["loss"] = float(mean_loss)
     if final_digest:
         meta["digest"] = bytes(final_digest)
+    if client_state is not None:
+        meta["client-state"] = client_state_values(client_state)
     content = RecordDict({META: ConfigRecord(meta)})
     if arrays is not None:
         content[UPLINK] = arrays
@@ -113,6 +148,7 @@ class Reply:
     detail: str = ""
     mean_loss: float = float("nan")
     final_digest: bytes = b""
+    client_state: dict[str, int] | None = None  # the client's new data pointer (None: not reported)
 
 
 def read_reply(content: RecordDict) -> Reply:
@@ -138,7 +174,7 @@ def read_reply(content: RecordDict) -> Reply:
     loss = meta.get("loss", float("nan"))
     digest = meta.get("digest", b"")
     return Reply(status, uplinks=uplinks, mean_loss=float(loss) if isinstance(loss, (int, float)) else float("nan"),
-                 final_digest=digest if isinstance(digest, bytes) else b"")
+                 final_digest=digest if isinstance(digest, bytes) else b"", client_state=read_client_state(meta))
 
 
 # -- hello (query) -----------------------------------------------------------------------------

@@ -83,6 +83,9 @@ class MeerkatFlowerServer(Transport):
         # Meerkat client id -> the Flower node it is bound to for the whole run (kept when the node disconnects,
         # so another node cannot take its place; `options.client_nodes` sets it in advance)
         self.bound: dict[int, int] = dict(self.options.client_nodes or {})
+        # Meerkat client id -> its data pointer as it last reported it (`messages.CLIENT_STATE_FIELDS`):
+        # sent back with every downlink, for a client whose Flower Context is new (resumed run, restarted node)
+        self.client_states: dict[int, dict[str, int]] = {}
         self.grid: Grid | None = None
 
     # -- nodes ------------------------------------------------------------------------------
@@ -116,8 +119,8 @@ class MeerkatFlowerServer(Transport):
         nbytes = sum(M.message_nbytes(m) for m in msgs)
         replies = list(grid.send_and_receive(msgs, timeout=self.options.round_timeout))
         nbytes += sum(M.message_nbytes(r) for r in replies)
-        for rep in sorted(replies, key=lambda m: m.metadata.src_node_id):
-            node = rep.metadata.src_node_id
+        answers = _replies_by_node(msgs, replies)
+        for node, rep in sorted(answers.items()):
             if rep.has_error():  # e.g. the node could not load its data yet: ask again next round
                 logger.warning("node %d could not say hello (will ask again next round): %s", node, rep.error.reason)
                 continue
@@ -143,12 +146,15 @@ class MeerkatFlowerServer(Transport):
                     else:
                         self.node_of[cid], self.client_of[node] = node, cid
                         self.bound[cid] = node
+                        # A node saying hello is new to this run or was gone: it most likely holds a fresh
+                        # Context, i.e. the base model (round 0), so records from round 0 need no dense retry.
+                        self.engine.server.synced[cid] = None if self.config.uses_lora else 0
                         # its FedAvg weight can never exceed what it declared when it first enrolled
                         self.engine.server.example_caps.setdefault(cid, n_examples)
                         logger.info("node %d is Meerkat client %d (%d examples)", node, cid, n_examples)
                         continue
             logger.warning("node %d takes no part: %s", node, self.refused[node])
-        for node in set(new) - {r.metadata.src_node_id for r in replies}:
+        for node in set(new) - set(answers):
             logger.warning("node %d did not answer the hello; will ask again next round", node)
         self.engine.counters["hello_messages"] += nbytes
         return nbytes
@@ -156,18 +162,15 @@ class MeerkatFlowerServer(Transport):
     # -- one round --------------------------------------------------------------------------------
     def _message(self, cid: int, data: bytes, round_id: int, kind: str) -> _Sent:
         node = self.node_of[cid]
-        msg = Message(M.downlink_content(data, round_id), dst_node_id=node, message_type=MessageType.TRAIN,
-                      group_id=str(round_id))
+        msg = Message(M.downlink_content(data, round_id, self.client_states.get(cid)), dst_node_id=node,
+                      message_type=MessageType.TRAIN, group_id=str(round_id))
         return _Sent(cid, node, kind, len(data), msg)
 
     def _exchange(self, grid: Grid, sent: list[_Sent]) -> tuple[dict[int, Message], int, int]:
         down = sum(M.message_nbytes(s.message) for s in sent)
         replies = list(grid.send_and_receive([s.message for s in sent], timeout=self.options.round_timeout)) if sent else []
-        by_node = {}
-        for rep in replies:
-            by_node.setdefault(rep.metadata.src_node_id, rep)
         up = sum(M.message_nbytes(r) for r in replies)
-        return by_node, down, up
+        return _replies_by_node([s.message for s in sent], replies), down, up
 
     def exchange(self, engine: RoundEngine, plan: RoundPlan) -> Delivery:
         """Hello to new nodes, each participant's downlink in a ``train`` message, the replies
@@ -230,8 +233,9 @@ class MeerkatFlowerServer(Transport):
             rep = replies.get(s.node_id)
             if rep is None:
                 o.dropped = "no reply" + (f" within {self.options.round_timeout:g} s" if self.options.round_timeout else "")
-            elif rep.has_error():
-                o.dropped = f"ClientApp error: {rep.error.reason}"
+            elif rep.has_error():  # raised by the ClientApp, or the SuperLink's answer for an unreachable node
+                who = "ClientApp" if rep.metadata.src_node_id == s.node_id else "SuperLink"
+                o.dropped = f"{who} error: {rep.error.reason}"
             else:
                 reply = M.read_reply(rep.content)
                 if reply.status == M.STATUS_NEED_DENSE and allow_fallback:
@@ -241,6 +245,8 @@ class MeerkatFlowerServer(Transport):
                     o.dropped = f"cannot apply the dense downlink either: {reply.reason} {reply.detail}"
                 elif reply.status == M.STATUS_OK:
                     uplinks[s.client_id] = reply.uplinks
+                    if reply.client_state is not None:  # it trained: its pointer moved, whatever the server decides
+                        self.client_states[s.client_id] = reply.client_state
                     o.trained, o.mean_loss, o.final_digest = True, reply.mean_loss, reply.final_digest
                 else:
                     rej = Rejection(r, s.client_id, reply.reason or "malformed-reply",
@@ -266,11 +272,17 @@ class MeerkatFlowerServer(Transport):
     def run_info(self) -> dict:
         return {"runtime": "flower", "client_mask_path": self.client_mask_path}
 
-    def checkpoint_state(self) -> dict:  # client state lives on the SuperNodes
-        return {"clients": [], "global_states": {}, "flower_nodes": dict(self.bound)}
+    def checkpoint_state(self) -> dict:  # client state lives on the SuperNodes; the server keeps a copy of the pointers
+        return {"clients": [], "global_states": {}, "flower_nodes": dict(self.bound),
+                "flower_client_states": {c: dict(s) for c, s in self.client_states.items()}}
 
-    def restore(self, checkpoint: dict) -> None:  # a resumed run keeps every client bound to its node
-        self.bound.update({int(c): int(n) for c, n in checkpoint.get("flower_nodes", {}).items()})
+    def restore(self, checkpoint: dict) -> None:
+        """A resumed run keeps every client bound to its node (an operator's `client_nodes` map
+        still decides) and hands each client its checkpointed data pointer."""
+        self.bound = {**{int(c): int(n) for c, n in checkpoint.get("flower_nodes", {}).items()},
+                      **(self.options.client_nodes or {})}
+        self.client_states = {int(c): {k: int(v) for k, v in s.items()}
+                              for c, s in checkpoint.get("flower_client_states", {}).items()}
 
     def report(self, row: dict) -> None:
         logger.info("round %d: accepted %s, rejected %s, dropped %s, %d uplink / %d downlink bytes "
@@ -289,6 +301,22 @@ class MeerkatFlowerServer(Transport):
             **result_fields(result), clients=dict(self.node_of),
             total_message_bytes={"uplink": counters["uplink_messages"], "downlink": counters["downlink_messages"],
                                  "hello": counters["hello_messages"]})
+
+
+def _replies_by_node(sent: list[Message], replies: list[Message]) -> dict[int, Message]:
+    """Each node's reply to the messages `sent` (the first one; at most one per node is sent).
+
+    Matched by the message replied to, not by the sender: for a node that cannot answer (its
+    heartbeats stopped, the message expired) the SuperLink replies itself, with an error and
+    its own node id as the sender. A reply from anyone else than the addressee is ignored."""
+    addressee = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+    out: dict[int, Message] = {}
+    for rep in replies:
+        node = addressee.get(rep.metadata.reply_to_message_id)
+        if node is None or (rep.metadata.src_node_id != node and not rep.has_error()):
+            continue
+        out.setdefault(node, rep)
+    return out
 
 
 def build_server_app(config: FederationConfig | None = None, *, options: FlowerOptions | None = None,
