@@ -20,9 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from meerkat_hf.federated.engine import FederationHooks, SimulatedCrash
+from meerkat_hf.federated import FederationConfig
+from meerkat_hf.federated.assets import protocol_params
+from meerkat_hf.federated.engine import FederationHooks, SimulatedCrash, sample_clients
 from meerkat_hf.federated.protocol.codec import decode_uplink, state_digest
-from meerkat_hf.federated.protocol.virtual_path import ProtocolParams, aggregate_zo_round
+from meerkat_hf.federated.protocol.virtual_path import aggregate_zo_round
 
 DROPOUT, LATE, NEVER, DUPLICATE, REPLAY = "dropout", "late", "never", "duplicate", "replay"
 FAULTS = (DROPOUT, LATE, NEVER, DUPLICATE, REPLAY)
@@ -144,18 +146,23 @@ def expected_row(faults: SeededFaults, rows: list[dict], r: int) -> dict:
     }
 
 
-def audit(faults: SeededFaults, rows: list[dict], params: ProtocolParams,
+def audit(faults: SeededFaults, rows: list[dict], config: FederationConfig,
           initial: torch.Tensor) -> tuple[dict, list[str]]:
-    """Check every row against the injected faults and recompute every round's state from the
-    genuine uplinks; returns (counts, problems). No problem means: every accepted uplink is its
-    client's genuine uplink of that round and is in that round's aggregate exactly once (the
-    recomputed digest matches), every dropout / straggler / duplicate / replay is recorded as such
-    and aggregated nowhere, and every uplink byte the server counted is an accepted or a refused one."""
+    """Check every row against the seeded sampling and the injected faults, and recompute every
+    round's state from `initial` and the genuine uplinks; returns (counts, problems). No problem
+    means: every accepted uplink is its client's genuine uplink of that round and is in that
+    round's aggregate exactly once (the recomputed digest matches), every dropout / straggler /
+    duplicate / replay is recorded as such and aggregated nowhere, and every uplink byte the server
+    counted is an accepted or a refused one."""
     problems: list[str] = []
     counts: Counter = Counter()
+    params = protocol_params(config, initial)
     values = initial.detach().to(torch.float32).clone()
     stragglers_so_far: set[int] = set()
     for r, row in enumerate(rows):
+        sampled = sample_clients(config.seed, r, config.num_clients, config.client_fraction)
+        if row["participants"] != sampled:
+            problems.append(f"round {r}: participants {row['participants']} != the seeded sample {sampled}")
         want = expected_row(faults, rows, r)
         got = {key: row[key] for key in ("accepted", "dropped", "missing", "late_uplinks")}
         got["rejected"] = sorted((x["client_id"], x["reason"]) for x in row["rejected"])

@@ -12,7 +12,6 @@ import torch
 from chaos_support import SeededFaults, audit, in_flight
 from federated_support import base_config, make_model_dir, make_task_files, toy_rows, write_csv
 from meerkat_hf.federated import FederationConfig
-from meerkat_hf.federated.assets import protocol_params
 from meerkat_hf.federated.checkpoint import (
     CheckpointError,
     list_checkpoints,
@@ -59,8 +58,7 @@ def test_every_uplink_accounted_for_and_a_crash_resumes_exactly(tmp_path, assets
     assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
     assert all(len(r["participants"]) == CLIENTS * FRACTION for r in rows)
 
-    counts, problems = audit(faults, rows, protocol_params(reference.config, reference.initial_values),
-                             reference.initial_values)
+    counts, problems = audit(faults, rows, reference.config, reference.initial_values)
     assert problems == []
     for key in ("dropped", "late", "late arrived", "never", "duplicated", "replayed", "rejected stale-round",
                 "rejected sender-mismatch", "rejected duplicate"):
