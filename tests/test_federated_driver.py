@@ -114,10 +114,10 @@ def test_faults_dropout_duplicates_bad_scalars_wrong_mask(tmp_path, assets, capl
     assert rows[3]["accepted"] == [0, 1, 2, 3] and all(not r["replay_mismatches"] for r in rows)
     assert all(r["state_digest"] != rows[0]["state_digest"] for r in rows[1:])
     # the dropped client kept its data pointer (transactional client state)
-    from meerkat_hf.federated.checkpoint import load_latest_checkpoint
+    from meerkat_hf.federated.checkpoint import load_latest_checkpoint, unpack_client_states
 
-    clients = load_latest_checkpoint(tmp_path / "run")["clients"]
-    assert clients[1]["rounds_done"] == 3 and clients[0]["rounds_done"] == 4
+    clients = unpack_client_states(load_latest_checkpoint(tmp_path / "run")["clients"])
+    assert clients[1].rounds_done == 3 and clients[0].rounds_done == 4
 
 
 @pytest.mark.parametrize("algorithm", ["meerkat-vp"])

@@ -122,9 +122,9 @@ def test_meerkat_vp_flags_single_label_clients_end_to_end(tmp_path):
     assert first["newly_limited"] == [2, 3] and result.limited_clients == [2, 3]
     assert second["budgets"] == {"0": 40, "1": 40, "2": 1, "3": 1}
     assert len(second["gradip_steps"]["2"]) == 1
-    from meerkat_hf.federated.checkpoint import load_latest_checkpoint
+    from meerkat_hf.federated.checkpoint import load_latest_checkpoint, unpack_client_states
 
-    clients = load_latest_checkpoint(tmp_path / "run")["clients"]
-    assert clients[2]["steps_done"] == 41 and clients[0]["steps_done"] == 80
-    assert clients[2]["examples_seen"] == 41 * cfg.batch_size  # the pointer advanced in the 1-step round
+    clients = unpack_client_states(load_latest_checkpoint(tmp_path / "run")["clients"])
+    assert clients[2].steps_done == 41 and clients[0].steps_done == 80
+    assert clients[2].examples_seen == 41 * cfg.batch_size  # the pointer advanced in the 1-step round
     assert (tmp_path / "run" / "plots" / "gradip.png").stat().st_size > 0

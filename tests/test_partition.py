@@ -86,6 +86,24 @@ def test_dirichlet_min_size_and_impossible_cases(labels):
         dirichlet_partition(labels, 4, 0.0, seed=0)
 
 
+def test_dirichlet_draws_are_unchanged(labels):
+    """Counting sizes before splitting the rows consumes the generator as before: same partitions."""
+    parts = dirichlet_partition(labels, 10, 0.3, 7)
+    assert [len(p) for p in parts] == [257, 257, 395, 24, 111, 29, 151, 304, 378, 94]
+    assert [p[0] for p in parts] == [1, 5, 2, 98, 16, 39, 27, 0, 11, 8]
+
+
+def test_dirichlet_at_1000_clients_never_hands_out_an_empty_client():
+    """6 rows per client: alpha 2 works (every row assigned, no client empty); at alpha 0.5 every draw
+    leaves some clients empty, and the error says how many and what to change."""
+    y = np.arange(6000) % 2
+    parts = dirichlet_partition(y, 1000, 2.0, seed=0)
+    _check(parts, len(y), 1000, cover_all=True)
+    assert [len(p) for p in parts[:8]] == [8, 7, 8, 6, 3, 12, 5, 9]
+    with pytest.raises(ValueError, match=r"in 1000 draws \(the last left \d+ short\): use a larger alpha or fewer"):
+        partition(y, 1000, "dirichlet", seed=0, alpha=0.5)
+
+
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 def test_shard_exactly_k_labels(labels, k):
     parts = shard_partition(labels, 9, k, seed=1)

@@ -2,12 +2,16 @@
 
 A checkpoint is written after a round is aggregated: the server (global w_S, round, what each
 client holds, recent round records), every client's data pointer, the VP scheduler, the
-global states simulated clients still hold, and the byte counters. Seeds are derived, so no
-RNG state is needed. Files are written to a temporary name and renamed, so a crash while
-saving leaves the previous checkpoint intact.
+global states simulated clients still hold, stragglers' uplinks still on their way, and the
+byte counters. Seeds are derived, so no RNG state is needed. Files are written to a temporary
+name and renamed, so a crash while saving leaves the previous checkpoint intact.
+
+Client data pointers are columns, one int64 tensor per `ClientState` field
+(`pack_client_states`), not a dict per client: at 1,000 clients a list of dicts was most of a
+checkpoint's cost, written every round (format 2, still read).
 
 Integrity: a file is ``MAGIC`` + the SHA-256 of the payload (32 raw bytes) + the payload, a
-`torch.save` of plain data only (tensors, dicts, lists, tuples, numbers, strings, None), read
+`torch.save` of plain data only (tensors, dicts, lists, tuples, numbers, strings, bytes, None), read
 back with ``torch.load(..., weights_only=True)``: a damaged file is detected by its hash and a
 crafted one cannot run code. `load_latest_checkpoint` falls back to the previous checkpoint
 (``keep_checkpoints`` are kept, 2 by default) with a warning when the newest is damaged.
@@ -15,6 +19,7 @@ crafted one cannot run code. `load_latest_checkpoint` falls back to the previous
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -24,10 +29,14 @@ from pathlib import Path
 
 import torch
 
+from .protocol.client import ClientState
+
 logger = logging.getLogger(__name__)
 
-FORMAT = 2
-MAGIC = b"MKCKPT02"  # then the 32-byte SHA-256 of the payload, then the payload
+FORMAT = 3  # 3: client states as columns (pack_client_states); 2 (a list of dicts) is still read
+READABLE_FORMATS = (2, 3)
+MAGIC = b"MKCKPT02"  # then the 32-byte SHA-256 of the payload, then the payload (the framing is unchanged)
+_CLIENT_FIELDS = tuple(f.name for f in dataclasses.fields(ClientState))
 
 
 class CheckpointError(ValueError):
@@ -89,10 +98,33 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001  (hash ok but unreadable: another torch, or crafted content)
         raise CheckpointError(f"{path} cannot be loaded safely: {type(err).__name__}: {err}") from err
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in READABLE_FORMATS:
         got = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"{path} has checkpoint format {got}, this build reads {FORMAT}")
+        raise CheckpointError(f"{path} has checkpoint format {got}, this build reads "
+                              f"{', '.join(map(str, READABLE_FORMATS))}")
     return state
+
+
+def pack_client_states(states: list[ClientState]) -> dict[str, torch.Tensor]:
+    """Client states as one int64 column per field (`synced_round` None as -1): a handful of
+    objects to pickle whatever the number of clients."""
+    columns = {name: [getattr(st, name) for st in states] for name in _CLIENT_FIELDS}
+    columns["synced_round"] = [-1 if v is None else v for v in columns["synced_round"]]
+    return {name: torch.tensor(values, dtype=torch.int64) for name, values in columns.items()}
+
+
+def unpack_client_states(packed: dict | list) -> list[ClientState]:
+    """The client states of a checkpoint: columns (format 3) or a list of dicts (format 2)."""
+    if isinstance(packed, list):
+        return [ClientState(**st) for st in packed]
+    missing = [name for name in _CLIENT_FIELDS if name not in packed]
+    if missing:
+        raise CheckpointError(f"checkpoint client states lack the columns {missing}")
+    columns = {name: packed[name].tolist() for name in _CLIENT_FIELDS}
+    if len({len(v) for v in columns.values()}) > 1:
+        raise CheckpointError("checkpoint client state columns differ in length")
+    columns["synced_round"] = [None if v < 0 else v for v in columns["synced_round"]]
+    return [ClientState(*row) for row in zip(*(columns[name] for name in _CLIENT_FIELDS))]
 
 
 def load_latest_checkpoint(output_dir: str | os.PathLike) -> dict | None:

@@ -7,9 +7,12 @@ metrics row, checkpoints and `final/` are the engine's. Everything random is der
 `config.seed`, so a resumed run reproduces the uninterrupted one bit for bit.
 
 Simulation details (documented, not protocol): simulated clients keep their cached global
-state by reference to the driver's table of past global states (`max_cached_states` of them);
+state by reference to the driver's table of past global states (`max_cached_states` of them,
+and none older than the server's records history, from which no records downlink can start);
 a client whose cache is gone, or who holds another round than the server believes, gets a
 records downlink it cannot apply and asks for the dense state (counted as an extra downlink).
+A straggler (`FederationHooks.delay_uplink`) trains and commits its state, but its messages are
+held back here and handed to the server in a later round (`Delivery.late`), on every rank.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import time
 import torch
 
 from .assets import client_privacy
-from .protocol.client import ClientState, FederatedClient
+from .checkpoint import pack_client_states, unpack_client_states
+from .protocol.client import FederatedClient
 from .protocol.codec import KIND_DENSE, MessageError
 from .federation_config import FederationConfig
 from .engine import (  # noqa: F401  (FederationResult, SimulatedCrash, sample_clients: re-exported)
@@ -59,14 +63,21 @@ class InProcessTransport(Transport):
             for cl in self.clients:
                 cl.state.synced_round = None
         self.global_states: dict[int, torch.Tensor] = {0: engine.server.values}
+        self.late: dict[int, list[tuple[int, bytes]]] = {}  # round they reach the server -> (sender, message)
         # the server assigned the partition: a client may not claim more examples (FedAvg weight) than it got
         engine.server.example_caps = {c: cl.num_examples for c, cl in enumerate(self.clients)}
         self.num_processes = engine.runtime.num_processes
 
     def restore(self, checkpoint: dict) -> None:
-        for c, st in enumerate(checkpoint["clients"]):
-            self.clients[c].state = ClientState(**st)
+        states = unpack_client_states(checkpoint["clients"])
+        if len(states) != len(self.clients):
+            raise ValueError(f"cannot resume: the checkpoint holds {len(states)} client states for "
+                             f"{len(self.clients)} clients")
+        for client, st in zip(self.clients, states):
+            client.state = st
         self.global_states = {int(r): v for r, v in checkpoint["global_states"].items()}
+        self.late = {int(r): [(int(c), bytes(m)) for c, m in msgs]
+                     for r, msgs in checkpoint.get("late_uplinks", {}).items()}
 
     def run_info(self) -> dict:
         return {"num_processes": self.num_processes}
@@ -85,7 +96,12 @@ class InProcessTransport(Transport):
             progress.close()
         outcomes = runtime.gather(local)
         outcomes = sorted(outcomes, key=lambda o: o.client_id)
-        return Delivery(outcomes, row={"client_ranks": {str(o.client_id): o.rank for o in outcomes}})
+        for o in outcomes:  # every rank holds the stragglers' messages back the same way
+            if o.delay:
+                self.late.setdefault(plan.round + o.delay, []).extend((o.client_id, m) for m in o.delayed)
+        row = {"client_ranks": {str(o.client_id): o.rank for o in outcomes},
+               "late_uplinks": {str(o.client_id): o.delay for o in outcomes if o.delay != 0}}
+        return Delivery(outcomes, late=self.late.pop(plan.round, []), row=row)
 
     def _run_client(self, engine: RoundEngine, plan: RoundPlan, cid: int, encoded: dict, memo: dict,
                     progress=None) -> ClientOutcome:
@@ -131,24 +147,40 @@ class InProcessTransport(Transport):
             logger.warning("round %d: client %d dropped out: %s: %s", r, cid, type(err).__name__, err)
             outcome.dropped = f"{type(err).__name__}: {err}"
             outcome.messages, outcome.new_state = [], None
+        if outcome.trained and self.hooks.delay_uplink is not None:
+            self._delay(outcome, self.hooks.delay_uplink(r, cid))
         outcome.seconds = time.perf_counter() - start
         return outcome
+
+    @staticmethod
+    def _delay(outcome: ClientOutcome, delay: int | None) -> None:
+        """Make a client a straggler: its messages leave the round (see `FederationHooks.delay_uplink`)."""
+        if delay is not None and (isinstance(delay, bool) or not isinstance(delay, int) or delay < 0):
+            raise ValueError(f"delay_uplink must return an integer >= 0 or None, got {delay!r}")
+        outcome.delay = delay
+        if delay != 0:
+            outcome.delayed, outcome.messages = outcome.messages, []
 
     def commit(self, engine: RoundEngine, delivery: Delivery, summary: RoundSummary) -> None:
         server = engine.server
         for o in delivery.outcomes:
             if o.new_state is not None:  # transactional: dropped clients keep their old pointer
                 self.clients[o.client_id].state = o.new_state
-        # Global states still held by simulated clients (their caches).
+        # Global states still held by simulated clients (their caches), none older than the server's
+        # records history: a records downlink starts within it (it only moves forward), so an older
+        # state is never replayed from again (dense mode keeps no history: only the current state).
         self.global_states[server.round] = server.values
+        first = server.history[0].round if server.history else server.round
         held = {cl.state.synced_round for cl in self.clients} | {server.round}
         for rr in sorted(self.global_states):  # oldest first
             over_budget = len(self.global_states) > engine.config.max_cached_states
-            if rr != server.round and (rr not in held or over_budget):
+            if rr != server.round and (rr not in held or rr < first or over_budget):
                 self.global_states.pop(rr)
 
     def checkpoint_state(self) -> dict:
-        return {"clients": [cl.state.to_dict() for cl in self.clients], "global_states": dict(self.global_states)}
+        return {"clients": pack_client_states([cl.state for cl in self.clients]),
+                "global_states": dict(self.global_states),
+                "late_uplinks": {r: list(msgs) for r, msgs in sorted(self.late.items())}}
 
 
 def run_federation(config: FederationConfig, *, model=None, tokenizer=None, runtime: LocalRuntime | None = None,

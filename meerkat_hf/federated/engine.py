@@ -81,13 +81,19 @@ class FederationHooks:
     * `tamper_uplink(round, client_id, data) -> list[bytes]`: replace the client's uplink by any
       number of messages (corrupted, duplicated, stale...).
     * `after_round(round, row)`: called after the checkpoint; raising stops the run.
+    * `delay_uplink(round, client_id) -> int | None`: a straggler. Its messages (after
+      `tamper_uplink`) reach the server that many rounds late (0: on time; None: never), after
+      its round was aggregated: the round counts the client as missing, the round they reach
+      refuses them as stale. The client trained, so its data pointer advances all the same.
 
-    The in-process driver and the Flower `ClientApp` apply the first two the same way.
+    The in-process driver and the Flower `ClientApp` apply the first two the same way;
+    `delay_uplink` is the in-process driver's (under Flower a straggler is a real one: `round_timeout`).
     """
 
     before_client: Callable[[int, int], None] | None = None
     tamper_uplink: Callable[[int, int, bytes], list[bytes]] | None = None
     after_round: Callable[[int, dict], None] | None = None
+    delay_uplink: Callable[[int, int], int | None] | None = None
 
 
 @dataclass
@@ -107,6 +113,8 @@ class ClientOutcome:
     final_digest: bytes = b""
     seconds: float = 0.0
     rank: int = 0
+    delay: int | None = 0  # a straggler's lateness in rounds (`FederationHooks.delay_uplink`; None: never arrives)
+    delayed: list[bytes] = field(default_factory=list)  # its messages, held back until then
 
 
 @dataclass
@@ -123,6 +131,7 @@ class Delivery:
 
     outcomes: list[ClientOutcome]  # one per participant, ascending client id
     rejected: list[Rejection] = field(default_factory=list)  # refused by the transport itself
+    late: list[tuple[int, bytes]] = field(default_factory=list)  # (sender, message) of earlier rounds, arriving now
     row: dict = field(default_factory=dict)  # the transport's own metrics for this round
 
 
@@ -416,7 +425,10 @@ class RoundEngine:
         return RoundPlan(r, participants, budgets, started)
 
     def aggregate(self, plan: RoundPlan, delivery: Delivery) -> tuple[RoundSummary, dict, list[int]]:
-        """Uplinks to the server (ascending client id), replay + FedAvg, GradIP to the scheduler."""
+        """Uplinks to the server (late ones first, then ascending client id), replay + FedAvg, GradIP
+        to the scheduler."""
+        for sender, m in delivery.late:  # stragglers' messages of earlier rounds: the server refuses them
+            self.server.receive(m, sender=sender)
         for o in delivery.outcomes:
             for m in o.messages:
                 self.server.receive(m, sender=o.client_id)  # the transport knows whose channel it was
