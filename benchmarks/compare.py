@@ -40,7 +40,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 TASK = "tweets_binary"
 
 # Settings every method shares: the paper's T=10 Non-IID setting at the recipe of "Does it learn?".
