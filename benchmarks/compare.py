@@ -16,6 +16,7 @@ never reads it, the table reports it only for the chosen lr).
     python benchmarks/compare.py prepare                 # zero-shot test predictions, the masks (cached)
     nohup python benchmarks/compare.py run --worker 0/2 &   # one per core; resumable, cells claimed by file
     nohup python benchmarks/compare.py run --worker 1/2 &
+    touch runs/compare/STOP                              # workers exit after their current task
     python benchmarks/compare.py status                  # what is done, claimed, waiting
     python benchmarks/compare.py table                   # markdown tables (validation search, test mean +- std)
     python benchmarks/compare.py plot                    # curves per method (validation, chosen lr, mean of seeds)
@@ -61,6 +62,7 @@ class Method:
     overrides: tuple[str, ...]
     lrs: tuple[float, ...]  # the search grid, half a decade apart, centred on the prior value
     why: str
+    extend: bool = True  # a winner at the grid's edge gets one more point beyond it (False: a fixed lr)
 
 
 # Grids: every one is 3 points x sqrt(10) apart around a value from ../shared/ZO_REFERENCES.md or our study.
@@ -77,6 +79,20 @@ METHODS = {
     "full-fedzo": Method("full-fedzo", ("algorithm=full-fedzo",), (1e-6, 3e-6, 1e-5),
                          "ZO on all parameters; DeComFL used 5e-6 on OPT-125m, MeZO 1e-6..1e-7"),
 }
+# Issue 13, item 3: Meerkat-VP vs Meerkat vs random early stopping, with single-label clients present.
+# No lr search of their own: VP and its control are schedules on top of Meerkat, run at the lr
+# Meerkat's search chose above (3e-4), so the only difference between the rows is who is limited.
+VP_SHAPE = ("partition.num_single_label_clients=3", "vp.calibration_local_steps=null", "vp.calibration_participations=1")
+VP_LR = (3e-4,)
+VP_METHODS = {
+    "vp-none": Method("vp-none", ("algorithm=meerkat", *VP_SHAPE), VP_LR, "plain Meerkat: nobody limited", False),
+    "vp-gradip": Method("vp-gradip", ("algorithm=meerkat-vp", *VP_SHAPE), VP_LR,
+                        "Meerkat-VP: clients flagged by GradIP in round 1 take 1 local step per round", False),
+    "vp-random": Method("vp-random", ("algorithm=random-early-stop", *VP_SHAPE), VP_LR,
+                        "the control: as many clients as VP flags, chosen at random, limited", False),
+}
+STUDIES = {"compare": METHODS, "vp-effect": VP_METHODS}
+ALL_METHODS = {**METHODS, **VP_METHODS}
 SEEDS = (0, 1, 2)
 PAPER = {  # Ran et al. (ICLR 2026), main table, T=10, Dirichlet 0.5, average accuracy
     "Llama-3.2-1B": {"meerkat": 0.759, "full-fedzo": 0.699, "lora-fedzo": 0.715, "magnitude": 0.717},
@@ -117,6 +133,8 @@ def search_state(method: Method, done: dict[str, dict], extra: list[str]) -> tup
         return missing, None
     scores = {lr: val_score(done[cell_name(method.name, lr, 0)]) for lr in grid}
     best = max(grid, key=lambda lr: (scores[lr], -lr))  # ties: the smaller lr
+    if not method.extend or len(grid) < 2:
+        return [], best
     step = grid[1] / grid[0]
     if best in (grid[0], grid[-1]):  # at an edge: one more point beyond it, once
         beyond = best / step if best == grid[0] else best * step
@@ -136,20 +154,25 @@ def read_tests(out: Path) -> dict[str, dict]:
 
 
 def plan(out: Path, methods: list[str], extra: list[str]) -> list[tuple[str, str, float, int]]:
-    """Tasks runnable now, as (kind, method, lr, seed): search cells first (every method), then
-    the chosen lr's other seeds, then test scoring of the chosen lr's finished cells."""
+    """Tasks runnable now, as (kind, method, lr, seed), method by method in the order given: its
+    search cells, then the chosen lr's other seeds, then test scoring of the chosen lr's finished
+    cells. Finishing one method's row before the next one's search means every sitting of the
+    (multi-session) grid ends with whole rows, not with every method half searched."""
     done, tested = read_cells(out), read_tests(out)
-    search, finals, tests = [], [], []
+    tasks: list[tuple[str, str, float, int]] = []
+    need_zero_shot = not (out / "zero_shot_test.npz").exists()
     for name in methods:
-        todo, chosen = search_state(METHODS[name], done, extra)
-        search += [("cell", name, lr, 0) for lr in todo]
-        if chosen is not None:
-            finals += [("cell", name, chosen, s) for s in SEEDS if cell_name(name, chosen, s) not in done]
-            tests += [("test", name, chosen, s) for s in SEEDS
-                      if cell_name(name, chosen, s) in done and cell_name(name, chosen, s) not in tested]
-    if tests and not (out / "zero_shot_test.npz").exists():
-        tests = [("zero-shot", "", 0.0, 0)]
-    return search + finals + tests
+        todo, chosen = search_state(ALL_METHODS[name], done, extra)
+        tasks += [("cell", name, lr, 0) for lr in todo]
+        if chosen is None:
+            continue
+        tasks += [("cell", name, chosen, s) for s in SEEDS if cell_name(name, chosen, s) not in done]
+        tests = [("test", name, chosen, s) for s in SEEDS
+                 if cell_name(name, chosen, s) in done and cell_name(name, chosen, s) not in tested]
+        if tests and need_zero_shot:  # every test row is a paired gain over zero-shot: that first
+            tests, need_zero_shot = [("zero-shot", "", 0.0, 0)], False
+        tasks += tests
+    return tasks
 
 
 def task_name(kind: str, method: str, lr: float, seed: int) -> str:
@@ -157,7 +180,7 @@ def task_name(kind: str, method: str, lr: float, seed: int) -> str:
 
 
 def config_overrides(method: str, lr: float, seed: int, out: Path, extra: list[str]) -> list[str]:
-    return [*COMMON, *METHODS[method].overrides, f"lr={lr:g}", f"seed={seed}", *extra,
+    return [*COMMON, *ALL_METHODS[method].overrides, f"lr={lr:g}", f"seed={seed}", *extra,
             f"output_dir={out / 'cells' / cell_name(method, lr, seed)}"]
 
 
@@ -235,7 +258,10 @@ def run_cell(method: str, lr: float, seed: int, out: Path, extra: list[str]) -> 
             curve.append({"round": r["round"], "forward_passes": passes, **_val(r)})
     # The final state, for `test` (run only for the lrs the validation search chose).
     torch.save(result.final_values, Path(config.output_dir) / "final_values.pt")
-    return {
+    vp = {}
+    if config.scheduler_mode != "none" or config.partition.num_single_label_clients:
+        vp = {"limited_clients": sorted(result.limited_clients), "single_label_clients": single_label_clients(config)}
+    return {**vp,
         "cell": cell_name(method, lr, seed), "method": method, "lr": lr, "seed": seed, "k": result.k,
         "num_params": result.num_params, "forward_passes": passes, "rounds": config.rounds,
         "local_steps": config.local_steps, "client_rounds": sum(len(r["accepted"]) for r in rows), "curve": curve, "final_validation": curve[-1],
@@ -244,6 +270,15 @@ def run_cell(method: str, lr: float, seed: int, out: Path, extra: list[str]) -> 
         "command": reproduce_command(overrides),
         "host": socket.gethostname(), "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
+
+
+def single_label_clients(config) -> list[int]:
+    """The clients whose training data holds one label only (the partition redone from the seed, no model)."""
+    from meerkat_hf.federated.task_data import _partition
+    from meerkat_hf.tasks import load_task_dataset
+
+    labels = np.asarray(load_task_dataset(TASK, "train")["label"], dtype=np.int64)
+    return [c for c, part in enumerate(_partition(config, labels, len(labels))) if len(set(labels[part].tolist())) == 1]
 
 
 def test_cell(method: str, lr: float, seed: int, out: Path, extra: list[str]) -> dict:
@@ -310,6 +345,9 @@ def run(args) -> None:
     out, methods = Path(args.out), args.methods
     out.mkdir(parents=True, exist_ok=True)
     while True:
+        if (out / "STOP").exists():  # `touch OUT/STOP`: finish the current task, then exit
+            _log("STOP file found; exiting between tasks")
+            return
         todo = plan(out, methods, args.set)
         mine = next((t for t in todo if _claim(out, task_name(*t))), None)
         if mine is None:
@@ -350,7 +388,7 @@ def prepare(args) -> None:
     for name in args.methods:
         if name in ("full-fedzo", "lora-fedzo"):
             continue  # no calibrated mask to cache
-        overrides = config_overrides(name, METHODS[name].lrs[0], 0, out / "prepare", args.set)
+        overrides = config_overrides(name, ALL_METHODS[name].lrs[0], 0, out / "prepare", args.set)
         RoundEngine(FederationConfig.from_yaml(DEFAULT_CONFIG, overrides), evaluate=False)
         _log(f"{name}: mask ready")
 
@@ -380,7 +418,7 @@ def chosen_rows(out: Path, methods: list[str], extra: list[str]) -> dict[str, tu
     done = read_cells(out)
     result = {}
     for name in methods:
-        _, chosen = search_state(METHODS[name], done, extra)
+        _, chosen = search_state(ALL_METHODS[name], done, extra)
         rows = [done[cell_name(name, chosen, s)] for s in SEEDS if chosen is not None and cell_name(name, chosen, s) in done]
         result[name] = (chosen, rows)
     return result
@@ -433,6 +471,16 @@ def table(args) -> str:
         lines.append(f"| {name} | {lr:g} | {len(t)} | {_mean_std([x['balanced_accuracy'] for x in t])} | "
                      f"{_mean_std([x['macro_f1'] for x in t])} | {_mean_std([x['accuracy'] for x in t])} | {gains} | "
                      f"{rows[0]['k']:,} | {format_bytes(int(per_client_round))} | {paper} |")
+    vp_rows = [(name, rows) for name, (lr, rows) in chosen.items() if rows and "limited_clients" in rows[0]]
+    if vp_rows:
+        lines += ["", "Who was limited (per seed: limited clients / of them single-label / single-label clients in all; "
+                  "forward passes of the whole run):", "", "| method | per seed | forward passes |", "|---|---|---|"]
+        for name, rows in vp_rows:
+            per_seed = "; ".join(f"s{r['seed']}: {len(r['limited_clients'])} / "
+                                 f"{len(set(r['limited_clients']) & set(r['single_label_clients']))} / "
+                                 f"{len(r['single_label_clients'])}" for r in rows)
+            passes = ", ".join(f"{r['forward_passes']:,}" for r in rows)
+            lines.append(f"| {name} | {per_seed} | {passes} |")
     secs = sum(r["train_seconds"] for r in done.values()) + sum(r["test_seconds"] for r in read_tests(out).values())
     lines += ["", f"{len(done)} cells, {secs / 3600:.2f} h of worker wall time in all (one torch thread each). Commands: `cells.jsonl` (`command`)."]
     text = "\n".join(lines)
@@ -474,9 +522,9 @@ def plot(args) -> None:
 
 def _methods(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in METHODS]
+    unknown = [n for n in names if n not in ALL_METHODS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
     return names
 
 
@@ -484,7 +532,10 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/compare")
-    p.add_argument("--methods", type=_methods, default=list(METHODS), help=f"comma-separated, of {','.join(METHODS)}")
+    p.add_argument("--study", choices=list(STUDIES), default="compare",
+                   help="compare: the methods (item 1); vp-effect: Meerkat vs Meerkat-VP vs random early stop (item 3)")
+    p.add_argument("--methods", type=_methods, default=None,
+                   help=f"comma-separated, of {','.join(ALL_METHODS)} (default: the study's)")
     p.add_argument("--set", action="append", default=[], help="a shared FederationConfig override, key=value")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
@@ -493,6 +544,8 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_parser(name)
     p.add_argument("--test-limit", type=int, default=None, help="smoke runs only: score this many test tweets")
     args = p.parse_args(argv)
+    if args.methods is None:
+        args.methods = list(STUDIES[args.study])
     global TEST_LIMIT
     TEST_LIMIT = args.test_limit
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

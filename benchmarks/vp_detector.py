@@ -10,6 +10,13 @@ depend on the detector's settings and every setting can be scored on the same tr
     python benchmarks/vp_detector.py traces --federations 0-29     # resumable: one JSON line per federation
     python benchmarks/vp_detector.py tune --tune 0-9 --report 10-29  # thresholds chosen on 0-9, scored on 10-29
     python benchmarks/vp_detector.py plot                           # GradIP traces, single-label vs mixed
+    python benchmarks/vp_detector.py ceiling --federations 0-29     # the best F1 *any* detector can reach
+
+`ceiling` needs no training. A Dirichlet client whose calibration batches happen to hold one label
+only is, to anything computed from those batches, distributed exactly like a single-label client
+(the partition deals tweets to clients at random within each label): no detector can tell them
+apart, so flagging exactly the single-label clients has an F1 ceiling below 1, computed here from
+the partitions themselves (expected number of such look-alikes per calibration window).
 
 `tune` grid-searches the detector's settings (`meerkat_hf.federated.protocol.gradip.VPConfig`:
 window = steps and participations used, early/late fractions, ratio and quiet thresholds, rule)
@@ -160,6 +167,61 @@ def tune(args) -> None:
     (Path(args.out) / "detector.md").write_text(text + "\n")
 
 
+def pure_window_probability(n: int, minority: int, window: int) -> float:
+    """P(the first `window` of a client's n examples, dealt in random order, hold no minority-label one)."""
+    from math import lgamma, exp
+
+    if minority == 0:
+        return 1.0
+    if window > n - minority:
+        return 0.0
+    # C(n - m, w) / C(n, w)
+    return exp(lgamma(n - minority + 1) - lgamma(n - minority - window + 1) - lgamma(n + 1) + lgamma(n - window + 1))
+
+
+def ceiling(args) -> None:
+    """Upper bound on F1 of flagging exactly the single-label clients from a calibration window."""
+    from meerkat_hf.federated import FederationConfig
+    from meerkat_hf.federated.federation_config import DEFAULT_CONFIG
+    from meerkat_hf.federated.task_data import _partition
+    from meerkat_hf.tasks import load_task_dataset
+
+    labels = np.asarray(load_task_dataset("tweets_binary", "train")["label"], dtype=np.int64)
+    feds = parse_range(args.federations)
+    windows = [int(x) for x in args.windows.split(",")]
+    singles, lookalikes = 0, {w: 0.0 for w in windows}
+    near = {0.95: 0, 0.99: 0}
+    mixed = 0
+    for i in feds:
+        config = FederationConfig.from_yaml(DEFAULT_CONFIG, federation_overrides(i, args))
+        parts = _partition(config, labels, len(labels))
+        for part in parts:
+            counts = np.bincount(labels[part], minlength=2)
+            n, minority = int(counts.sum()), int(counts.min())
+            if minority == 0:
+                singles += 1
+                continue
+            mixed += 1
+            for t in near:
+                near[t] += counts.max() / n >= t
+            for w in windows:
+                lookalikes[w] += pure_window_probability(n, minority, w)
+    lines = [f"F1 ceiling of 'flag exactly the single-label clients' ({len(feds)} federations {args.federations}, "
+             f"{singles} single-label and {mixed} Dirichlet-0.5 clients; of these, {near[0.95]} hold >= 95% one label, "
+             f"{near[0.99]} >= 99%)", "",
+             "| calibration window (examples = steps x batch 8) | expected look-alikes (mixed clients whose window holds one label) "
+             "| best precision at recall 1 | F1 ceiling |", "|---|---|---|---|"]
+    for w in windows:
+        m = lookalikes[w]
+        precision = singles / (singles + m)
+        lines.append(f"| {w} ({w // 8} steps) | {m:.1f} | {precision:.3f} | {2 * singles / (2 * singles + m):.3f} |")
+    lines += ["", "Flagging all of an indistinguishable group is F1-optimal here (single-label clients outnumber "
+              "look-alikes); any detector computed from the window's batches does no better in expectation."]
+    text = "\n".join(lines)
+    print(text)
+    (Path(args.out) / "ceiling.md").write_text(text + "\n")
+
+
 def plot(args) -> None:
     import matplotlib
 
@@ -201,9 +263,16 @@ def main(argv: list[str] | None = None) -> None:
     u.add_argument("--tune", default="0-9")
     u.add_argument("--report", default="10-29")
     sub.add_parser("plot")
+    c = sub.add_parser("ceiling")
+    c.add_argument("--federations", default="0-29")
+    c.add_argument("--windows", default="80,240,800", help="calibration examples (steps x batch), comma-separated")
+    c.add_argument("--rounds", type=int, default=1)
+    c.add_argument("--local-steps", type=int, default=10)
+    c.add_argument("--lr", type=float, default=3e-4)
+    c.add_argument("--set", action="append", default=[])
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    {"traces": traces, "tune": tune, "plot": plot}[args.cmd](args)
+    {"traces": traces, "tune": tune, "plot": plot, "ceiling": ceiling}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,21 @@ def test_search_runs_the_grid_then_the_chosen_lrs_other_seeds_then_tests(tmp_pat
     assert compare.plan(tmp_path, ["meerkat"], [])[-1] == ("test", "meerkat", 3e-4, 0)
 
 
+def test_one_methods_row_is_finished_before_the_next_methods_search(tmp_path, compare):
+    for lr, val in ((1e-4, 0.74), (3e-4, 0.76), (1e-3, 0.70)):
+        _finish(tmp_path, compare, "meerkat", lr, 0, val)
+    plan = compare.plan(tmp_path, ["meerkat", "magnitude"], [])
+    assert plan[:3] == [("cell", "meerkat", 3e-4, 1), ("cell", "meerkat", 3e-4, 2), ("zero-shot", "", 0.0, 0)]
+    assert [t[1] for t in plan[3:]] == ["magnitude"] * 3
+
+
+def test_a_stop_file_ends_a_worker_between_tasks(tmp_path, compare, caplog, capsys):
+    (tmp_path / "STOP").touch()
+    compare.main(["--out", str(tmp_path), "run"])  # returns at once: nothing was claimed
+    assert "STOP file found" in capsys.readouterr().out
+    assert not (tmp_path / "claims").exists()
+
+
 def test_a_winner_at_the_grid_edge_gets_one_more_point_beyond_it(tmp_path, compare):
     for lr, val in ((1e-4, 0.70), (3e-4, 0.72), (1e-3, 0.75)):
         _finish(tmp_path, compare, "magnitude", lr, 0, val)
@@ -98,3 +113,27 @@ def test_detector_confusion_and_tuning_on_one_set_scoring_on_another(tmp_path):
     vp.tune(Args)
     text = (tmp_path / "detector.md").read_text()
     assert "| tuned | report | 3 | 0 | 0 | 9 | 1.000 | 1.000 | 1.000 |" in text
+
+
+def test_the_vp_effect_study_runs_its_fixed_lr_without_a_search(tmp_path, compare):
+    names = list(compare.STUDIES["vp-effect"])
+    assert [t[1] for t in compare.plan(tmp_path, names, [])] == names  # seed 0 of each, at Meerkat's lr
+    for name in names:
+        _finish(tmp_path, compare, name, 3e-4, 0, 0.7)  # a 1-point grid is never extended
+    plan = compare.plan(tmp_path, names, [])
+    assert plan[:3] == [("cell", names[0], 3e-4, 1), ("cell", names[0], 3e-4, 2), ("zero-shot", "", 0.0, 0)]
+    assert {t[1] for t in plan if t[0] == "cell"} == set(names)
+    overrides = compare.config_overrides("vp-gradip", 3e-4, 0, tmp_path, [])
+    assert "algorithm=meerkat-vp" in overrides and "partition.num_single_label_clients=3" in overrides
+    assert overrides.index("partition.num_single_label_clients=3") > overrides.index("partition.num_single_label_clients=0")
+
+
+def test_the_ceilings_look_alike_probability_is_the_hypergeometric_one():
+    import itertools
+
+    vp = _load("vp_detector")
+    n, minority, window = 7, 2, 3  # brute force: every order of 5 majority and 2 minority examples
+    orders = set(itertools.permutations([0] * (n - minority) + [1] * minority))
+    pure = sum(1 for o in orders if sum(o[:window]) == 0) / len(orders)
+    assert vp.pure_window_probability(n, minority, window) == pytest.approx(pure)
+    assert vp.pure_window_probability(10, 0, 5) == 1.0 and vp.pure_window_probability(10, 6, 5) == 0.0
