@@ -91,8 +91,24 @@ VP_METHODS = {
     "vp-random": Method("vp-random", ("algorithm=random-early-stop", *VP_SHAPE), VP_LR,
                         "the control: as many clients as VP flags, chosen at random, limited", False),
 }
-STUDIES = {"compare": METHODS, "vp-effect": VP_METHODS}
-ALL_METHODS = {**METHODS, **VP_METHODS}
+# Issue 14, item 4: utility of example-level DP at epsilon 1, 3, 8 (delta 1e-5, over the whole run,
+# per client), federated (the comparison's shape; its non-private row is `meerkat`) and single site
+# (one client holding all train tweets, T = 100: the same 300 ZO steps). Each searches its lr like
+# every other row. The clip is fixed beforehand: the median |g_i| of per-example projected gradients
+# at the initial model (`compare.py dp-clip`: 256 train tweets in 32 batches, one direction each).
+DP_CLIP = 4.4  # median |g_i| = 4.41 (25% 1.96, 75% 9.43), `compare.py dp-clip`, 2026-12-02
+DP_EPSILONS = (8, 3, 1)
+_DP = ("algorithm=meerkat", f"dp.clip={DP_CLIP:g}", "dp.delta=1e-5")
+SITE_SHAPE = ("num_clients=1", "partition.scheme=iid", "local_steps=100")
+DP_METHODS = {
+    **{f"dp-eps{e}": Method(f"dp-eps{e}", (*_DP, f"dp.target_epsilon={e}"), (1e-4, 3e-4, 1e-3),
+                            f"Meerkat, example-level DP at epsilon {e}, 10 clients") for e in DP_EPSILONS},
+    "site": Method("site", ("algorithm=meerkat", *SITE_SHAPE), (1e-4, 3e-4, 1e-3), "Meerkat, one site, no DP"),
+    **{f"site-dp-eps{e}": Method(f"site-dp-eps{e}", (*_DP, f"dp.target_epsilon={e}", *SITE_SHAPE), (1e-4, 3e-4, 1e-3),
+                                 f"Meerkat, one site, example-level DP at epsilon {e}") for e in DP_EPSILONS},
+}
+STUDIES = {"compare": METHODS, "vp-effect": VP_METHODS, "dp": {"meerkat": METHODS["meerkat"], **DP_METHODS}}
+ALL_METHODS = {**METHODS, **VP_METHODS, **DP_METHODS}
 SEEDS = (0, 1, 2)
 PAPER = {  # Ran et al. (ICLR 2026), main table, T=10, Dirichlet 0.5, average accuracy
     "Llama-3.2-1B": {"meerkat": 0.759, "full-fedzo": 0.699, "lora-fedzo": 0.715, "magnitude": 0.717},
@@ -393,6 +409,31 @@ def prepare(args) -> None:
         _log(f"{name}: mask ready")
 
 
+def dp_clip(args) -> None:
+    """The DP study's clip: quantiles of |g_i| (per-example projected gradients) at the initial model."""
+    from meerkat_hf.federated import FederationConfig
+    from meerkat_hf.federated.engine import RoundEngine
+    from meerkat_hf.federated.federation_config import DEFAULT_CONFIG
+    from meerkat_hf.zo import derive_seed, gaussian_direction, projected_gradients_per_example
+
+    config = FederationConfig.from_yaml(DEFAULT_CONFIG, config_overrides("meerkat", 3e-4, 0, Path(args.out) / "dp-clip", args.set))
+    engine = RoundEngine(config, evaluate=False)
+    data, model = engine.data, engine.model
+    pool = [row for rows in data.client_examples for row in rows]
+    rng = np.random.default_rng(0)
+    pick = rng.choice(len(pool), size=256, replace=False)
+    values = []
+    for b in range(0, len(pick), config.batch_size):
+        batch = data.collate([pool[i] for i in pick[b:b + config.batch_size]])
+        for j in range(32 // (len(pick) // config.batch_size) or 1):
+            z = gaussian_direction(derive_seed(0xD9C119, b, j), model.num_selected)
+            per = projected_gradients_per_example(model, lambda: data.per_example_loss_fn(model, batch), z, config.eps)
+            values += per.abs().tolist()
+    q = np.quantile(values, [0.25, 0.5, 0.75, 0.9, 0.99])
+    _log(f"|g_i| over {len(values)} (example, direction) pairs: 25% {q[0]:.3g}, median {q[1]:.3g}, 75% {q[2]:.3g}, "
+         f"90% {q[3]:.3g}, 99% {q[4]:.3g} (DP_CLIP = {DP_CLIP:g})")
+
+
 def status(args) -> None:
     out = Path(args.out)
     done = read_cells(out)
@@ -533,14 +574,15 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--study", choices=list(STUDIES), default="compare",
-                   help="compare: the methods (item 1); vp-effect: Meerkat vs Meerkat-VP vs random early stop (item 3)")
+                   help="compare: the methods (issue 13 item 1); vp-effect: Meerkat vs Meerkat-VP vs random early "
+                        "stop (issue 13 item 3); dp: example-level DP at epsilon 1/3/8 (issue 14 item 4)")
     p.add_argument("--methods", type=_methods, default=None,
                    help=f"comma-separated, of {','.join(ALL_METHODS)} (default: the study's)")
     p.add_argument("--set", action="append", default=[], help="a shared FederationConfig override, key=value")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--worker", default="0/1", help="informational: i/n of the workers sharing --out")
-    for name in ("prepare", "status", "table", "plot"):
+    for name in ("prepare", "status", "table", "plot", "dp-clip"):
         sub.add_parser(name)
     p.add_argument("--test-limit", type=int, default=None, help="smoke runs only: score this many test tweets")
     args = p.parse_args(argv)
@@ -549,7 +591,7 @@ def main(argv: list[str] | None = None) -> None:
     global TEST_LIMIT
     TEST_LIMIT = args.test_limit
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    {"prepare": prepare, "run": run, "status": status, "table": table, "plot": plot}[args.cmd](args)
+    {"prepare": prepare, "run": run, "status": status, "table": table, "plot": plot, "dp-clip": dp_clip}[args.cmd](args)
 
 
 if __name__ == "__main__":
