@@ -11,6 +11,7 @@ depend on the detector's settings and every setting can be scored on the same tr
     python benchmarks/vp_detector.py tune --tune 0-9 --report 10-29  # thresholds chosen on 0-9, scored on 10-29
     python benchmarks/vp_detector.py plot                           # GradIP traces, single-label vs mixed
     python benchmarks/vp_detector.py ceiling --federations 0-29     # the best F1 *any* detector can reach
+    python benchmarks/vp_detector.py separability                   # threshold-free: ROC-AUC of each statistic
 
 `ceiling` needs no training. A Dirichlet client whose calibration batches happen to hold one label
 only is, to anything computed from those batches, distributed exactly like a single-label client
@@ -222,6 +223,55 @@ def ceiling(args) -> None:
     (Path(args.out) / "ceiling.md").write_text(text + "\n")
 
 
+def client_statistics(trace: list[list[float]]) -> dict[str, float]:
+    """Per-client numbers a server can compute from its replayed GradIP trace (first participation)."""
+    a = np.asarray(trace[0], dtype=np.float64)
+    n = len(a)
+    k = max(1, int(np.ceil(0.3 * n)))
+    early, late = np.abs(a[:k]).mean(), np.abs(a[-k:]).mean()
+    t = a.mean() / (a.std(ddof=1) / np.sqrt(n)) if n > 1 and a.std(ddof=1) > 0 else 0.0
+    return {"decay: early / late mean abs(GradIP)": early / late if late > 0 else np.inf,
+            "quietness: 1 / median abs(GradIP)": 1.0 / max(np.median(np.abs(a)), 1e-12),
+            "abs(t) of the signed mean GradIP": abs(t)}
+
+
+def separability(args) -> None:
+    """ROC-AUC of single-label (positive) vs mixed clients for each statistic, with a bootstrap over federations.
+
+    0.5 = the statistic carries no information about who is single-label, whatever threshold a
+    detector puts on it; the paper's decay predicts AUC near 1 for the first statistic.
+    """
+    from meerkat_hf.classification_metrics import roc_auc
+
+    feds = [f for i, f in sorted(read_traces(Path(args.out)).items()) if i in set(parse_range(args.federations))]
+    if not feds:
+        raise SystemExit("no traces")
+    rows = []  # (federation index, is_single, stats)
+    for fi, fed in enumerate(feds):
+        for c, trace in fed["gradip"].items():
+            if trace and trace[0]:
+                rows.append((fi, int(c) in fed["single_label"], client_statistics(trace)))
+    names = list(rows[0][2])
+    y = np.array([r[1] for r in rows], dtype=int)
+    fed_of = np.array([r[0] for r in rows])
+    rng = np.random.default_rng(0)
+    lines = [f"Separability of single-label clients from the GradIP trace ({len(feds)} federations, {int(y.sum())} "
+             f"single-label and {int((1 - y).sum())} mixed clients; ROC-AUC, 95% bootstrap interval over federations; "
+             f"0.5 = no information)", "", "| statistic (higher = 'single-label') | ROC-AUC | 95% interval |", "|---|---|---|"]
+    for name in names:
+        x = np.array([r[2][name] for r in rows])
+        boots = []
+        for _ in range(2000):
+            pick = rng.integers(0, len(feds), len(feds))
+            idx = np.concatenate([np.flatnonzero(fed_of == f) for f in pick])
+            boots.append(roc_auc(x[idx], y[idx]))
+        lo, hi = np.nanquantile(boots, [0.025, 0.975])
+        lines.append(f"| {name} | {roc_auc(x, y):.3f} | [{lo:.3f}, {hi:.3f}] |")
+    text = "\n".join(lines)
+    print(text)
+    (Path(args.out) / "separability.md").write_text(text + "\n")
+
+
 def plot(args) -> None:
     import matplotlib
 
@@ -263,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     u.add_argument("--tune", default="0-9")
     u.add_argument("--report", default="10-29")
     sub.add_parser("plot")
+    sp = sub.add_parser("separability")
+    sp.add_argument("--federations", default="0-29")
     c = sub.add_parser("ceiling")
     c.add_argument("--federations", default="0-29")
     c.add_argument("--windows", default="80,240,800", help="calibration examples (steps x batch), comma-separated")
@@ -272,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--set", action="append", default=[])
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    {"traces": traces, "tune": tune, "plot": plot, "ceiling": ceiling}[args.cmd](args)
+    {"traces": traces, "tune": tune, "plot": plot, "ceiling": ceiling, "separability": separability}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -137,3 +138,20 @@ def test_the_ceilings_look_alike_probability_is_the_hypergeometric_one():
     pure = sum(1 for o in orders if sum(o[:window]) == 0) / len(orders)
     assert vp.pure_window_probability(n, minority, window) == pytest.approx(pure)
     assert vp.pure_window_probability(10, 0, 5) == 1.0 and vp.pure_window_probability(10, 6, 5) == 0.0
+
+
+def test_separability_scores_a_decaying_trace_above_an_oscillating_one(tmp_path):
+    vp = _load("vp_detector")
+    rng = np.random.default_rng(0)
+    feds = []
+    for i in range(4):
+        gradip = {}
+        for c in range(6):
+            noise = rng.normal(size=10) * 10
+            gradip[str(c)] = [list(noise * np.geomspace(1, 0.01, 10)) if c < 2 else list(noise)]
+        feds.append({"federation": i, "single_label": [0, 1], "gradip": gradip})
+    (tmp_path / "traces.jsonl").write_text("".join(json.dumps(f) + "\n" for f in feds))
+    vp.main(["--out", str(tmp_path), "separability"])
+    table = (tmp_path / "separability.md").read_text()
+    decay_row = next(line for line in table.splitlines() if line.startswith("| decay"))
+    assert float(decay_row.split("|")[2]) == 1.0  # every decaying client ranks above every oscillating one
