@@ -277,6 +277,9 @@ def run_cell(method: str, lr: float, seed: int, out: Path, extra: list[str]) -> 
     vp = {}
     if config.scheduler_mode != "none" or config.partition.num_single_label_clients:
         vp = {"limited_clients": sorted(result.limited_clients), "single_label_clients": single_label_clients(config)}
+    if result.privacy.get("dp_epsilon") is not None:
+        vp["privacy"] = {"epsilon": result.privacy["dp_epsilon"], "delta": result.privacy.get("dp_delta"),
+                         "noise_multiplier": result.training_summary.get("dp_noise_multiplier"), "clip": config.dp.clip}
     return {**vp,
         "cell": cell_name(method, lr, seed), "method": method, "lr": lr, "seed": seed, "k": result.k,
         "num_params": result.num_params, "forward_passes": passes, "rounds": config.rounds,
@@ -522,12 +525,25 @@ def table(args) -> str:
                                  f"{len(r['single_label_clients'])}" for r in rows)
             passes = ", ".join(f"{r['forward_passes']:,}" for r in rows)
             lines.append(f"| {name} | {per_seed} | {passes} |")
+    dp_rows = [(name, rows) for name, (lr, rows) in chosen.items() if rows and "privacy" in rows[0]]
+    if dp_rows:
+        lines += ["", "Privacy spent (per seed, the largest epsilon of any client at the delta shown; noise multiplier(s) "
+                  "solved for the target; clip):", "", "| method | epsilon (delta) | noise multiplier | clip |", "|---|---|---|---|"]
+        for name, rows in dp_rows:
+            p0 = rows[0]["privacy"]
+            eps = ", ".join(f"{r['privacy']['epsilon']:.2f}" for r in rows)
+            lines.append(f"| {name} | {eps} ({p0['delta']:g}) | {p0.get('noise_multiplier')} | {p0['clip']:g} |")
     secs = sum(r["train_seconds"] for r in done.values()) + sum(r["test_seconds"] for r in read_tests(out).values())
     lines += ["", f"{len(done)} cells, {secs / 3600:.2f} h of worker wall time in all (one torch thread each). Commands: `cells.jsonl` (`command`)."]
     text = "\n".join(lines)
     print(text)
-    (out / "table.md").write_text(text + "\n")
+    (out / table_file(args.study)).write_text(text + "\n")
     return text
+
+
+def table_file(study: str) -> str:
+    """compare/table.md for the comparison, compare/table_<study>.md for the studies sharing its cells."""
+    return "table.md" if study == "compare" else f"table_{study.replace('-', '_')}.md"
 
 
 def plot(args) -> None:

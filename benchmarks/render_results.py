@@ -19,6 +19,11 @@ byte for byte as it is. The sources, all under benchmarks/results/:
     federated_curves curves/*.jsonl                (learning_curve.py federated)
     comparison     compare/table.md                (compare.py table, from compare/cells.jsonl + tests.jsonl)
     vp_detector    vp_detector/detector.md         (vp_detector.py tune, from vp_detector/traces.jsonl)
+    vp_separability vp_detector/separability.md    (vp_detector.py separability)
+    vp_cal_separability vp_detector_cal/separability.md (the same, 20-step lr-3e-3 traces)
+    vp_ceiling     vp_detector/ceiling.md          (vp_detector.py ceiling: partitions only)
+    vp_effect      compare/table_vp_effect.md      (compare.py --study vp-effect table)
+    dp_utility     compare/table_dp.md             (compare.py --study dp table)
 
     python benchmarks/render_results.py            # rewrite the blocks in place
     python benchmarks/render_results.py --check    # exit 1 naming each stale block (for CI)
@@ -432,7 +437,20 @@ def render_vp_detector(rec: Records) -> str:
     return rec.path("vp_detector/detector.md").read_text().rstrip("\n")
 
 
+def _recorded(relative: str) -> Callable[[Records], str]:
+    """A block that is one markdown file a benchmark command wrote under benchmarks/results/."""
+    def render(rec: Records) -> str:
+        return rec.path(relative).read_text().rstrip("\n")
+    render.__doc__ = f"benchmarks/results/{relative}, as its command wrote it."
+    return render
+
+
 RENDERERS: dict[str, Callable[[Records], str]] = {
+    "vp_separability": _recorded("vp_detector/separability.md"),
+    "vp_cal_separability": _recorded("vp_detector_cal/separability.md"),
+    "vp_ceiling": _recorded("vp_detector/ceiling.md"),
+    "vp_effect": _recorded("compare/table_vp_effect.md"),
+    "dp_utility": _recorded("compare/table_dp.md"),
     "comparison": render_comparison,
     "vp_detector": render_vp_detector,
     "cli_runs": render_cli_runs,

@@ -163,6 +163,14 @@ def tune(args) -> None:
             m = confusion(feds_, s)
             lines.append(f"| {name} | {set_name} | {m['tp']} | {m['fp']} | {m['fn']} | {m['tn']} | {m['precision']:.3f} | "
                          f"{m['recall']:.3f} | {m['f1']:.3f} |")
+    # What no information buys: flags at random (at the tuned setting's flag rate), or everyone flagged.
+    m = confusion(report_set, setting)
+    n_pos, n = m["tp"] + m["fn"], m["tp"] + m["fp"] + m["fn"] + m["tn"]
+    base, rate = n_pos / n, (m["tp"] + m["fp"]) / n
+    chance = 2 * base * rate / (base + rate) if base + rate else 0.0
+    lines += ["", f"Without information, on the report set ({n_pos} of {n} clients single-label, base rate {base:.3f}): "
+              f"random flags at the tuned rate ({rate:.3f}) expect F1 {chance:.3f}; flagging everyone gives F1 "
+              f"{2 * base / (1 + base):.3f}."]
     text = "\n".join(lines)
     print(text)
     (Path(args.out) / "detector.md").write_text(text + "\n")
