@@ -9,13 +9,15 @@ passes each; fo-fedavg: one forward + one backward) for every method.
 The search is the same for every method: three learning rates half a decade apart around the
 method's published/pilot value, seed 0, judged by the last round's *validation* balanced
 accuracy (512 examples); when the best one is at an edge of the grid, one more point beyond that
-edge is run (once). Then seeds 1 and 2 run at the chosen lr; seed 0 of the chosen lr is reused.
-Every cell also scores the whole *test* split at its end (sealed in `test`: the selection code
-never reads it, the table reports it only for the chosen lr).
+edge is run (once). Then seeds 1 and 2 run at the chosen lr at the same budget, and the chosen
+lr's three cells are continued from their checkpoints to LONG_ROUNDS rounds (the final budget:
+300 steps moved no test score, see LONG_ROUNDS). Only those long cells are scored on the whole
+*test* split (the selection code never reads it).
 
     python benchmarks/compare.py prepare                 # zero-shot test predictions, the masks (cached)
     nohup python benchmarks/compare.py run --worker 0/2 &   # one per core; resumable, cells claimed by file
     nohup python benchmarks/compare.py run --worker 1/2 &
+    nohup python benchmarks/compare.py --study all run &    # the comparison, then the vp-effect and dp studies
     touch runs/compare/STOP                              # workers exit after their current task
     python benchmarks/compare.py status                  # what is done, claimed, waiting
     python benchmarks/compare.py table                   # markdown tables (validation search, test mean +- std)
@@ -109,7 +111,16 @@ DP_METHODS = {
 }
 STUDIES = {"compare": METHODS, "vp-effect": VP_METHODS, "dp": {"meerkat": METHODS["meerkat"], **DP_METHODS}}
 ALL_METHODS = {**METHODS, **VP_METHODS, **DP_METHODS}
+STUDIES["all"] = ALL_METHODS  # `run --study all`: the workers go on from one study to the next
 SEEDS = (0, 1, 2)
+# The final budget. 300 steps (the search's) moved no method's *test* score: Meerkat at its chosen lr,
+# seed 0, 0.738 -> 0.738, gain +0.000 [-0.008, +0.008] over zero-shot, while the single-site study
+# needed ~700 steps for +0.02. So each chosen-lr cell (seeds 0-2) is continued from its round-3
+# checkpoint to LONG_ROUNDS rounds (1,000 local steps per client set; rounds 1-3 are the very bits
+# of the search cell), evaluated on validation every LONG_EVAL_EVERY rounds, and only those long
+# cells are scored on test.
+LONG_ROUNDS = 10
+LONG_EVAL_EVERY = 2
 PAPER = {  # Ran et al. (ICLR 2026), main table, T=10, Dirichlet 0.5, average accuracy
     "Llama-3.2-1B": {"meerkat": 0.759, "full-fedzo": 0.699, "lora-fedzo": 0.715, "magnitude": 0.717},
     "Qwen2-1.5B": {"meerkat": 0.805, "full-fedzo": 0.761},
@@ -169,11 +180,17 @@ def read_tests(out: Path) -> dict[str, dict]:
     return {r["cell"]: r for r in (json.loads(x) for x in path.read_text().splitlines() if x.strip())}
 
 
+def long_name(method: str, lr: float, seed: int) -> str:
+    """The row of a chosen-lr cell continued to LONG_ROUNDS (same folder as the search-budget cell)."""
+    return f"{cell_name(method, lr, seed)}-r{LONG_ROUNDS}"
+
+
 def plan(out: Path, methods: list[str], extra: list[str]) -> list[tuple[str, str, float, int]]:
     """Tasks runnable now, as (kind, method, lr, seed), method by method in the order given: its
-    search cells, then the chosen lr's other seeds, then test scoring of the chosen lr's finished
-    cells. Finishing one method's row before the next one's search means every sitting of the
-    (multi-session) grid ends with whole rows, not with every method half searched."""
+    search cells (300 steps, seed 0), the chosen lr's seeds 1-2 at the same budget, each chosen-lr
+    cell continued to LONG_ROUNDS (`long`), then test scoring of the long cells. Finishing one
+    method's row before the next one's search means every sitting of the (multi-session) grid ends
+    with whole rows, not with every method half searched."""
     done, tested = read_cells(out), read_tests(out)
     tasks: list[tuple[str, str, float, int]] = []
     need_zero_shot = not (out / "zero_shot_test.npz").exists()
@@ -182,9 +199,12 @@ def plan(out: Path, methods: list[str], extra: list[str]) -> list[tuple[str, str
         tasks += [("cell", name, lr, 0) for lr in todo]
         if chosen is None:
             continue
-        tasks += [("cell", name, chosen, s) for s in SEEDS if cell_name(name, chosen, s) not in done]
+        short = [s for s in SEEDS if cell_name(name, chosen, s) not in done]
+        tasks += [("cell", name, chosen, s) for s in short]
+        tasks += [("long", name, chosen, s) for s in SEEDS
+                  if s not in short and long_name(name, chosen, s) not in done]
         tests = [("test", name, chosen, s) for s in SEEDS
-                 if cell_name(name, chosen, s) in done and cell_name(name, chosen, s) not in tested]
+                 if long_name(name, chosen, s) in done and long_name(name, chosen, s) not in tested]
         if tests and need_zero_shot:  # every test row is a paired gain over zero-shot: that first
             tests, need_zero_shot = [("zero-shot", "", 0.0, 0)], False
         tasks += tests
@@ -192,7 +212,11 @@ def plan(out: Path, methods: list[str], extra: list[str]) -> list[tuple[str, str
 
 
 def task_name(kind: str, method: str, lr: float, seed: int) -> str:
-    return "zero-shot" if kind == "zero-shot" else (("test-" if kind == "test" else "") + cell_name(method, lr, seed))
+    if kind == "zero-shot":
+        return kind
+    if kind in ("long", "test"):
+        return ("test-" if kind == "test" else "") + long_name(method, lr, seed)
+    return cell_name(method, lr, seed)
 
 
 def config_overrides(method: str, lr: float, seed: int, out: Path, extra: list[str]) -> list[str]:
@@ -256,11 +280,20 @@ def test_report(scores: np.ndarray, labels: np.ndarray, zs: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- a cell
-def run_cell(method: str, lr: float, seed: int, out: Path, extra: list[str]) -> dict:
+def final_values_name(long: bool) -> str:
+    return f"final_values_r{LONG_ROUNDS}.pt" if long else "final_values.pt"
+
+
+def long_overrides(extra: list[str]) -> list[str]:
+    return [*extra, f"rounds={LONG_ROUNDS}", f"eval_every={LONG_EVAL_EVERY}"]
+
+
+def run_cell(method: str, lr: float, seed: int, out: Path, extra: list[str], long: bool = False) -> dict:
+    """One cell at the search budget, or (`long`) the same cell continued from its checkpoint to LONG_ROUNDS."""
     from meerkat_hf.federated import FederationConfig, run_federation
     from meerkat_hf.federated.federation_config import DEFAULT_CONFIG
 
-    overrides = config_overrides(method, lr, seed, out, extra)
+    overrides = config_overrides(method, lr, seed, out, long_overrides(extra) if long else extra)
     config = FederationConfig.from_yaml(DEFAULT_CONFIG, overrides)
     start = time.perf_counter()
     result = run_federation(config)
@@ -273,7 +306,7 @@ def run_cell(method: str, lr: float, seed: int, out: Path, extra: list[str]) -> 
         if r.get("balanced_accuracy") is not None:
             curve.append({"round": r["round"], "forward_passes": passes, **_val(r)})
     # The final state, for `test` (run only for the lrs the validation search chose).
-    torch.save(result.final_values, Path(config.output_dir) / "final_values.pt")
+    torch.save(result.final_values, Path(config.output_dir) / final_values_name(long))
     vp = {}
     if config.scheduler_mode != "none" or config.partition.num_single_label_clients:
         vp = {"limited_clients": sorted(result.limited_clients), "single_label_clients": single_label_clients(config)}
@@ -281,7 +314,8 @@ def run_cell(method: str, lr: float, seed: int, out: Path, extra: list[str]) -> 
         vp["privacy"] = {"epsilon": result.privacy["dp_epsilon"], "delta": result.privacy.get("dp_delta"),
                          "noise_multiplier": result.training_summary.get("dp_noise_multiplier"), "clip": config.dp.clip}
     return {**vp,
-        "cell": cell_name(method, lr, seed), "method": method, "lr": lr, "seed": seed, "k": result.k,
+        "cell": long_name(method, lr, seed) if long else cell_name(method, lr, seed), "method": method, "lr": lr,
+        "seed": seed, "long": long, "k": result.k,
         "num_params": result.num_params, "forward_passes": passes, "rounds": config.rounds,
         "local_steps": config.local_steps, "client_rounds": sum(len(r["accepted"]) for r in rows), "curve": curve, "final_validation": curve[-1],
         "uplink_bytes": result.total_uplink_bytes, "downlink_bytes": result.total_downlink_bytes,
@@ -301,7 +335,7 @@ def single_label_clients(config) -> list[int]:
 
 
 def test_cell(method: str, lr: float, seed: int, out: Path, extra: list[str]) -> dict:
-    """Score a finished cell's final state on the whole test split (chosen lrs only)."""
+    """Score a finished long cell's final state on the whole test split (chosen lrs only)."""
     from meerkat_hf.federated import FederationConfig
     from meerkat_hf.federated.engine import RoundEngine
     from meerkat_hf.federated.federation_config import DEFAULT_CONFIG
@@ -310,9 +344,9 @@ def test_cell(method: str, lr: float, seed: int, out: Path, extra: list[str]) ->
     config = FederationConfig.from_yaml(DEFAULT_CONFIG, overrides)
     start = time.perf_counter()
     engine = RoundEngine(config, evaluate=False)  # the same model/mask/adapter wrapping as the run
-    engine.model.set_values(torch.load(Path(config.output_dir) / "final_values.pt"))
+    engine.model.set_values(torch.load(Path(config.output_dir) / final_values_name(long=True)))
     scores, labels = score_test(engine.model, engine.tokenizer)
-    return {"cell": cell_name(method, lr, seed), "test": test_report(scores, labels, zero_shot(out)),
+    return {"cell": long_name(method, lr, seed), "test": test_report(scores, labels, zero_shot(out)),
             "test_seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -387,7 +421,7 @@ def run(args) -> None:
             with (out / "tests.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
         else:
-            row = run_cell(method, lr, seed, out, args.set)
+            row = run_cell(method, lr, seed, out, args.set, long=kind == "long")
             with (out / "cells.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
         (out / "claims" / f"{name}.lock").unlink(missing_ok=True)
@@ -463,8 +497,9 @@ def chosen_rows(out: Path, methods: list[str], extra: list[str]) -> dict[str, tu
     result = {}
     for name in methods:
         _, chosen = search_state(ALL_METHODS[name], done, extra)
-        rows = [done[cell_name(name, chosen, s)] for s in SEEDS if chosen is not None and cell_name(name, chosen, s) in done]
-        result[name] = (chosen, rows)
+        short = [done[cell_name(name, chosen, s)] for s in SEEDS if chosen is not None and cell_name(name, chosen, s) in done]
+        long = [done[long_name(name, chosen, s)] for s in SEEDS if chosen is not None and long_name(name, chosen, s) in done]
+        result[name] = (chosen, long or short)  # the long cells once any exists: they are what test scores
     return result
 
 
@@ -477,7 +512,8 @@ def table(args) -> str:
              "| method | lr | validation bal. acc: zero-shot -> last round | AUC | worker wall time |", "|---|---|---|---|---|"]
     chosen = chosen_rows(out, args.methods, args.set)
     for name in args.methods:
-        cells = sorted((r for r in done.values() if r["method"] == name and r["seed"] == 0), key=lambda r: r["lr"])
+        cells = sorted((r for r in done.values() if r["method"] == name and r["seed"] == 0 and not r.get("long")),
+                       key=lambda r: r["lr"])
         for r in cells:
             mark = "*" if chosen[name][0] == r["lr"] else ""
             v = r["final_validation"]
@@ -497,24 +533,37 @@ def table(args) -> str:
               "| method | lr | seeds (tested) | balanced acc | macro-F1 | accuracy | gain over zero-shot [95% CI per seed] | "
               "k (trained) | bytes per client-round | paper (Llama-3.2-1B / Qwen2-1.5B) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
+    summary: dict[str, dict] = {}  # what README's three-line summary is rendered from
     for name in args.methods:
         lr, rows = chosen[name]
         if not rows:
             lines.append(f"| {name} | {'searching' if lr is None else f'{lr:g}'} | 0 | | | | | | | |")
             continue
         tested = read_tests(out)
-        t = [tested[r["cell"]]["test"] for r in rows if r["cell"] in tested]
+        t = [tested[r["cell"]]["test"] for r in rows if r.get("long") and r["cell"] in tested]
         if not t:
-            lines.append(f"| {name} | {lr:g} | {len(rows)} (test not scored yet) | | | | | | | |")
+            stage = f"{len(rows)} at {LONG_ROUNDS} rounds" if rows[0].get("long") else f"{len(rows)} at 3 rounds"
+            lines.append(f"| {name} | {lr:g} | {stage} (test not scored yet) | | | | | | | |")
             continue
         gains = ", ".join(f"{g['gain_over_zero_shot']['gain']:+.3f} [{g['gain_over_zero_shot']['gain_ci'][0]:+.3f}, "
                           f"{g['gain_over_zero_shot']['gain_ci'][1]:+.3f}]" for g in t)
         per_client_round = np.mean([(r["uplink_bytes"] + r["downlink_bytes"]) / r.get("client_rounds", r["rounds"] * 10)
                                     for r in rows])
         paper = " / ".join(f"{PAPER[m].get(name, float('nan')):.3f}" if name in PAPER[m] else "-" for m in PAPER)
+        summary[name] = {"lr": lr, "seeds": len(t), "balanced_accuracy": [x["balanced_accuracy"] for x in t],
+                         "gain": [x["gain_over_zero_shot"]["gain"] for x in t],
+                         "gain_ci": [x["gain_over_zero_shot"]["gain_ci"] for x in t]}
         lines.append(f"| {name} | {lr:g} | {len(t)} | {_mean_std([x['balanced_accuracy'] for x in t])} | "
                      f"{_mean_std([x['macro_f1'] for x in t])} | {_mean_std([x['accuracy'] for x in t])} | {gains} | "
                      f"{rows[0]['k']:,} | {format_bytes(int(per_client_round))} | {paper} |")
+    early = [(c, r["test"]) for c, r in read_tests(out).items() if not c.endswith(f"-r{LONG_ROUNDS}")
+             and done.get(c, {}).get("method") in args.methods]
+    if early:
+        lines += ["", "Scored on test at the search budget (3 rounds, 300 steps; before the budget was raised to "
+                  f"{LONG_ROUNDS} rounds): " + "; ".join(
+                      f"{c}: {t['balanced_accuracy']:.3f}, gain {t['gain_over_zero_shot']['gain']:+.3f} "
+                      f"[{t['gain_over_zero_shot']['gain_ci'][0]:+.3f}, {t['gain_over_zero_shot']['gain_ci'][1]:+.3f}]"
+                      for c, t in sorted(early))]
     vp_rows = [(name, rows) for name, (lr, rows) in chosen.items() if rows and "limited_clients" in rows[0]]
     if vp_rows:
         lines += ["", "Who was limited (per seed: limited clients / of them single-label / single-label clients in all; "
@@ -538,6 +587,15 @@ def table(args) -> str:
     text = "\n".join(lines)
     print(text)
     (out / table_file(args.study)).write_text(text + "\n")
+    zs_ba = None
+    if (out / "zero_shot_test.npz").exists():
+        from meerkat_hf.classification_metrics import ClassifierScores
+
+        zs = zero_shot(out)
+        zs_ba = float(ClassifierScores(zs["scores"], zs["labels"]).report()["balanced_accuracy"])
+    (out / table_file(args.study).replace(".md", ".json").replace("table", "summary")).write_text(
+        json.dumps({"zero_shot_balanced_accuracy": zs_ba, "methods": summary,
+                    "searching": [n for n in args.methods if n not in summary]}, indent=1) + "\n")
     return text
 
 
@@ -555,7 +613,7 @@ def plot(args) -> None:
     out = Path(args.out)
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in sorted(read_cells(out).values(), key=lambda r: (r["method"], r["lr"])):  # the search, thin
-        if r["seed"] == 0:
+        if r["seed"] == 0 and not r.get("long"):
             ax.plot([p["forward_passes"] for p in r["curve"]], [p["balanced_accuracy"] for p in r["curve"]],
                     ls="--", lw=0.8, alpha=0.6, label=f"search: {r['method']} lr {r['lr']:g} (seed 0)")
     for name, (lr, rows) in chosen_rows(out, args.methods, args.set).items():
@@ -591,7 +649,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--study", choices=list(STUDIES), default="compare",
                    help="compare: the methods (issue 13 item 1); vp-effect: Meerkat vs Meerkat-VP vs random early "
-                        "stop (issue 13 item 3); dp: example-level DP at epsilon 1/3/8 (issue 14 item 4)")
+                        "stop (issue 13 item 3); dp: example-level DP at epsilon 1/3/8 (issue 14 item 4); all: "
+                        "the three in that order (for `run`)")
     p.add_argument("--methods", type=_methods, default=None,
                    help=f"comma-separated, of {','.join(ALL_METHODS)} (default: the study's)")
     p.add_argument("--set", action="append", default=[], help="a shared FederationConfig override, key=value")

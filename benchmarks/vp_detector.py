@@ -174,6 +174,10 @@ def tune(args) -> None:
     text = "\n".join(lines)
     print(text)
     (Path(args.out) / "detector.md").write_text(text + "\n")
+    rep = confusion(report_set, setting)
+    (Path(args.out) / "detector.json").write_text(json.dumps(
+        {"tune": args.tune, "report": args.report, "tuned_report": rep, "chance_f1": chance,
+         "everyone_f1": 2 * base / (1 + base), "setting": setting}, indent=1) + "\n")
 
 
 def pure_window_probability(n: int, minority: int, window: int) -> float:
@@ -266,6 +270,7 @@ def separability(args) -> None:
     lines = [f"Separability of single-label clients from the GradIP trace ({len(feds)} federations, {int(y.sum())} "
              f"single-label and {int((1 - y).sum())} mixed clients; ROC-AUC, 95% bootstrap interval over federations; "
              f"0.5 = no information)", "", "| statistic (higher = 'single-label') | ROC-AUC | 95% interval |", "|---|---|---|"]
+    record = {"federations": len(feds), "single_label": int(y.sum()), "mixed": int((1 - y).sum()), "auc": {}}
     for name in names:
         x = np.array([r[2][name] for r in rows])
         boots = []
@@ -275,9 +280,11 @@ def separability(args) -> None:
             boots.append(roc_auc(x[idx], y[idx]))
         lo, hi = np.nanquantile(boots, [0.025, 0.975])
         lines.append(f"| {name} | {roc_auc(x, y):.3f} | [{lo:.3f}, {hi:.3f}] |")
+        record["auc"][name] = [roc_auc(x, y), float(lo), float(hi)]
     text = "\n".join(lines)
     print(text)
     (Path(args.out) / "separability.md").write_text(text + "\n")
+    (Path(args.out) / "separability.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
 def plot(args) -> None:

@@ -35,23 +35,41 @@ def _finish(out: Path, compare, method: str, lr: float, seed: int, val: float) -
         f.write(json.dumps(row) + "\n")
 
 
-def test_search_runs_the_grid_then_the_chosen_lrs_other_seeds_then_tests(tmp_path, compare):
+def _finish_long(out: Path, compare, method: str, lr: float, seed: int) -> None:
+    row = {"cell": compare.long_name(method, lr, seed), "method": method, "lr": lr, "seed": seed, "long": True,
+           "final_validation": {"balanced_accuracy": 0.5}, "train_seconds": 1.0}
+    with (out / "cells.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def test_search_then_seeds_then_the_long_budget_then_tests(tmp_path, compare):
     plan = compare.plan(tmp_path, ["meerkat"], [])
     assert [(k, lr, s) for k, _, lr, s in plan] == [("cell", 1e-4, 0), ("cell", 3e-4, 0), ("cell", 1e-3, 0)]
     for lr, val in ((1e-4, 0.74), (3e-4, 0.76), (1e-3, 0.70)):
         _finish(tmp_path, compare, "meerkat", lr, 0, val)
     plan = compare.plan(tmp_path, ["meerkat"], [])
-    # 3e-4 won inside the grid: seeds 1 and 2 run at it, and seed 0's cell is scored on test
-    assert plan == [("cell", "meerkat", 3e-4, 1), ("cell", "meerkat", 3e-4, 2), ("zero-shot", "", 0.0, 0)]
+    # 3e-4 won inside the grid: seeds 1 and 2 at the search budget, seed 0 continued to the long budget
+    assert plan == [("cell", "meerkat", 3e-4, 1), ("cell", "meerkat", 3e-4, 2), ("long", "meerkat", 3e-4, 0)]
+    for s in (1, 2):
+        _finish(tmp_path, compare, "meerkat", 3e-4, s, 0.7)
+    assert compare.plan(tmp_path, ["meerkat"], []) == [("long", "meerkat", 3e-4, s) for s in (0, 1, 2)]
+    _finish_long(tmp_path, compare, "meerkat", 3e-4, 0)
+    # a finished long cell is scored on test, zero-shot first; the search-budget cells never are
+    assert compare.plan(tmp_path, ["meerkat"], [])[-1] == ("zero-shot", "", 0.0, 0)
     (tmp_path / "zero_shot_test.npz").write_bytes(b"")
     assert compare.plan(tmp_path, ["meerkat"], [])[-1] == ("test", "meerkat", 3e-4, 0)
+    assert compare.task_name("test", "meerkat", 3e-4, 0) == f"test-meerkat-lr3e-4-s0-r{compare.LONG_ROUNDS}"
+    # the long cell continues the search cell's folder (its checkpoint) with more rounds
+    overrides = compare.config_overrides("meerkat", 3e-4, 0, tmp_path, compare.long_overrides([]))
+    assert f"rounds={compare.LONG_ROUNDS}" in overrides
+    assert overrides[-1] == compare.config_overrides("meerkat", 3e-4, 0, tmp_path, [])[-1]
 
 
 def test_one_methods_row_is_finished_before_the_next_methods_search(tmp_path, compare):
     for lr, val in ((1e-4, 0.74), (3e-4, 0.76), (1e-3, 0.70)):
         _finish(tmp_path, compare, "meerkat", lr, 0, val)
     plan = compare.plan(tmp_path, ["meerkat", "magnitude"], [])
-    assert plan[:3] == [("cell", "meerkat", 3e-4, 1), ("cell", "meerkat", 3e-4, 2), ("zero-shot", "", 0.0, 0)]
+    assert plan[:3] == [("cell", "meerkat", 3e-4, 1), ("cell", "meerkat", 3e-4, 2), ("long", "meerkat", 3e-4, 0)]
     assert [t[1] for t in plan[3:]] == ["magnitude"] * 3
 
 
@@ -122,7 +140,7 @@ def test_the_vp_effect_study_runs_its_fixed_lr_without_a_search(tmp_path, compar
     for name in names:
         _finish(tmp_path, compare, name, 3e-4, 0, 0.7)  # a 1-point grid is never extended
     plan = compare.plan(tmp_path, names, [])
-    assert plan[:3] == [("cell", names[0], 3e-4, 1), ("cell", names[0], 3e-4, 2), ("zero-shot", "", 0.0, 0)]
+    assert plan[:3] == [("cell", names[0], 3e-4, 1), ("cell", names[0], 3e-4, 2), ("long", names[0], 3e-4, 0)]
     assert {t[1] for t in plan if t[0] == "cell"} == set(names)
     overrides = compare.config_overrides("vp-gradip", 3e-4, 0, tmp_path, [])
     assert "algorithm=meerkat-vp" in overrides and "partition.num_single_label_clients=3" in overrides
