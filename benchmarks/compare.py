@@ -594,7 +594,9 @@ def table(args) -> str:
         zs = zero_shot(out)
         zs_ba = float(ClassifierScores(zs["scores"], zs["labels"]).report()["balanced_accuracy"])
     (out / table_file(args.study).replace(".md", ".json").replace("table", "summary")).write_text(
-        json.dumps({"zero_shot_balanced_accuracy": zs_ba, "methods": summary,
+        json.dumps({"zero_shot_balanced_accuracy": zs_ba, "methods": summary, "long_rounds": LONG_ROUNDS,
+                    "search_budget_tests": {c: {"gain": t["gain_over_zero_shot"]["gain"],
+                                                "gain_ci": t["gain_over_zero_shot"]["gain_ci"]} for c, t in early},
                     "searching": [n for n in args.methods if n not in summary]}, indent=1) + "\n")
     return text
 

@@ -24,6 +24,8 @@ byte for byte as it is. The sources, all under benchmarks/results/:
     vp_ceiling     vp_detector/ceiling.md          (vp_detector.py ceiling: partitions only)
     vp_effect      compare/table_vp_effect.md      (compare.py --study vp-effect table)
     dp_utility     compare/table_dp.md             (compare.py --study dp table)
+    paper_summary  (README) compare/summary.json, vp_detector/separability.json + detector.json,
+                   compare/summary_dp.json if the dp study has been tabled
 
     python benchmarks/render_results.py            # rewrite the blocks in place
     python benchmarks/render_results.py --check    # exit 1 naming each stale block (for CI)
@@ -437,6 +439,44 @@ def render_vp_detector(rec: Records) -> str:
     return rec.path("vp_detector/detector.md").read_text().rstrip("\n")
 
 
+def render_paper_summary(rec: Records) -> str:
+    """README's three lines on issue 13/14: the comparison, the detector, DP, from their recorded summaries."""
+    cmp_ = rec.json("compare/summary.json")
+    sep, det = rec.json("vp_detector/separability.json"), rec.json("vp_detector/detector.json")
+    rows = []
+    for name, m in cmp_["methods"].items():
+        gains = m["gain"]
+        mean = statistics.fmean(gains)
+        if len(gains) > 1:
+            half = T975[len(gains) - 1] * statistics.stdev(gains) / math.sqrt(len(gains))
+            rows.append(f"{name} (lr {m['lr']:g}) {mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}] over {len(gains)} seeds")
+        else:
+            lo, hi = m["gain_ci"][0]
+            rows.append(f"{name} (lr {m['lr']:g}) {mean:+.3f} [{lo:+.3f}, {hi:+.3f}], 1 seed")
+    early = "; ".join(f"{c} {v['gain']:+.3f} [{v['gain_ci'][0]:+.3f}, {v['gain_ci'][1]:+.3f}]"
+                      for c, v in sorted(cmp_.get("search_budget_tests", {}).items()))
+    line1 = (f"- **The paper's comparison** (`benchmarks/compare.py`, 10 clients, Dirichlet 0.5, T = 10; test balanced-accuracy "
+             f"gain over zero-shot {cmp_['zero_shot_balanced_accuracy']:.3f} after {cmp_['long_rounds']} rounds): "
+             + ("; ".join(rows) if rows else "no method's long cells scored yet")
+             + (f". At the search budget (3 rounds) no test gain: {early}" if early else "")
+             + (f". Still measuring: {', '.join(cmp_['searching'])}." if cmp_["searching"] else "."))
+    d = sep["auc"].get("decay: early / late mean abs(GradIP)")
+    rep = det["tuned_report"]
+    line2 = (f"- **Meerkat-VP's detector** (`benchmarks/vp_detector.py`, T = 10 at the training lr): GradIP does not tell "
+             f"single-label clients from mixed ones on this model, ROC-AUC {d[0]:.2f} [{d[1]:.2f}, {d[2]:.2f}] over "
+             f"{sep['federations']} federations (0.5 = no information); tuned F1 {rep['f1']:.2f} on fresh federations vs "
+             f"{det['chance_f1']:.2f} for random flags and {det['everyone_f1']:.2f} for flagging everyone.")
+    dp_path = rec.dir / "compare" / "summary_dp.json"
+    if dp_path.is_file():
+        dp = json.loads(dp_path.read_text())
+        done = [f"{n} {statistics.fmean(m['gain']):+.3f}" for n, m in dp["methods"].items() if n.startswith(("dp-", "site"))]
+        line3 = ("- **Differential privacy** (`compare.py --study dp`, test gain over zero-shot): "
+                 + ("; ".join(done) if done else "no DP cell scored yet") + ".")
+    else:
+        line3 = "- **Differential privacy** (`compare.py --study dp`): utility at epsilon 1/3/8 not measured yet (queued after the comparison)."
+    return "\n".join((line1, line2, line3))
+
+
 def _recorded(relative: str) -> Callable[[Records], str]:
     """A block that is one markdown file a benchmark command wrote under benchmarks/results/."""
     def render(rec: Records) -> str:
@@ -446,6 +486,7 @@ def _recorded(relative: str) -> Callable[[Records], str]:
 
 
 RENDERERS: dict[str, Callable[[Records], str]] = {
+    "paper_summary": render_paper_summary,
     "vp_separability": _recorded("vp_detector/separability.md"),
     "vp_cal_separability": _recorded("vp_detector_cal/separability.md"),
     "vp_ceiling": _recorded("vp_detector/ceiling.md"),
