@@ -65,6 +65,9 @@ class Method:
     lrs: tuple[float, ...]  # the search grid, half a decade apart, centred on the prior value
     why: str
     extend: bool = True  # a winner at the grid's edge gets one more point beyond it (False: a fixed lr)
+    # the long cells continue the search-budget cells (False: they run from scratch in their own folder;
+    # a target epsilon's noise is solved for the whole run's rounds, so a DP run cannot be extended)
+    continues: bool = True
 
 
 # Grids: every one is 3 points x sqrt(10) apart around a value from ../shared/ZO_REFERENCES.md or our study.
@@ -104,10 +107,11 @@ _DP = ("algorithm=meerkat", f"dp.clip={DP_CLIP:g}", "dp.delta=1e-5")
 SITE_SHAPE = ("num_clients=1", "partition.scheme=iid", "local_steps=100")
 DP_METHODS = {
     **{f"dp-eps{e}": Method(f"dp-eps{e}", (*_DP, f"dp.target_epsilon={e}"), (1e-4, 3e-4, 1e-3),
-                            f"Meerkat, example-level DP at epsilon {e}, 10 clients") for e in DP_EPSILONS},
+                            f"Meerkat, example-level DP at epsilon {e}, 10 clients", continues=False) for e in DP_EPSILONS},
     "site": Method("site", ("algorithm=meerkat", *SITE_SHAPE), (1e-4, 3e-4, 1e-3), "Meerkat, one site, no DP"),
     **{f"site-dp-eps{e}": Method(f"site-dp-eps{e}", (*_DP, f"dp.target_epsilon={e}", *SITE_SHAPE), (1e-4, 3e-4, 1e-3),
-                                 f"Meerkat, one site, example-level DP at epsilon {e}") for e in DP_EPSILONS},
+                                 f"Meerkat, one site, example-level DP at epsilon {e}", continues=False)
+       for e in DP_EPSILONS},
 }
 STUDIES = {"compare": METHODS, "vp-effect": VP_METHODS, "dp": {"meerkat": METHODS["meerkat"], **DP_METHODS}}
 ALL_METHODS = {**METHODS, **VP_METHODS, **DP_METHODS}
@@ -199,7 +203,9 @@ def plan(out: Path, methods: list[str], extra: list[str]) -> list[tuple[str, str
         tasks += [("cell", name, lr, 0) for lr in todo]
         if chosen is None:
             continue
-        short = [s for s in SEEDS if cell_name(name, chosen, s) not in done]
+        # seeds 1-2 at the search budget are the first rounds of their long cells; a method whose
+        # long cells start from scratch (DP) goes straight to them
+        short = [s for s in SEEDS if cell_name(name, chosen, s) not in done] if ALL_METHODS[name].continues else []
         tasks += [("cell", name, chosen, s) for s in short]
         tasks += [("long", name, chosen, s) for s in SEEDS
                   if s not in short and long_name(name, chosen, s) not in done]
@@ -219,9 +225,10 @@ def task_name(kind: str, method: str, lr: float, seed: int) -> str:
     return cell_name(method, lr, seed)
 
 
-def config_overrides(method: str, lr: float, seed: int, out: Path, extra: list[str]) -> list[str]:
-    return [*COMMON, *ALL_METHODS[method].overrides, f"lr={lr:g}", f"seed={seed}", *extra,
-            f"output_dir={out / 'cells' / cell_name(method, lr, seed)}"]
+def config_overrides(method: str, lr: float, seed: int, out: Path, extra: list[str], long: bool = False) -> list[str]:
+    folder = long_name(method, lr, seed) if long and not ALL_METHODS[method].continues else cell_name(method, lr, seed)
+    return [*COMMON, *ALL_METHODS[method].overrides, f"lr={lr:g}", f"seed={seed}", *(long_overrides(extra) if long else extra),
+            f"output_dir={out / 'cells' / folder}"]
 
 
 def reproduce_command(overrides: list[str]) -> str:
@@ -293,7 +300,7 @@ def run_cell(method: str, lr: float, seed: int, out: Path, extra: list[str], lon
     from meerkat_hf.federated import FederationConfig, run_federation
     from meerkat_hf.federated.federation_config import DEFAULT_CONFIG
 
-    overrides = config_overrides(method, lr, seed, out, long_overrides(extra) if long else extra)
+    overrides = config_overrides(method, lr, seed, out, extra, long=long)
     config = FederationConfig.from_yaml(DEFAULT_CONFIG, overrides)
     start = time.perf_counter()
     result = run_federation(config)
@@ -340,7 +347,7 @@ def test_cell(method: str, lr: float, seed: int, out: Path, extra: list[str]) ->
     from meerkat_hf.federated.engine import RoundEngine
     from meerkat_hf.federated.federation_config import DEFAULT_CONFIG
 
-    overrides = config_overrides(method, lr, seed, out, extra)
+    overrides = config_overrides(method, lr, seed, out, extra, long=True)
     config = FederationConfig.from_yaml(DEFAULT_CONFIG, overrides)
     start = time.perf_counter()
     engine = RoundEngine(config, evaluate=False)  # the same model/mask/adapter wrapping as the run

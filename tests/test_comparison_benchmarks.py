@@ -60,7 +60,7 @@ def test_search_then_seeds_then_the_long_budget_then_tests(tmp_path, compare):
     assert compare.plan(tmp_path, ["meerkat"], [])[-1] == ("test", "meerkat", 3e-4, 0)
     assert compare.task_name("test", "meerkat", 3e-4, 0) == f"test-meerkat-lr3e-4-s0-r{compare.LONG_ROUNDS}"
     # the long cell continues the search cell's folder (its checkpoint) with more rounds
-    overrides = compare.config_overrides("meerkat", 3e-4, 0, tmp_path, compare.long_overrides([]))
+    overrides = compare.config_overrides("meerkat", 3e-4, 0, tmp_path, [], long=True)
     assert f"rounds={compare.LONG_ROUNDS}" in overrides
     assert overrides[-1] == compare.config_overrides("meerkat", 3e-4, 0, tmp_path, [])[-1]
 
@@ -173,3 +173,14 @@ def test_separability_scores_a_decaying_trace_above_an_oscillating_one(tmp_path)
     table = (tmp_path / "separability.md").read_text()
     decay_row = next(line for line in table.splitlines() if line.startswith("| decay"))
     assert float(decay_row.split("|")[2]) == 1.0  # every decaying client ranks above every oscillating one
+
+
+def test_dp_rows_run_their_long_cells_from_scratch(tmp_path, compare):
+    # a target epsilon's noise is solved for the run's rounds: a DP cell is never extended
+    for lr, val in ((1e-4, 0.74), (3e-4, 0.76), (1e-3, 0.70)):
+        _finish(tmp_path, compare, "dp-eps8", lr, 0, val)
+    assert compare.plan(tmp_path, ["dp-eps8"], []) == [("long", "dp-eps8", 3e-4, s) for s in (0, 1, 2)]
+    long = compare.config_overrides("dp-eps8", 3e-4, 0, tmp_path, [], long=True)
+    short = compare.config_overrides("dp-eps8", 3e-4, 0, tmp_path, [])
+    assert long[-1] != short[-1] and long[-1].endswith(compare.long_name("dp-eps8", 3e-4, 0))
+    assert "dp.target_epsilon=8" in long and f"rounds={compare.LONG_ROUNDS}" in long

@@ -261,3 +261,21 @@ def test_class_balanced_loss_uses_the_federation_label_prior(tmp_path, assets):
     assert b.training_summary["loss"] == "class-balanced candidate cross-entropy"
     with pytest.raises(ConfigError, match="task.loss must be one of candidates, balanced"):
         _config(tmp_path, assets, task={"loss": "focal"})
+
+
+def test_a_dp_run_cannot_be_resumed_with_other_privacy_settings_or_more_rounds():
+    from meerkat_hf.federated.checkpoint import check_resumable
+
+    base = {"algorithm": "meerkat", "rounds": 3, "lr_schedule": "constant",
+            "dp": {"clip": 4.4, "target_epsilon": 1.0, "delta": 1e-5}}
+    check_resumable(base, dict(base), "m", "m")  # the same run: fine
+    # the multiplier was solved for 3 rounds: 10 would spend more than the target under one accountant
+    with pytest.raises(ValueError, match=r"\['rounds'\]"):
+        check_resumable(base, {**base, "rounds": 10}, "m", "m")
+    with pytest.raises(ValueError, match=r"dp\.clip"):
+        check_resumable(base, {**base, "dp": {**base["dp"], "clip": 1.0}}, "m", "m")
+    # without a target epsilon more rounds are allowed (a fixed multiplier composes step by step)
+    fixed = {**base, "dp": {"clip": 4.4, "noise_multiplier": 1.0, "delta": 1e-5}}
+    check_resumable(fixed, {**fixed, "rounds": 10}, "m", "m")
+    plain = {"algorithm": "meerkat", "rounds": 3, "lr_schedule": "constant"}
+    check_resumable(plain, {**plain, "rounds": 10}, "m", "m")

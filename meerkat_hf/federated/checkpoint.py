@@ -43,6 +43,9 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be trusted (damaged, truncated, or not a checkpoint)."""
 _NAME = re.compile(r"round_(\d+)\.pt$")
 
+# Differential-privacy settings that must not change when a run is resumed: the accountant composes
+# every step under one clip, noise and delta.
+DP_KEYS = ("clip", "noise_multiplier", "target_epsilon", "delta", "central_noise_multiplier", "noise_seed")
 # Settings that must not change when a run is resumed (the rest, e.g. `rounds`, may).
 PROTOCOL_KEYS = ("algorithm", "num_clients", "client_fraction", "local_steps", "lr", "lr_schedule", "lr_min_ratio",
                  "weight_decay", "eps", "q", "batch_size", "max_length", "seed")
@@ -143,7 +146,14 @@ def load_latest_checkpoint(output_dir: str | os.PathLike) -> dict | None:
 def check_resumable(saved_config: dict, config: dict, saved_checksum: str, checksum: str) -> None:
     if saved_checksum != checksum:
         raise ValueError("cannot resume: the checkpoint was made with another mask (checksum differs)")
-    keys = PROTOCOL_KEYS + (("rounds",) if config.get("lr_schedule") != "constant" else ())  # the schedule spans `rounds`
+    dp_saved, dp_now = saved_config.get("dp") or {}, config.get("dp") or {}
+    # `rounds` is part of the protocol when something is solved over the whole run: an lr schedule
+    # spans it, and a target epsilon's noise multiplier is solved for it (resuming with more rounds
+    # would mix two multipliers under one accountant and report less privacy spent than was)
+    spans = config.get("lr_schedule") != "constant" or any(
+        d.get("target_epsilon") is not None for d in (dp_saved, dp_now))
+    keys = PROTOCOL_KEYS + (("rounds",) if spans else ())
     changed = [k for k in keys if saved_config.get(k) != config.get(k)]
+    changed += [f"dp.{k}" for k in DP_KEYS if dp_saved.get(k) != dp_now.get(k)]  # the accountant's inputs
     if changed:
         raise ValueError(f"cannot resume: settings {changed} differ from the checkpointed run")
