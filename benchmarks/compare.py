@@ -117,9 +117,10 @@ STUDIES = {"compare": METHODS, "vp-effect": VP_METHODS, "dp": {"meerkat": METHOD
 ALL_METHODS = {**METHODS, **VP_METHODS, **DP_METHODS}
 STUDIES["all"] = ALL_METHODS  # `run --study all`: the workers go on from one study to the next
 SEEDS = (0, 1, 2)
-# The final budget. 300 steps (the search's) moved no method's *test* score: Meerkat at its chosen lr,
-# seed 0, 0.738 -> 0.738, gain +0.000 [-0.008, +0.008] over zero-shot, while the single-site study
-# needed ~700 steps for +0.02. So each chosen-lr cell (seeds 0-2) is continued from its round-3
+# The final budget. At 300 steps (the search's) Meerkat's chosen lr moved *test* balanced accuracy by
+# +0.000 / +0.013 / +0.010 (seeds 0-2; mean +0.008, 95% t-interval over seeds [-0.010, +0.025]): too
+# little against the spread between seeds to separate methods; the single-site study reached +0.02
+# at ~700 steps. So each chosen-lr cell (seeds 0-2) is continued from its round-3
 # checkpoint to LONG_ROUNDS rounds (1,000 local steps per client set; rounds 1-3 are the very bits
 # of the search cell), evaluated on validation every LONG_EVAL_EVERY rounds, and only those long
 # cells are scored on test.
