@@ -34,10 +34,12 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer
-from transformers.trainer_utils import EvalPrediction
+from transformers.trainer_callback import TrainerState
+from transformers.trainer_utils import EvalPrediction, get_last_checkpoint
 from transformers.utils.generic import can_return_loss, find_labels
 
 from . import privacy, zo
+from .trainer_privacy import NOISE_STREAM, EmptyAware, PoissonBatches, check_dp_resume, dp_state, save_dp_state
 from .classification_metrics import balanced_accuracy, macro_f1
 from .metrics import accuracy
 from .model import DELTA_WEIGHTS_NAME, MeerkatModel, forward_module
@@ -106,7 +108,8 @@ class MeerkatZOTrainer(Trainer):
         self._fix_model_introspection()
         self._prepare_forward_only()
         self.dp: privacy.ExampleDP | None = None  # set by train() when args.dp_enabled
-        self._dp_generator: torch.Generator | None = None
+        self._dp_record: dict | None = None  # what a checkpoint records for the accountant (trainer_privacy)
+        self._dp_first_batch = 0  # the global step of the Poisson sampler's first batch
         if self.args.dp_enabled and self.accelerator.num_processes > 1:
             raise ValueError("differential privacy in MeerkatZOTrainer runs in one process (the Poisson batch and the "
                              "noise are drawn once per step); launch without data parallelism")
@@ -157,10 +160,24 @@ class MeerkatZOTrainer(Trainer):
             self._signature_columns = columns + list(set(["label", "label_ids"] + self.label_names))
 
     # -- differential privacy --------------------------------------------------------------
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        checkpoint = self._resume_folder(resume_from_checkpoint)
         if self.args.dp_enabled:
-            self._setup_dp()
-        return super().train(*args, **kwargs)
+            self._setup_dp(checkpoint)
+        elif checkpoint is not None:
+            check_dp_resume(checkpoint, None)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _resume_folder(self, resume_from_checkpoint) -> str | None:
+        """The checkpoint folder `train(resume_from_checkpoint=...)` will load (Trainer's own rule), or None."""
+        if resume_from_checkpoint is None or resume_from_checkpoint is False:
+            return None
+        if isinstance(resume_from_checkpoint, bool):
+            folder = get_last_checkpoint(self.args.output_dir)
+            if folder is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+            return folder
+        return str(resume_from_checkpoint)
 
     def _dp_planned_steps(self, num_examples: int) -> int:
         a = self.args
@@ -169,21 +186,28 @@ class MeerkatZOTrainer(Trainer):
         per_epoch = math.ceil(num_examples / a.per_device_train_batch_size)
         return max(1, math.ceil(a.num_train_epochs * per_epoch))
 
-    def _setup_dp(self) -> None:
+    def _setup_dp(self, checkpoint: str | None = None) -> None:
         """Resolve the noise multiplier (solving a target epsilon) before the first step: an unreachable
-        target is an error now, not after training."""
+        target, or a resume with other privacy settings (`trainer_privacy`), is an error now, not after training."""
         a = self.args
         if self.train_dataset is None or not hasattr(self.train_dataset, "__len__"):
             raise ValueError("differential privacy needs a train_dataset with a length (the Poisson rate is batch / n)")
         n, batch = len(self.train_dataset), a.per_device_train_batch_size
-        sigma = a.dp_noise_multiplier
+        sigma, planned = a.dp_noise_multiplier, self._dp_planned_steps(n)
         if sigma is None:
-            sigma = privacy.solve_noise_multiplier(a.dp_target_epsilon, a.dp_delta, min(1.0, batch / n),
-                                                   self._dp_planned_steps(n))
+            sigma = privacy.solve_noise_multiplier(a.dp_target_epsilon, a.dp_delta, min(1.0, batch / n), planned)
         else:
             privacy.require_accountant()  # epsilon is reported live: fail now if the extra is missing
-        self.dp = privacy.ExampleDP(float(a.dp_clip), float(sigma), batch, n, a.dp_noise_seed)
-        self._dp_generator = self.dp.generator(0)
+        dp = privacy.ExampleDP(float(a.dp_clip), float(sigma), batch, n, a.dp_noise_seed)
+        record = dp_state(dp, a.dp_delta, a.dp_target_epsilon, planned)
+        self._dp_first_batch = 0
+        if checkpoint is not None:
+            check_dp_resume(checkpoint, record)
+            # Trainer fast-forwards through the resumed epoch's trained batches: the sampler starts at the
+            # epoch's first step so that they are re-drawn from their own keys (see PoissonBatches)
+            done = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json")).global_step
+            self._dp_first_batch = done if a.ignore_data_skip else done - done % math.ceil(n / batch)
+        self.dp, self._dp_record = dp, record
         logger.info("example-level DP: clip %g, noise multiplier %.4g, Poisson rate %.4g, delta %g",
                     self.dp.clip, sigma, self.dp.sample_rate, a.dp_delta)
 
@@ -199,8 +223,8 @@ class MeerkatZOTrainer(Trainer):
             dataset = self._remove_unused_columns(dataset, description="Training")
         else:
             collator = self._get_collator_with_removed_columns(collator, description="Training")
-        sampler = _PoissonBatches(len(dataset), self.dp, self._dp_generator)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=_EmptyAware(collator),
+        sampler = PoissonBatches(len(dataset), self.dp, self._dp_first_batch)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=EmptyAware(collator),
                                              num_workers=0, pin_memory=self.args.dataloader_pin_memory)
         return self.accelerator.prepare(loader)
 
@@ -217,6 +241,7 @@ class MeerkatZOTrainer(Trainer):
         seeds, directions = self._step_directions()
         losses: list[torch.Tensor] = []
         empty = "input_ids" not in inputs
+        noise = self.dp.generator(NOISE_STREAM, self.state.global_step)  # this step's own stream: never reused
 
         def loss_fn() -> torch.Tensor:
             per_example = self._per_example_loss(model, inputs).detach()
@@ -227,7 +252,7 @@ class MeerkatZOTrainer(Trainer):
         for z in directions:
             per_example = (torch.zeros(0, dtype=torch.float64) if empty else
                            zo.projected_gradients_per_example(self.meerkat_model, loss_fn, z, float(self.args.zo_eps)))
-            grads.append(privacy.private_scalar(per_example, self.dp, self._dp_generator)[0])
+            grads.append(privacy.private_scalar(per_example, self.dp, noise)[0])
         self.zo_optimizer.accumulate(seeds, grads, directions)
         if not losses:
             return torch.zeros((), device=self.args.device)
@@ -369,6 +394,8 @@ class MeerkatZOTrainer(Trainer):
                             "dp_clip": self.dp.clip, "dp_noise_multiplier": self.dp.noise_multiplier,
                             "dp_epsilon": self.dp_epsilon(), "dp_delta": self.args.dp_delta})
         self.meerkat_model.save_pretrained(output_dir, training_summary=summary)
+        if self._dp_record is not None:  # what a resume must not change (trainer_privacy)
+            save_dp_state(output_dir, self._dp_record)
         logger.info("saved Meerkat sparse delta (k=%d) to %s", self.meerkat_model.num_selected, output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
@@ -391,30 +418,6 @@ class MeerkatZOTrainer(Trainer):
     def _load_best_model(self) -> None:
         logger.info("loading best model from %s (score: %s)", self.state.best_model_checkpoint, self.state.best_metric)
         self._load_delta(self.state.best_model_checkpoint)
-
-
-class _PoissonBatches:
-    """A batch sampler drawing Poisson batches from the private generator; `len` is ceil(n / B) steps an epoch."""
-
-    def __init__(self, num_examples: int, dp: privacy.ExampleDP, generator: torch.Generator):
-        self.num_examples, self.dp, self.generator = num_examples, dp, generator
-
-    def __len__(self) -> int:
-        return math.ceil(self.num_examples / self.dp.batch_size)
-
-    def __iter__(self):
-        for _ in range(len(self)):
-            yield privacy.poisson_indices(self.num_examples, self.dp.sample_rate, self.generator)
-
-
-class _EmptyAware:
-    """The data collator, except that an empty Poisson batch becomes {} (a noise-only step)."""
-
-    def __init__(self, collator):
-        self.collator = collator
-
-    def __call__(self, features):
-        return self.collator(features) if features else {}
 
 
 def _class_weights(given, num_classes: int, train_dataset) -> torch.Tensor:

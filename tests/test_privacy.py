@@ -263,6 +263,92 @@ def test_trainer_dp_target_epsilon_and_bad_settings(tmp_path, one_thread):
     assert trainer.dp_epsilon() <= 2.0 and trainer.dp.noise_multiplier > 0
 
 
+def _dp_trainer_run(output_dir, resume=None, data=None, **overrides):
+    from test_trainer import cyclic_dataset, meerkat, zo_args
+    from meerkat_hf.trainer import MeerkatZOTrainer
+
+    model = meerkat()
+    settings = dict(max_steps=6, per_device_train_batch_size=2, save_strategy="steps", save_steps=3,
+                    dp_clip=1.0, dp_noise_multiplier=1.0, dp_noise_seed=3)
+    settings.update(overrides)
+    trainer = MeerkatZOTrainer(model=model, args=zo_args(output_dir, **{k: v for k, v in settings.items() if v is not None}),
+                               train_dataset=data if data is not None else cyclic_dataset(8))
+    trainer.train(resume_from_checkpoint=resume)
+    return model, trainer
+
+
+def test_trainer_dp_resume_draws_fresh_noise_and_is_the_uninterrupted_run(tmp_path, one_thread, monkeypatch):
+    """Every step has its own private streams (noise, Poisson batch) keyed by the global step: a
+    resumed run never re-draws released noise, and a seeded run resumed mid-epoch (step 3 of a 4-step
+    epoch) is the uninterrupted run bit for bit."""
+    pytest.importorskip("opacus")
+    from meerkat_hf import trainer_privacy
+
+    keys = {"noise": [], "batch": []}
+    real_scalar, real_poisson = privacy.private_scalar, privacy.poisson_indices
+
+    def scalar(per_example, dp, generator):
+        keys["noise"].append(generator.initial_seed())
+        return real_scalar(per_example, dp, generator)
+
+    def poisson(n, rate, generator):
+        keys["batch"].append(generator.initial_seed())
+        return real_poisson(n, rate, generator)
+
+    monkeypatch.setattr(privacy, "private_scalar", scalar)
+    monkeypatch.setattr(privacy, "poisson_indices", poisson)
+    full, trainer = _dp_trainer_run(tmp_path / "a")
+    first = {k: list(v) for k, v in keys.items()}
+    assert len(set(first["noise"])) == 6 and len(set(first["batch"])) >= 6  # one stream per step, none shared
+    assert json.loads((tmp_path / "a" / "checkpoint-3" / trainer_privacy.DP_STATE_NAME).read_text())["clip"] == 1.0
+
+    for k in keys:
+        keys[k].clear()
+    resumed, trainer2 = _dp_trainer_run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-3"))
+    assert keys["noise"] == first["noise"][3:]  # steps 4-6: their own streams, not steps 1-3's again
+    assert torch.equal(resumed.values, full.values)
+    assert trainer2.dp_epsilon() == pytest.approx(trainer.dp_epsilon(), rel=1e-12)
+
+
+def test_trainer_dp_resume_refuses_other_privacy_settings(tmp_path, one_thread):
+    """Resuming with another clip, delta, multiplier or seed, with DP switched on or off, or (with a
+    target epsilon) with more steps than the noise was solved for is refused before any step; a fixed
+    multiplier may be extended, and its epsilon composes over every step."""
+    pytest.importorskip("opacus")
+    from test_trainer import meerkat, zo_args
+    from meerkat_hf.trainer import MeerkatZOTrainer
+
+    _dp_trainer_run(tmp_path / "a")
+    ckpt = str(tmp_path / "a" / "checkpoint-3")
+    for change, message in (({"dp_clip": 2.0}, "clip"), ({"dp_delta": 1e-6}, "delta"),
+                            ({"dp_noise_multiplier": 2.0}, "noise_multiplier"), ({"dp_noise_seed": 4}, "noise_seed"),
+                            ({"dp_clip": None, "dp_noise_multiplier": None, "dp_noise_seed": None},
+                             "without differential privacy")):
+        model = meerkat()
+        before = model.values.clone()
+        settings = dict(max_steps=6, per_device_train_batch_size=2, dp_clip=1.0, dp_noise_multiplier=1.0, dp_noise_seed=3)
+        settings.update(change)
+        from test_trainer import cyclic_dataset
+        trainer = MeerkatZOTrainer(model=model, args=zo_args(tmp_path / "x", **{k: v for k, v in settings.items()
+                                                                              if v is not None}),
+                                   train_dataset=cyclic_dataset(8))
+        with pytest.raises(ValueError, match=message):
+            trainer.train(resume_from_checkpoint=ckpt)
+        assert torch.equal(model.values, before)
+
+    _dp_trainer_run(tmp_path / "plain", dp_clip=None, dp_noise_multiplier=None, dp_noise_seed=None)
+    with pytest.raises(ValueError, match="trained without it"):
+        _dp_trainer_run(tmp_path / "y", resume=str(tmp_path / "plain" / "checkpoint-3"))
+
+    _dp_trainer_run(tmp_path / "target", dp_noise_multiplier=None, dp_target_epsilon=8.0)
+    with pytest.raises(ValueError, match="planned steps"):
+        _dp_trainer_run(tmp_path / "z", resume=str(tmp_path / "target" / "checkpoint-3"), max_steps=9,
+                        dp_noise_multiplier=None, dp_target_epsilon=8.0)
+    _, longer = _dp_trainer_run(tmp_path / "w", resume=ckpt, max_steps=9)
+    assert longer.state.global_step == 9
+    assert longer.dp_epsilon() == pytest.approx(privacy.gaussian_epsilon(1.0, 0.25, 9, 1e-5), rel=1e-12)
+
+
 def test_private_federation_example_runs(tmp_path, capsys):
     """examples/configs/private_federation.yaml, as its comment runs it, on a tiny model."""
     pytest.importorskip("opacus")
