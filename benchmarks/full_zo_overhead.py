@@ -9,9 +9,10 @@ statistic to ~1e-16), and prints a markdown table:
 
     python benchmarks/full_zo_overhead.py [--k 106203456] [--repeat 3]
 
-The Gaussian draw itself (torch.randn from a seeded CPU generator) is the protocol's and is not
-changed: it is drawn once by the client, once by the server's replay and, for a client that
-catches up, once more.
+The Gaussian draw is the protocol's: once by the client, once by the server's replay and, for a
+client that catches up, once more. Since wire version 2 a direction longer than
+`zo.DIRECTION_CHUNK` is drawn in seeded chunks that threads fill in parallel; `--threads N` times
+it on N threads against the one sequential stream of version 1.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--k", type=int, default=106_203_456)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2, help="threads for the chunked draw row")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     k, eps = args.k, 1e-3
@@ -57,9 +59,19 @@ def main(argv: list[str] | None = None) -> None:
         torch.mul(z, eps, out=buf).add_(w)
         torch.sub(w, torch.mul(z, eps, out=buf), out=buf)
 
+    def draw_v1():  # one Mersenne Twister stream (wire version 1)
+        torch.randn(k, generator=torch.Generator().manual_seed(7), out=z)
+
+    def draw_chunked():
+        torch.set_num_threads(args.threads)
+        try:
+            gaussian_direction(7, k, out=z)
+        finally:
+            torch.set_num_threads(1)
+
     rows = [
-        ("draw z (protocol, unchanged)", "per step x (1 client + 1 server [+ 1 catch-up])",
-         _time(lambda: gaussian_direction(7, k, out=z), args.repeat), None),
+        (f"draw z: one stream (v1) / seeded chunks on {args.threads} threads (v2)",
+         "per step x (1 client + 1 server [+ 1 catch-up])", _time(draw_v1, args.repeat), _time(draw_chunked, args.repeat)),
         ("two perturbed states w +- eps z", "per step (client)", _time(perturb_before, args.repeat),
          _time(perturb_after, args.repeat)),
         ("GradIP g <g_p, z> in float64", "per step (server replay)",
@@ -71,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
          _time(lambda: hashlib.blake2b(w.numpy().tobytes(), digest_size=8).digest(), args.repeat),
          _time(lambda: state_digest(w), args.repeat)),
     ]
-    print(f"k = {k:,}, one torch thread, mean of {args.repeat}\n")
+    print(f"k = {k:,}, one torch thread (the draw row: as stated), mean of {args.repeat}\n")
     print("| operation | how often | before (s) | now (s) | speed-up |")
     print("|---|---|---|---|---|")
     for name, often, before, after in rows:

@@ -3,7 +3,8 @@
 This module knows nothing of Trainer or federation. Its contract is determinism:
 
 * a perturbation is `torch.randn(k, generator=Generator("cpu").manual_seed(seed))`, drawn on
-  the CPU so CPUs and every GPU model agree bit for bit;
+  the CPU so CPUs and every GPU model agree bit for bit (above `DIRECTION_CHUNK` values, in
+  independently seeded chunks that threads fill in parallel);
 * the sparse state `w_S` is an fp32 CPU tensor and every update of it runs on the CPU with
   the same sequence of elementwise ops, so a server replaying (seed, scalar, lr) records
   reaches the very bits the client reached. `k` is ~0.1% of the model, so this is cheap;
@@ -14,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import struct
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -34,18 +37,64 @@ def derive_seed(*parts: int) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & _MASK63
 
 
+# Directions longer than this are drawn in chunks, chunk c from its own generator seeded with
+# derive_seed(seed, c) (protocol version 2): torch's CPU generator is one sequential Mersenne
+# Twister, so a single stream of 106M values (full-parameter ZO) takes one core ~0.25 s however many
+# the machine has; independent chunks fill in parallel on `torch.get_num_threads()` threads with the
+# same bits whatever the thread count. Every mask-sized direction (k <= 4M) is one stream, as in v1.
+DIRECTION_CHUNK = 1 << 22
+
+
 def gaussian_direction(seed: int, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """The protocol's perturbation z ~ N(0, I_k), fp32, generated on the CPU.
 
     `out` (an fp32 CPU tensor of k values) is filled instead of allocating: the same bits, and a
     replay drawing thousands of directions skips as many allocations (~25% of a draw at k = 1.2M).
     """
-    gen = torch.Generator("cpu").manual_seed(int(seed))
     if out is None:
-        return torch.randn(k, generator=gen, dtype=torch.float32)
-    if out.dtype != torch.float32 or out.device.type != "cpu" or out.numel() != k:
+        out = torch.empty(k, dtype=torch.float32)
+    elif out.dtype != torch.float32 or out.device.type != "cpu" or out.numel() != k:
         raise ValueError("gaussian_direction(out=) needs an fp32 CPU tensor of k values")
-    return torch.randn(k, generator=gen, out=out)
+    if k <= DIRECTION_CHUNK:
+        return torch.randn(k, generator=torch.Generator("cpu").manual_seed(int(seed)), out=out)
+    flat = out.view(-1)
+
+    def fill(c: int) -> None:
+        part = flat[c * DIRECTION_CHUNK:(c + 1) * DIRECTION_CHUNK]
+        torch.randn(part.numel(), generator=torch.Generator("cpu").manual_seed(derive_seed(seed, c)), out=part)
+
+    chunks = range(math.ceil(k / DIRECTION_CHUNK))
+    pool = _draw_pool()
+    if pool is None:
+        for c in chunks:
+            fill(c)
+    else:  # torch releases the GIL while it draws
+        list(pool.map(fill, chunks))
+    return out
+
+
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _draw_pool() -> ThreadPoolExecutor | None:
+    """A thread pool as wide as torch's intra-op threads (None for one thread); rebuilt if that changes."""
+    global _POOL
+    threads = torch.get_num_threads()
+    if threads <= 1:
+        return None
+    if _POOL is None or _POOL[0] != threads:
+        if _POOL is not None:
+            _POOL[1].shutdown(wait=False)
+        _POOL = (threads, ThreadPoolExecutor(threads, thread_name_prefix="meerkat-draw"))
+    return _POOL[1]
+
+
+def _forget_pool() -> None:  # a forked child (Flower, DataLoader workers) must not reuse the parent's threads
+    global _POOL
+    _POOL = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def all_finite(values: torch.Tensor) -> bool:

@@ -299,3 +299,22 @@ def test_chunked_gradip_matches_the_direct_sum_and_is_deterministic():
     assert math.isclose(chunked, direct, rel_tol=1e-12)
     small = z[:1000]  # at most one chunk: the unchanged formula, bit for bit
     assert vp.gradip(g64[:1000], small, 0.7) == 0.7 * float(np.add.reduce(g64[:1000] * small.numpy().astype(np.float64)))
+
+
+def test_long_directions_are_drawn_in_seeded_chunks_with_the_same_bits_on_any_thread_count():
+    """Above DIRECTION_CHUNK values, chunk c is randn from derive_seed(seed, c) (protocol v2), filled by
+    as many threads as torch uses: 1 or 3 threads, fresh or `out=`, give the same bits; below it a
+    direction is still the single stream it was."""
+    chunk = zo.DIRECTION_CHUNK
+    k = 2 * chunk + 123
+    expected = torch.cat([torch.randn(n, generator=torch.Generator().manual_seed(zo.derive_seed(9, c)))
+                          for c, n in enumerate((chunk, chunk, 123))])
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            assert torch.equal(zo.gaussian_direction(9, k), expected)
+            assert torch.equal(zo.gaussian_direction(9, k, out=torch.empty(k)), expected)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(zo.gaussian_direction(9, chunk), torch.randn(chunk, generator=torch.Generator().manual_seed(9)))

@@ -5,11 +5,11 @@ dominate it; a fixed layout also lets the byte counts in the metrics be exactly 
 Every message starts with a 3-byte magic and a version byte and ends with a CRC-32 of all
 preceding bytes; decoding validates lengths, ranges and the CRC and raises `MessageError`.
 
-Uplink, ZO (``MKU``, version 1), 52 + 4*T*q (+ 4*L) bytes::
+Uplink, ZO (``MKU``, version 2), 52 + 4*T*q (+ 4*L) bytes::
 
     off  size  field
     0    3     magic b"MKU"
-    3    1     version (1)
+    3    1     version (2)
     4    4     round                 u32
     8    4     client id             u32
     12   4     number of examples    u32   (FedAvg weight: the client's dataset size)
@@ -30,7 +30,7 @@ T u16, 2 reserved bytes, k u64, the dense fp32 delta (k values), CRC-32.
 Downlink (``MKD``)::
 
     0    3     magic b"MKD"
-    3    1     version (1)
+    3    1     version (2)
     4    4     round r (the round this message starts)          u32
     8    1     kind: 0 = records, 1 = dense                      u8
     9    3     reserved
@@ -60,7 +60,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-VERSION = 1
+# 2: directions of more than zo.DIRECTION_CHUNK values are drawn in chunks (v1 peers would replay
+# another z for full-parameter runs: the version byte keeps such builds from talking)
+VERSION = 2
 UPLINK_MAGIC = b"MKU"
 DENSE_UPLINK_MAGIC = b"MKF"
 DOWNLINK_MAGIC = b"MKD"
