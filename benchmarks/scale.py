@@ -159,9 +159,10 @@ def server_round(server: FederatedServer, scheduler: StepScheduler, uplinks: lis
 
 
 def client_replay_seconds(server: FederatedServer, previous: torch.Tensor, clients: int) -> tuple[float, int]:
-    """CPU seconds a client holding round r-1's state needs to apply the records downlink of round r."""
+    """CPU seconds a client holding round r-1's state needs to apply the downlink of round r: the records,
+    or the dense state where one round's records outweigh it (the server then keeps no records to send)."""
     r = server.round  # the downlink of round r (participants: the last round's, client 0 among them)
-    data = server.downlink(KIND_RECORDS, r - 1)
+    data = server.downlink(KIND_RECORDS if server.history else KIND_DENSE, r - 1)
     client = FederatedClient(0, [0], lambda b: b, batch_size=1, data_seed=0)
     client.state.synced_round = r - 1
     t0 = time.process_time()
