@@ -50,6 +50,7 @@ FEDERATE = [  # (--set overrides or extra args, what the one line must say)
     (["--set", "validation.max_client_weight=nan"], "max_client_weight must be a finite number in (0, 1]"),
     (["--set", "validation.max_client_weight=0.1"], "max_client_weight=0.1 is below 1/num_clients"),
     (["--set", "torch_threads=-1"], "torch_threads must be an integer >= 1"),
+    (["--set", "catchup_max_directions=-1"], "catchup_max_directions must be an integer >= 0 or null"),
     (["--set", "seed=1180591620717411303424"], "seed must be an integer in 0..2**63-1"),
     (["--set", "seed=-3"], "seed must be an integer in 0..2**63-1"),
     (["--set", "output_dir="], "output_dir must be a directory path"),

@@ -153,6 +153,19 @@ def test_downlink_records_dense_and_late_joiner(setup):
     with pytest.raises(MessageError) as err:
         clients[2].receive(server.downlink_for(1), cache=None, **kw)
     assert err.value.reason == "cache-mismatch"
+    # a cap on the directions a client must replay: client 1's chain (the records of rounds 2 on) is
+    # sent as records up to the cap, dense beyond it, and both bring it to the same state
+    chain = [rr for rr in server.history if rr.round >= 2]
+    directions = sum(len(r.grads) for rr in chain for r in rr.records)
+    assert directions > 0
+    server.max_catchup_directions = directions
+    assert server.downlink_plan(1) == (KIND_RECORDS, 2)
+    server.max_catchup_directions = directions - 1
+    assert server.downlink_plan(1) == (KIND_DENSE, None)
+    assert len(server.downlink_for(1)) == server.downlink_nbytes(1) == len(dense)
+    values, _, _ = clients[1].receive(server.downlink_for(1), cache=states[2], **kw)
+    assert torch.equal(values, server.values)
+    server.max_catchup_directions = None
     # the smaller encoding wins: with a tiny max history the chain is dropped and dense is sent
     server.max_history_rounds = 0
     server._prune_history()

@@ -144,7 +144,8 @@ def build_server(config: FederationConfig, mask, initial_values) -> FederatedSer
     zo = config.local_optimizer == "zo"
     server = FederatedServer(initial_values, mask.checksum, mask.fingerprint, protocol_params(config, initial_values),
                              num_clients=config.num_clients, pretrain_grad=mask.pretrain_grad,
-                             validation=config.validation, mode="zo" if zo else "dense")
+                             validation=config.validation, mode="zo" if zo else "dense",
+                             max_catchup_directions=config.catchup_max_directions)
     if config.uses_lora:  # the adapter's initial values are not part of the base model: download them
         server.synced = {c: None for c in range(config.num_clients)}
     return server

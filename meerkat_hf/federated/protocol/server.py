@@ -132,7 +132,7 @@ class FederatedServer:
     def __init__(self, initial_values: torch.Tensor, mask_checksum: str | bytes, fingerprint: str | bytes,
                  params: ProtocolParams, *, num_clients: int, pretrain_grad: torch.Tensor | None = None,
                  validation: ValidationConfig | None = None, mode: str = "zo", max_history_rounds: int = 100_000,
-                 keep_client_finals: bool = False):
+                 keep_client_finals: bool = False, max_catchup_directions: int | None = None):
         if mode not in MODES:
             raise ValueError(f"server mode must be one of {MODES}, got {mode!r}")
         self.values = initial_values.detach().to("cpu", torch.float32).clone()
@@ -144,6 +144,8 @@ class FederatedServer:
         self.mode = mode
         self.validation = validation or ValidationConfig()
         self.max_history_rounds = max_history_rounds
+        # a records chain needing more directions than this is sent dense (see downlink_plan)
+        self.max_catchup_directions = max_catchup_directions
         self.keep_client_finals = keep_client_finals
         # the most examples each client may claim (FedAvg weight): what the server assigned or was told at enrolment
         self.example_caps: dict[int, int] = {}
@@ -400,14 +402,20 @@ class FederatedServer:
 
     # -- downlinks ---------------------------------------------------------------------------
     def downlink_plan(self, client_id: int) -> tuple[int, int | None]:
-        """(kind, from_round) of the smaller encoding for this client (dense if it holds nothing usable)."""
+        """(kind, from_round) of the smaller encoding for this client (dense if it holds nothing usable).
+
+        Records are small but the client replays them: one k-value draw per direction of the chain.
+        With `max_catchup_directions`, a chain of more directions is sent dense even when it is the
+        smaller message (the same state either way; the digest proves it)."""
         s = self.synced.get(client_id)
         if self.mode == "zo" and s is not None:
             first = self.history[0].round if self.history else self.round
             if first <= s <= self.round:
                 chain = tuple(self.history[s - first:]) if s < self.round else ()
                 n = len(self.budgets)
-                if downlink_size(KIND_RECORDS, n, history=chain) < downlink_size(KIND_DENSE, n, k=self.k):
+                cap = self.max_catchup_directions
+                if (downlink_size(KIND_RECORDS, n, history=chain) < downlink_size(KIND_DENSE, n, k=self.k)
+                        and (cap is None or sum(len(r.grads) for rr in chain for r in rr.records) <= cap)):
                     return KIND_RECORDS, s
         return KIND_DENSE, None
 
