@@ -27,6 +27,7 @@ import os
 from pathlib import Path
 
 from . import privacy
+from .model import DELTA_CONFIG_NAME
 
 DP_STATE_NAME = "dp_state.json"
 BATCH_STREAM, NOISE_STREAM = 1, 2  # the private streams' first coordinate (then the global step)
@@ -56,6 +57,9 @@ def check_dp_resume(folder: str | os.PathLike, now: dict | None) -> dict | None:
     if saved is None and now is None:
         return None
     if saved is None:
+        if "dp_epsilon" in _training_summary(folder):
+            raise ValueError(f"cannot resume {folder}: a private run of an older meerkat-hf, which did not record "
+                             "the privacy settings its epsilon depends on; start a new run")
         raise ValueError(f"cannot resume {folder} with differential privacy: its steps were trained without it, "
                          "so no epsilon bounds them; start a new run")
     if now is None:
@@ -70,6 +74,15 @@ def check_dp_resume(folder: str | os.PathLike, now: dict | None) -> dict | None:
     if changed:
         raise ValueError(f"cannot resume {folder}: DP settings {changed} differ from the checkpointed run's")
     return saved
+
+
+def _training_summary(folder: str | os.PathLike) -> dict:
+    """The `training` section MeerkatModel.save_pretrained wrote into the checkpoint's config ({} if none)."""
+    path = Path(folder) / DELTA_CONFIG_NAME
+    try:
+        return json.loads(path.read_text()).get("training") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def _same(a, b) -> bool:

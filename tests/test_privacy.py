@@ -340,6 +340,13 @@ def test_trainer_dp_resume_refuses_other_privacy_settings(tmp_path, one_thread):
     with pytest.raises(ValueError, match="trained without it"):
         _dp_trainer_run(tmp_path / "y", resume=str(tmp_path / "plain" / "checkpoint-3"))
 
+    old = tmp_path / "old"  # a private checkpoint of a build that wrote no dp_state.json
+    import shutil
+    shutil.copytree(ckpt, old)
+    (old / "dp_state.json").unlink()
+    with pytest.raises(ValueError, match="older meerkat-hf"):
+        _dp_trainer_run(tmp_path / "v", resume=str(old))
+
     _dp_trainer_run(tmp_path / "target", dp_noise_multiplier=None, dp_target_epsilon=8.0)
     with pytest.raises(ValueError, match="planned steps"):
         _dp_trainer_run(tmp_path / "z", resume=str(tmp_path / "target" / "checkpoint-3"), max_steps=9,
