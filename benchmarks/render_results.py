@@ -453,17 +453,22 @@ def render_paper_summary(rec: Records) -> str:
         else:
             lo, hi = m["gain_ci"][0]
             rows.append(f"{name} (lr {m['lr']:g}) {mean:+.3f} [{lo:+.3f}, {hi:+.3f}], 1 seed")
-    early_rows = sorted(cmp_.get("search_budget_tests", {}).items())
-    early = ", ".join(f"{v['gain']:+.3f}" for _, v in early_rows)
-    if len(early_rows) > 1:
-        g = [v["gain"] for _, v in early_rows]
-        half = T975[len(g) - 1] * statistics.stdev(g) / math.sqrt(len(g))
-        early = (f"{', '.join(c.rsplit('-s', 1)[0] for c, _ in early_rows[:1])} seeds {early}: mean "
-                 f"{statistics.fmean(g):+.3f} [{statistics.fmean(g) - half:+.3f}, {statistics.fmean(g) + half:+.3f}]")
+    longer = sorted(cmp_.get("long_tests", {}).items())
+    extra = ""
+    if longer:
+        g = [v["gain"] for _, v in longer]
+        extra = (f". Meerkat continued to {cmp_['long_rounds']} rounds: {', '.join(f'{x:+.3f}' for x in g)}"
+                 + (f" (mean {statistics.fmean(g):+.3f})" if len(g) > 1 else ""))
+        if "meerkat" in cmp_["methods"]:  # the same seeds at the comparison's budget
+            seeds = [int(c.rsplit("-s", 1)[1].split("-")[0]) for c, _ in longer]
+            short = [cmp_["methods"]["meerkat"]["gain"][s] for s in seeds if s < len(cmp_["methods"]["meerkat"]["gain"])]
+            extra += (f" vs {', '.join(f'{x:+.3f}' for x in short)} for the same seeds at {cmp_.get('rounds', 3)} rounds"
+                      if short else "")
     line1 = (f"- **The paper's comparison** (`benchmarks/compare.py`, 10 clients, Dirichlet 0.5, T = 10; test balanced-accuracy "
-             f"gain over zero-shot {cmp_['zero_shot_balanced_accuracy']:.3f} after {cmp_['long_rounds']} rounds): "
-             + ("; ".join(rows) if rows else "no method's long cells scored yet")
-             + (f". At the search budget (3 rounds), too small to order methods: {early}" if early else "")
+             f"gain over zero-shot {cmp_['zero_shot_balanced_accuracy']:.3f} after {cmp_.get('rounds', 3)} rounds, mean "
+             f"[95% t-interval over seeds]): "
+             + ("; ".join(rows) if rows else "no method scored yet")
+             + extra
              + (f". Still measuring: {', '.join(cmp_['searching'])}." if cmp_["searching"] else "."))
     d = sep["auc"].get("decay: early / late mean abs(GradIP)")
     rep = det["tuned_report"]

@@ -42,35 +42,44 @@ def _finish_long(out: Path, compare, method: str, lr: float, seed: int) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def test_search_then_seeds_then_the_long_budget_then_tests(tmp_path, compare):
+def test_search_then_seeds_then_tests_and_meerkats_longer_row(tmp_path, compare):
     plan = compare.plan(tmp_path, ["meerkat"], [])
     assert [(k, lr, s) for k, _, lr, s in plan] == [("cell", 1e-4, 0), ("cell", 3e-4, 0), ("cell", 1e-3, 0)]
     for lr, val in ((1e-4, 0.74), (3e-4, 0.76), (1e-3, 0.70)):
         _finish(tmp_path, compare, "meerkat", lr, 0, val)
     plan = compare.plan(tmp_path, ["meerkat"], [])
-    # 3e-4 won inside the grid: seeds 1 and 2 at the search budget, seed 0 continued to the long budget
-    assert plan == [("cell", "meerkat", 3e-4, 1), ("cell", "meerkat", 3e-4, 2), ("long", "meerkat", 3e-4, 0)]
+    # 3e-4 won inside the grid: seeds 1 and 2 at the search budget; seed 0 is tested (zero-shot first) and,
+    # Meerkat being `long`, continued to the long budget
+    assert plan == [("cell", "meerkat", 3e-4, 1), ("cell", "meerkat", 3e-4, 2), ("zero-shot", "", 0.0, 0),
+                    ("long", "meerkat", 3e-4, 0)]
+    (tmp_path / "zero_shot_test.npz").write_bytes(b"")
     for s in (1, 2):
         _finish(tmp_path, compare, "meerkat", 3e-4, s, 0.7)
-    assert compare.plan(tmp_path, ["meerkat"], []) == [("long", "meerkat", 3e-4, s) for s in (0, 1, 2)]
+    plan = compare.plan(tmp_path, ["meerkat"], [])
+    assert plan == [("test", "meerkat", 3e-4, s) for s in (0, 1, 2)] + [("long", "meerkat", 3e-4, s) for s in (0, 1, 2)]
+    assert compare.task_name("test", "meerkat", 3e-4, 0) == "test-meerkat-lr3e-4-s0"
     _finish_long(tmp_path, compare, "meerkat", 3e-4, 0)
-    # a finished long cell is scored on test, zero-shot first; the search-budget cells never are
-    assert compare.plan(tmp_path, ["meerkat"], [])[-1] == ("zero-shot", "", 0.0, 0)
-    (tmp_path / "zero_shot_test.npz").write_bytes(b"")
-    assert compare.plan(tmp_path, ["meerkat"], [])[-1] == ("test", "meerkat", 3e-4, 0)
-    assert compare.task_name("test", "meerkat", 3e-4, 0) == f"test-meerkat-lr3e-4-s0-r{compare.LONG_ROUNDS}"
+    assert ("test-long", "meerkat", 3e-4, 0) in compare.plan(tmp_path, ["meerkat"], [])
+    assert compare.task_name("test-long", "meerkat", 3e-4, 0) == f"test-meerkat-lr3e-4-s0-r{compare.LONG_ROUNDS}"
     # the long cell continues the search cell's folder (its checkpoint) with more rounds
     overrides = compare.config_overrides("meerkat", 3e-4, 0, tmp_path, [], long=True)
     assert f"rounds={compare.LONG_ROUNDS}" in overrides
     assert overrides[-1] == compare.config_overrides("meerkat", 3e-4, 0, tmp_path, [])[-1]
+    # no other method spends the long budget: its row ends with the tests of its three cells
+    for lr, val in ((1e-4, 0.74), (3e-4, 0.76), (1e-3, 0.70)):
+        _finish(tmp_path, compare, "random", lr, 0, val)
+    for s in (1, 2):
+        _finish(tmp_path, compare, "random", 3e-4, s, 0.7)
+    assert compare.plan(tmp_path, ["random"], []) == [("test", "random", 3e-4, s) for s in (0, 1, 2)]
 
 
 def test_one_methods_row_is_finished_before_the_next_methods_search(tmp_path, compare):
     for lr, val in ((1e-4, 0.74), (3e-4, 0.76), (1e-3, 0.70)):
         _finish(tmp_path, compare, "meerkat", lr, 0, val)
     plan = compare.plan(tmp_path, ["meerkat", "magnitude"], [])
-    assert plan[:3] == [("cell", "meerkat", 3e-4, 1), ("cell", "meerkat", 3e-4, 2), ("long", "meerkat", 3e-4, 0)]
-    assert [t[1] for t in plan[3:]] == ["magnitude"] * 3
+    assert plan[:4] == [("cell", "meerkat", 3e-4, 1), ("cell", "meerkat", 3e-4, 2), ("zero-shot", "", 0.0, 0),
+                        ("long", "meerkat", 3e-4, 0)]
+    assert [t[1] for t in plan[4:]] == ["magnitude"] * 3
 
 
 def test_a_stop_file_ends_a_worker_between_tasks(tmp_path, compare, caplog, capsys):
@@ -140,7 +149,8 @@ def test_the_vp_effect_study_runs_its_fixed_lr_without_a_search(tmp_path, compar
     for name in names:
         _finish(tmp_path, compare, name, 3e-4, 0, 0.7)  # a 1-point grid is never extended
     plan = compare.plan(tmp_path, names, [])
-    assert plan[:3] == [("cell", names[0], 3e-4, 1), ("cell", names[0], 3e-4, 2), ("long", names[0], 3e-4, 0)]
+    assert plan[:3] == [("cell", names[0], 3e-4, 1), ("cell", names[0], 3e-4, 2), ("zero-shot", "", 0.0, 0)]
+    assert not [t for t in plan if t[0] == "long"]
     assert {t[1] for t in plan if t[0] == "cell"} == set(names)
     overrides = compare.config_overrides("vp-gradip", 3e-4, 0, tmp_path, [])
     assert "algorithm=meerkat-vp" in overrides and "partition.num_single_label_clients=3" in overrides
@@ -175,11 +185,14 @@ def test_separability_scores_a_decaying_trace_above_an_oscillating_one(tmp_path)
     assert float(decay_row.split("|")[2]) == 1.0  # every decaying client ranks above every oscillating one
 
 
-def test_dp_rows_run_their_long_cells_from_scratch(tmp_path, compare):
-    # a target epsilon's noise is solved for the run's rounds: a DP cell is never extended
+def test_dp_rows_are_scored_at_the_search_budget_and_would_continue_from_scratch(tmp_path, compare):
+    # a target epsilon's noise is solved for the run's rounds: a DP cell is never extended; DP rows
+    # are compared at the search budget like every row
     for lr, val in ((1e-4, 0.74), (3e-4, 0.76), (1e-3, 0.70)):
         _finish(tmp_path, compare, "dp-eps8", lr, 0, val)
-    assert compare.plan(tmp_path, ["dp-eps8"], []) == [("long", "dp-eps8", 3e-4, s) for s in (0, 1, 2)]
+    (tmp_path / "zero_shot_test.npz").write_bytes(b"")
+    assert compare.plan(tmp_path, ["dp-eps8"], []) == [("cell", "dp-eps8", 3e-4, 1), ("cell", "dp-eps8", 3e-4, 2),
+                                                        ("test", "dp-eps8", 3e-4, 0)]
     long = compare.config_overrides("dp-eps8", 3e-4, 0, tmp_path, [], long=True)
     short = compare.config_overrides("dp-eps8", 3e-4, 0, tmp_path, [])
     assert long[-1] != short[-1] and long[-1].endswith(compare.long_name("dp-eps8", 3e-4, 0))
