@@ -476,6 +476,13 @@ def render_paper_summary(rec: Records) -> str:
              f"single-label clients from mixed ones on this model, ROC-AUC {d[0]:.2f} [{d[1]:.2f}, {d[2]:.2f}] over "
              f"{sep['federations']} federations (0.5 = no information); tuned F1 {rep['f1']:.2f} on fresh federations vs "
              f"{det['chance_f1']:.2f} for random flags and {det['everyone_f1']:.2f} for flagging everyone.")
+    cal_path = rec.dir / "vp_detector_cal" / "separability.json"
+    if cal_path.is_file():  # the calibration study: a longer window at a larger lr
+        cal = json.loads(cal_path.read_text())
+        c = cal["auc"]["decay: early / late mean abs(GradIP)"]
+        line2 += (f" With a 20-step calibration window at lr 3e-3 the decay carries some information, ROC-AUC "
+                  f"{c[0]:.2f} [{c[1]:.2f}, {c[2]:.2f}] over {cal['federations']} federations (tuning set; the detector "
+                  "tuned there is scored on fresh federations when they are recorded).")
     dp_path = rec.dir / "compare" / "summary_dp.json"
     if dp_path.is_file():
         dp = json.loads(dp_path.read_text())
