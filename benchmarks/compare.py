@@ -9,7 +9,7 @@ passes each; fo-fedavg: one forward + one backward) for every method.
 The search is the same for every method: three learning rates half a decade apart around the
 method's published/pilot value, seed 0, judged by the last round's *validation* balanced
 accuracy (512 examples); when the best one is at an edge of the grid, one more point beyond that
-edge is run (once). Then seeds 1 and 2 run at the chosen lr at the same budget, and the chosen
+edge is run (once; when all three tie, above the grid). Then seeds 1 and 2 run at the chosen lr at the same budget, and the chosen
 lr's three cells are scored on the whole *test* split (the selection code never reads it). Meerkat's
 three chosen-lr cells were also continued to LONG_ROUNDS rounds and scored (`Method.long`): 700 more
 steps did not raise its test score (see LONG_ROUNDS), so no other method spends them.
@@ -172,8 +172,11 @@ def search_state(method: Method, done: dict[str, dict], extra: list[str]) -> tup
     if not method.extend or len(grid) < 2:
         return [], best
     step = grid[1] / grid[0]
-    if best in (grid[0], grid[-1]):  # at an edge: one more point beyond it, once
-        beyond = best / step if best == grid[0] else best * step
+    # every point scoring the same means no lr of the grid changed a prediction: a smaller one will
+    # not either, so the extra point goes above the grid (the tie rule still picks the smaller lr)
+    edge = grid[-1] if len(set(scores.values())) == 1 else best
+    if edge in (grid[0], grid[-1]):  # at an edge: one more point beyond it, once
+        beyond = edge / step if edge == grid[0] else edge * step
         name = cell_name(method.name, beyond, 0)
         if name not in done:
             return [beyond], None

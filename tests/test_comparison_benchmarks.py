@@ -102,7 +102,16 @@ def test_ties_choose_the_smaller_lr(tmp_path, compare):
     for lr in (3e-3, 1e-2, 3e-2):
         _finish(tmp_path, compare, "fo-fedavg", lr, 0, 0.75)
     todo, chosen = compare.search_state(compare.METHODS["fo-fedavg"], compare.read_cells(tmp_path), [])
-    assert chosen is None and todo == [pytest.approx(9e-4)]  # 3e-3 is the edge: one step below it
+    # every lr scored the same (none changed a prediction): the extra point goes above the grid
+    assert chosen is None and todo == [pytest.approx(0.1, rel=0.06)]
+    _finish(tmp_path, compare, "fo-fedavg", todo[0], 0, 0.75)
+    todo, chosen = compare.search_state(compare.METHODS["fo-fedavg"], compare.read_cells(tmp_path), [])
+    assert todo == [] and chosen == 3e-3  # still all tied: the smallest lr
+    # a tie that is not the whole grid: the smaller of the tied best, extended below if at the edge
+    for lr, val in ((1e-4, 0.76), (3e-4, 0.76), (1e-3, 0.70)):
+        _finish(tmp_path, compare, "random", lr, 0, val)
+    todo, chosen = compare.search_state(compare.METHODS["random"], compare.read_cells(tmp_path), [])
+    assert chosen is None and todo == [pytest.approx(1e-4 / (3e-4 / 1e-4))]
 
 
 def test_claims_are_exclusive_and_stale_ones_are_taken_over(tmp_path, compare):
