@@ -17,6 +17,7 @@ import statistics
 import time
 
 import torch
+from scale import _status_kib, reset_peak  # benchmarks/: the same Linux peak-RSS probe
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from meerkat_hf import SparseMaskConfig, compute_mask, get_meerkat_model
@@ -84,9 +85,19 @@ def main() -> None:
                 t0 = time.perf_counter()
                 fn(1000 + s)
                 times[name].append(time.perf_counter() - t0)
+        # memory: the peak RSS above the start of 5 steps of each kind (Linux VmHWM, reset between them)
+        peak_kib = {}
+        for name, fn in (("plain", plain), ("dp", private)):
+            if not reset_peak():
+                break
+            start = _status_kib("VmRSS")
+            for s in range(5):
+                fn(5000 + s)
+            peak_kib[name] = _status_kib("VmHWM") - start
     med = {n: statistics.median(v) for n, v in times.items()}
     out = {"k": k, "num_params": sum(p.numel() for p in base.parameters()), **vars(args),
-           "plain_step_ms": 1e3 * med["plain"], "dp_step_ms": 1e3 * med["dp"], "ratio": med["dp"] / med["plain"]}
+           "plain_step_ms": 1e3 * med["plain"], "dp_step_ms": 1e3 * med["dp"], "ratio": med["dp"] / med["plain"],
+           "peak_rss_above_start_kib": peak_kib or None}
     print(json.dumps(out, indent=2))
 
 

@@ -150,8 +150,10 @@ def causal_lm_per_example_loss(model: Any, batch: Mapping[str, torch.Tensor]) ->
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits.float()
     labels = batch["labels"].to(logits.device)
-    shift_logits, shift_labels = logits[:, :-1, :], labels[:, 1:]
-    tokens = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+    # shift the labels, not the logits (as transformers' own loss does): slicing [batch, seq-1, vocab]
+    # out of the logits would copy them; the last position's label is -100 and counts nothing
+    shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    tokens = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shift_labels.reshape(-1),
                              ignore_index=-100, reduction="none").view(shift_labels.shape)
     counts = (shift_labels != -100).sum(dim=1)
     return tokens.sum(dim=1) / counts.clamp_min(1)
