@@ -217,15 +217,15 @@ def plan(out: Path, methods: list[str], extra: list[str]) -> list[tuple[str, str
         tasks += [("cell", name, chosen, s) for s in short]
         tests = [("test", name, chosen, s) for s in SEEDS
                  if cell_name(name, chosen, s) in done and cell_name(name, chosen, s) not in tested]
-        longs: list[tuple[str, str, float, int]] = []
+        longs, long_tests = [], []
         if method.long:  # continued from the search cell's checkpoint, or (continues=False) from scratch
             longs = [("long", name, chosen, s) for s in SEEDS
                      if (s not in short or not method.continues) and long_name(name, chosen, s) not in done]
-            tests += [("test-long", name, chosen, s) for s in SEEDS
-                      if long_name(name, chosen, s) in done and long_name(name, chosen, s) not in tested]
-        if tests and need_zero_shot:  # every test row is a paired gain over zero-shot: that first
-            tests, need_zero_shot = [("zero-shot", "", 0.0, 0)], False
-        tasks += [t for t in tests if t[0] != "test-long"] + longs + [t for t in tests if t[0] == "test-long"]
+            long_tests = [("test-long", name, chosen, s) for s in SEEDS
+                          if long_name(name, chosen, s) in done and long_name(name, chosen, s) not in tested]
+        if (tests or long_tests) and need_zero_shot:  # every test row is a paired gain over zero-shot: that first
+            tests, long_tests, need_zero_shot = [("zero-shot", "", 0.0, 0)], [], False
+        tasks += tests + longs + long_tests
     return tasks
 
 

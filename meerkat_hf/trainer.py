@@ -206,7 +206,7 @@ class MeerkatZOTrainer(Trainer):
             # Trainer fast-forwards through the resumed epoch's trained batches: the sampler starts at the
             # epoch's first step so that they are re-drawn from their own keys (see PoissonBatches)
             done = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json")).global_step
-            self._dp_first_batch = done if a.ignore_data_skip else done - done % math.ceil(n / batch)
+            self._dp_first_batch = done if a.ignore_data_skip else done - done % PoissonBatches.steps_per_epoch(n, batch)
         self.dp, self._dp_record = dp, record
         logger.info("example-level DP: clip %g, noise multiplier %.4g, Poisson rate %.4g, delta %g",
                     self.dp.clip, sigma, self.dp.sample_rate, a.dp_delta)

@@ -27,6 +27,7 @@ import os
 from pathlib import Path
 
 from . import privacy
+from .hub import write_files_atomically
 from .model import DELTA_CONFIG_NAME
 
 DP_STATE_NAME = "dp_state.json"
@@ -42,10 +43,8 @@ def dp_state(dp: privacy.ExampleDP, delta: float, target_epsilon: float | None, 
 
 
 def save_dp_state(folder: str | os.PathLike, state: dict) -> None:
-    path = Path(folder) / DP_STATE_NAME
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(tmp, path)  # a checkpoint never holds half a record
+    """Write `dp_state.json` atomically (a checkpoint never holds half a record)."""
+    write_files_atomically(folder, {DP_STATE_NAME: (json.dumps(state, indent=2) + "\n").encode()})
 
 
 def check_dp_resume(folder: str | os.PathLike, now: dict | None) -> dict | None:
@@ -103,8 +102,12 @@ class PoissonBatches:
     def __init__(self, num_examples: int, dp: privacy.ExampleDP, first_index: int = 0):
         self.num_examples, self.dp, self.index = num_examples, dp, first_index
 
+    @staticmethod
+    def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+        return math.ceil(num_examples / batch_size)
+
     def __len__(self) -> int:
-        return math.ceil(self.num_examples / self.dp.batch_size)
+        return self.steps_per_epoch(self.num_examples, self.dp.batch_size)
 
     def __iter__(self):
         for _ in range(len(self)):
