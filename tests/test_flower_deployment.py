@@ -133,8 +133,11 @@ def test_deployment_survives_a_killed_supernode_and_a_superlink_restart(deployme
         resumed_id = resumed.wait_started(WAIT)
         resumed.wait_finished(WAIT * 2)
         assert f"resumed from {out / 'checkpoints'}" in resumed.proc.text()
-        statuses = dep.run_statuses()
-        # Flower fails the run whose ServerApp stopped sending heartbeats; it never starts it again
+        # Flower fails the run whose ServerApp stopped sending heartbeats (and never starts it
+        # again), but only once its heartbeat patience (2 x 30 s) has run out: a fast machine
+        # finishes the resumed run before that, so wait for the verdict instead of racing it.
+        statuses = wait_for(f"run {run_id} to be failed for its lost heartbeats",
+                            lambda: (s := dep.run_statuses())[run_id] != "running" and s, WAIT, dep.logs, interval=2.0)
         assert statuses == {run_id: "finished:failed", resumed_id: "finished:completed"}, statuses
         final = rows(out)
         report(final, statuses[run_id])
