@@ -99,3 +99,21 @@ def test_unknown_block_and_missing_record_are_one_line_errors(repo: Path, capsys
     assert err == ("render_results: error: block 'learning_curves' needs the recorded file "
                    "benchmarks/results/zo_study/d1e-5_bal_lr1e-4_seed2.jsonl, which is missing")
     assert doc.read_text() == original  # an error writes nothing
+
+
+def test_summary_reports_the_calibrated_detector_once_it_is_tuned(repo: Path):
+    """The README's detector line says 'when they are recorded' until `tune` writes the calibration
+    study's detector.json, then its held-out confusion counts."""
+    readme = repo / "README.md"
+    cal = repo / "benchmarks" / "results" / "vp_detector_cal"
+    (cal / "detector.json").unlink(missing_ok=True)
+    assert render_results.main(["--root", str(repo)]) == 0
+    assert "scored on fresh federations when they are recorded" in readme.read_text()
+    report = {"tp": 9, "fp": 5, "fn": 11, "tn": 75, "precision": 0.643, "recall": 0.45, "f1": 0.529}
+    (cal / "detector.json").write_text(json.dumps({"tune": "0-9", "report": "10-19", "tuned_report": report,
+                                                   "chance_f1": 0.31, "everyone_f1": 0.57, "setting": {}}))
+    assert render_results.main(["--check", "--root", str(repo)]) == 1
+    assert render_results.main(["--root", str(repo)]) == 0
+    text = readme.read_text()
+    assert "scores F1 0.53 on federations 10-19 (TP 9, FP 5, FN 11, TN 75) vs 0.31 for random flags" in text
+    assert "when they are recorded" not in text
