@@ -129,6 +129,24 @@ def confusion(feds: list[dict], setting: dict) -> dict:
     return {"tp": tp, "fp": fp, "fn": fn, "tn": tn, "precision": precision, "recall": recall, "f1": f1}
 
 
+def f1_interval(feds: list[dict], setting: dict, draws: int = 2000, seed: int = 0) -> dict:
+    """95% bootstrap intervals over federations (the unit that was sampled) of the setting's F1 and
+    of its margin over flagging every client."""
+    counts = []  # per federation: tp, fp, fn of the setting; positives and clients for "everyone"
+    for fed in feds:
+        m = confusion([fed], setting)
+        counts.append((m["tp"], m["fp"], m["fn"], m["tp"] + m["fn"], m["tp"] + m["fp"] + m["fn"] + m["tn"]))
+    counts = np.array(counts, dtype=float)
+
+    rng = np.random.default_rng(seed)
+    tp, fp, fn, pos, n = counts[rng.integers(0, len(feds), size=(draws, len(feds)))].sum(axis=1).T
+    f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=(2 * tp + fp + fn) > 0)
+    everyone = np.divide(2 * pos, pos + n, out=np.zeros_like(pos), where=(pos + n) > 0)
+    lo, hi = np.percentile(f1, [2.5, 97.5])
+    dlo, dhi = np.percentile(f1 - everyone, [2.5, 97.5])
+    return {"f1_ci": [float(lo), float(hi)], "minus_everyone_ci": [float(dlo), float(dhi)]}
+
+
 def settings_grid(max_steps: int, max_participations: int):
     steps = sorted({s for s in (4, 6, 8, 10, 12, 16, 20) if s <= max_steps} | {max_steps})
     for values in itertools.product(steps, range(1, max_participations + 1), (0.2, 0.3, 0.5), (0.2, 0.3, 0.5),
@@ -171,13 +189,17 @@ def tune(args) -> None:
     lines += ["", f"Without information, on the report set ({n_pos} of {n} clients single-label, base rate {base:.3f}): "
               f"random flags at the tuned rate ({rate:.3f}) expect F1 {chance:.3f}; flagging everyone gives F1 "
               f"{2 * base / (1 + base):.3f}."]
+    ci = f1_interval(report_set, setting)
+    lines.append(f"Tuned F1 on the report set, 95% bootstrap interval over its federations: [{ci['f1_ci'][0]:.3f}, "
+                 f"{ci['f1_ci'][1]:.3f}]; its margin over flagging everyone: [{ci['minus_everyone_ci'][0]:+.3f}, "
+                 f"{ci['minus_everyone_ci'][1]:+.3f}].")
     text = "\n".join(lines)
     print(text)
     (Path(args.out) / "detector.md").write_text(text + "\n")
     rep = confusion(report_set, setting)
     (Path(args.out) / "detector.json").write_text(json.dumps(
         {"tune": args.tune, "report": args.report, "tuned_report": rep, "chance_f1": chance,
-         "everyone_f1": 2 * base / (1 + base), "setting": setting}, indent=1) + "\n")
+         "everyone_f1": 2 * base / (1 + base), **ci, "setting": setting}, indent=1) + "\n")
 
 
 def pure_window_probability(n: int, minority: int, window: int) -> float:

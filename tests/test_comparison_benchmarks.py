@@ -150,6 +150,9 @@ def test_detector_confusion_and_tuning_on_one_set_scoring_on_another(tmp_path):
     vp.tune(Args)
     text = (tmp_path / "detector.md").read_text()
     assert "| tuned | report | 3 | 0 | 0 | 9 | 1.000 | 1.000 | 1.000 |" in text
+    # every resample of the report federations is perfect; everyone flagged scores 2 * 1/4 / (1 + 1/4)
+    assert "interval over its federations: [1.000, 1.000]; its margin over flagging everyone: [+0.600, +0.600]" in text
+    assert json.loads((tmp_path / "detector.json").read_text())["f1_ci"] == [1.0, 1.0]
 
 
 def test_the_vp_effect_study_runs_its_fixed_lr_without_a_search(tmp_path, compare):
