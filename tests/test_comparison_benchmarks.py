@@ -209,3 +209,12 @@ def test_dp_rows_are_scored_at_the_search_budget_and_would_continue_from_scratch
     short = compare.config_overrides("dp-eps8", 3e-4, 0, tmp_path, [])
     assert long[-1] != short[-1] and long[-1].endswith(compare.long_name("dp-eps8", 3e-4, 0))
     assert "dp.target_epsilon=8" in long and f"rounds={compare.LONG_ROUNDS}" in long
+
+
+def test_the_vp_effect_cells_run_the_detector_tuned_on_the_detector_studys_federations(tmp_path, compare):
+    tuned = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/vp_detector/detector.json").read_text())
+    overrides = compare.config_overrides("vp-gradip", 3e-4, 0, tmp_path, [])
+    for key in ("early_fraction", "late_fraction", "ratio_threshold", "quiet_rel_tau", "quiet_fraction", "rule", "min_steps"):
+        assert f"vp.{key}={tuned['setting'][key]}" in overrides, key
+    assert tuned["setting"]["steps"] == 10 and "local_steps=10" in overrides  # its window: a whole T = 10 round
+    assert set(compare.VP_DETECTOR) <= set(compare.config_overrides("vp-random", 3e-4, 0, tmp_path, []))
