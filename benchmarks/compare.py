@@ -510,6 +510,31 @@ def status(args) -> None:
 
 
 # -------------------------------------------------------------------------------------------- table
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # Student t, 97.5% quantile by degrees of freedom
+
+
+def _paired_lines(by_seed: dict[str, dict[int, float]]) -> list[str]:
+    """Each row minus the first row, paired by seed (a seed fixes the partition, the data order and the
+    test tweets for every method), with a t-interval over the seeds both have scored."""
+    names = list(by_seed)
+    if len(names) < 2:
+        return []
+    ref, out = names[0], []
+    for name in names[1:]:
+        seeds = sorted(set(by_seed[name]) & set(by_seed[ref]))
+        d = [by_seed[name][s] - by_seed[ref][s] for s in seeds]
+        if len(d) < 2:
+            continue
+        mean, half = float(np.mean(d)), T975[len(d) - 1] * float(np.std(d, ddof=1)) / np.sqrt(len(d))
+        out.append(f"| {name} - {ref} | {len(d)} | {', '.join(f'{x:+.3f}' for x in d)} | {mean:+.3f} "
+                   f"[{mean - half:+.3f}, {mean + half:+.3f}] |")
+    if not out:
+        return []
+    return ["", f"Test balanced accuracy against {ref}, paired by seed (same partitions, data orders and test tweets; "
+            "95% t-interval over seeds):", "", "| difference | seeds | per seed | mean [95% interval] |",
+            "|---|---|---|---|", *out]
+
+
 def _mean_std(xs: list[float]) -> str:
     if not xs:
         return "n/a"
@@ -558,6 +583,7 @@ def table(args) -> str:
               "k (trained) | bytes per client-round | paper (Llama-3.2-1B / Qwen2-1.5B) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     summary: dict[str, dict] = {}  # what README's three-line summary is rendered from
+    by_seed: dict[str, dict[int, float]] = {}  # test balanced accuracy per seed, for the paired differences
     for name in args.methods:
         lr, rows = chosen[name]
         if not rows:
@@ -573,12 +599,14 @@ def table(args) -> str:
         per_client_round = np.mean([(r["uplink_bytes"] + r["downlink_bytes"]) / r.get("client_rounds", r["rounds"] * 10)
                                     for r in rows])
         paper = " / ".join(f"{PAPER[m].get(name, float('nan')):.3f}" if name in PAPER[m] else "-" for m in PAPER)
+        by_seed[name] = {r["seed"]: tested[r["cell"]]["test"]["balanced_accuracy"] for r in rows if r["cell"] in tested}
         summary[name] = {"lr": lr, "seeds": len(t), "balanced_accuracy": [x["balanced_accuracy"] for x in t],
                          "gain": [x["gain_over_zero_shot"]["gain"] for x in t],
                          "gain_ci": [x["gain_over_zero_shot"]["gain_ci"] for x in t]}
         lines.append(f"| {name} | {lr:g} | {len(t)} | {_mean_std([x['balanced_accuracy'] for x in t])} | "
                      f"{_mean_std([x['macro_f1'] for x in t])} | {_mean_std([x['accuracy'] for x in t])} | {gains} | "
                      f"{rows[0]['k']:,} | {format_bytes(int(per_client_round))} | {paper} |")
+    lines += _paired_lines(by_seed)
     # the extra rows: chosen-lr cells continued to LONG_ROUNDS (Meerkat only, `Method.long`)
     longer = [(c, r["test"]) for c, r in read_tests(out).items() if c.endswith(f"-r{LONG_ROUNDS}")
               and done.get(c, {}).get("method") in args.methods]

@@ -218,3 +218,14 @@ def test_the_vp_effect_cells_run_the_detector_tuned_on_the_detector_studys_feder
         assert f"vp.{key}={tuned['setting'][key]}" in overrides, key
     assert tuned["setting"]["steps"] == 10 and "local_steps=10" in overrides  # its window: a whole T = 10 round
     assert set(compare.VP_DETECTOR) <= set(compare.config_overrides("vp-random", 3e-4, 0, tmp_path, []))
+
+
+def test_rows_are_compared_with_the_first_row_paired_by_seed(compare):
+    lines = compare._paired_lines({"meerkat": {0: 0.74, 1: 0.75, 2: 0.76},
+                                   "magnitude": {0: 0.73, 1: 0.73, 2: 0.73},
+                                   "random": {0: 0.70}})  # one common seed: no interval, no row
+    rows = [line for line in lines if line.startswith("| magnitude")]
+    # differences -0.01, -0.02, -0.03: mean -0.02, sd 0.01, half-width 4.303 * 0.01 / sqrt(3)
+    assert rows == ["| magnitude - meerkat | 3 | -0.010, -0.020, -0.030 | -0.020 [-0.045, +0.005] |"]
+    assert not any(line.startswith("| random") for line in lines)
+    assert compare._paired_lines({"meerkat": {0: 0.7}}) == []
