@@ -653,6 +653,40 @@ def table(args) -> str:
     return text
 
 
+def movement(args) -> None:
+    """How far training moved the trained coordinates, per method at its chosen lr (all seeds' cells):
+    a ZO step is lr * g * z with g the loss change along z, so a mask whose coordinates barely change
+    the loss barely moves, whatever the lr. Masked methods only (their cell keeps its mask)."""
+    import torch
+
+    from meerkat_hf.loading import load_model_and_tokenizer
+    from meerkat_hf.mask import SparseMask
+    from meerkat_hf.sparse_view import SparseView
+
+    out = Path(args.out)
+    model, _ = load_model_and_tokenizer("smollm2")
+    lines = ["Movement of the trained coordinates after 3 rounds at the chosen lr (all tested seeds' cells pooled; "
+             "w = the pretrained value, dw = final - pretrained):", "",
+             "| method | lr | cells | k | median abs(w) | median abs(dw) | max abs(dw) | median abs(dw) / abs(w) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, (lr, rows) in chosen_rows(out, args.methods, args.set).items():
+        cells = [out / "cells" / r["cell"] for r in rows if (out / "cells" / r["cell"] / "mask").is_dir()
+                 and (out / "cells" / r["cell"] / "final_values.pt").is_file()]
+        if not cells:
+            continue
+        w, dw = [], []
+        for cell in cells:
+            start = SparseView(model, SparseMask.from_pretrained(cell / "mask")).gather()
+            w.append(start.abs())
+            dw.append((torch.load(cell / "final_values.pt") - start).abs())
+        w, dw = torch.cat(w), torch.cat(dw)
+        lines.append(f"| {name} | {lr:g} | {len(cells)} | {rows[0]['k']:,} | {w.median():.3g} | {dw.median():.3g} | "
+                     f"{dw.max():.3g} | {(dw / w.clamp_min(1e-12)).median():.3g} |")
+    text = "\n".join(lines)
+    print(text)
+    (out / "movement.md").write_text(text + "\n")
+
+
 def table_file(study: str) -> str:
     """compare/table.md for the comparison, compare/table_<study>.md for the studies sharing its cells."""
     return "table.md" if study == "compare" else f"table_{study.replace('-', '_')}.md"
@@ -711,7 +745,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--worker", default="0/1", help="informational: i/n of the workers sharing --out")
-    for name in ("prepare", "status", "table", "plot", "dp-clip"):
+    for name in ("prepare", "status", "table", "plot", "dp-clip", "movement"):
         sub.add_parser(name)
     p.add_argument("--test-limit", type=int, default=None, help="smoke runs only: score this many test tweets")
     args = p.parse_args(argv)
@@ -720,7 +754,8 @@ def main(argv: list[str] | None = None) -> None:
     global TEST_LIMIT
     TEST_LIMIT = args.test_limit
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    {"prepare": prepare, "run": run, "status": status, "table": table, "plot": plot, "dp-clip": dp_clip}[args.cmd](args)
+    {"prepare": prepare, "run": run, "status": status, "table": table, "plot": plot, "dp-clip": dp_clip,
+     "movement": movement}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ byte for byte as it is. The sources, all under benchmarks/results/:
     vp_cal_detector vp_detector_cal/detector.md     (vp_detector.py tune on those traces)
     vp_ceiling     vp_detector/ceiling.md          (vp_detector.py ceiling: partitions only)
     vp_effect      compare/table_vp_effect.md      (compare.py --study vp-effect table)
+    compare_movement compare/movement.md           (compare.py movement: how far the masked rows moved)
     dp_utility     compare/table_dp.md             (compare.py --study dp table)
     paper_summary  (README) compare/summary.json, vp_detector/separability.json + detector.json,
                    compare/summary_dp.json if the dp study has been tabled
@@ -519,6 +520,7 @@ RENDERERS: dict[str, Callable[[Records], str]] = {
     "vp_ceiling": _recorded("vp_detector/ceiling.md"),
     "vp_effect": _recorded("compare/table_vp_effect.md"),
     "dp_utility": _recorded("compare/table_dp.md"),
+    "compare_movement": _recorded("compare/movement.md"),
     "comparison": render_comparison,
     "vp_detector": render_vp_detector,
     "cli_runs": render_cli_runs,

@@ -229,3 +229,32 @@ def test_rows_are_compared_with_the_first_row_paired_by_seed(compare):
     assert rows == ["| magnitude - meerkat | 3 | -0.010, -0.020, -0.030 | -0.020 [-0.045, +0.005] |"]
     assert not any(line.startswith("| random") for line in lines)
     assert compare._paired_lines({"meerkat": {0: 0.7}}) == []
+
+
+def test_movement_reports_how_far_each_masked_row_moved_its_coordinates(tmp_path, compare, monkeypatch, tiny_llama):
+    import torch
+
+    from meerkat_hf import SparseMaskConfig, compute_mask
+    from meerkat_hf.sparse_view import SparseView
+
+    mask = compute_mask(tiny_llama, SparseMaskConfig(density=0.02, method="random", seed=0), progress=False)
+    start = SparseView(tiny_llama, mask).gather()
+    for lr, val in ((1e-4, 0.74), (3e-4, 0.76), (1e-3, 0.70)):
+        _finish(tmp_path, compare, "random", lr, 0, val)
+    for s in (1, 2):
+        _finish(tmp_path, compare, "random", 3e-4, s, 0.7)
+    with (tmp_path / "cells.jsonl").open("a") as f:  # the chosen cells' k, as a real row carries it
+        for s in (0, 1, 2):
+            f.write(json.dumps({"cell": compare.cell_name("random", 3e-4, s), "method": "random", "lr": 3e-4, "seed": s,
+                                "k": mask.num_selected, "final_validation": {"balanced_accuracy": 0.76 if s == 0 else 0.7},
+                                "train_seconds": 1.0}) + "\n")
+    for s in (0, 1, 2):
+        cell = tmp_path / "cells" / compare.cell_name("random", 3e-4, s)
+        mask.save_pretrained(cell / "mask", model_card=False)
+        torch.save(start + 0.5 * (s + 1) * start.abs(), cell / "final_values.pt")  # moved by 50/100/150% of |w|
+    monkeypatch.setattr("meerkat_hf.loading.load_model_and_tokenizer", lambda *a, **k: (tiny_llama, None))
+    compare.main(["--out", str(tmp_path), "--methods", "random", "movement"])
+    row = next(line for line in (tmp_path / "movement.md").read_text().splitlines() if line.startswith("| random"))
+    cells = row.split("|")[1:-1]
+    assert cells[1].strip() == "0.0003" and cells[2].strip() == "3" and cells[3].strip() == f"{mask.num_selected:,}"
+    assert float(cells[7]) == pytest.approx(1.0)  # the median of 0.5, 1.0, 1.5 times |w|
