@@ -738,9 +738,12 @@ def plot(args) -> None:
     for ax in (chosen_ax, search_ax):
         ax.set_xlabel("forward passes (examples x 2 per ZO step, all clients)")
         ax.legend(fontsize=8, loc="lower left")
-    fig.suptitle("10 clients, Dirichlet 0.5, T = 10, 3 rounds", fontsize=11)
+    fig.suptitle("10 clients, Dirichlet 0.5, T = 10, 3 rounds" if args.study == "compare" else
+                 f"study {args.study}, 3 rounds (each row's settings: cells.jsonl)", fontsize=11)
     fig.tight_layout()
-    fig.savefig(out / "compare_curves.png", dpi=120)
+    # one figure per study, like the tables: `--study dp plot` must not overwrite the comparison's
+    fig.savefig(out / ("compare_curves.png" if args.study in ("compare", "all") else
+                       f"curves_{args.study.replace('-', '_')}.png"), dpi=120)
 
 
 def _methods(text: str) -> list[str]:
