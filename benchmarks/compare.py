@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from render_results import T975  # benchmarks/: the docs' Student-t table (standard library only, cheap)
 
 TASK = "tweets_binary"
 
@@ -510,7 +511,6 @@ def status(args) -> None:
 
 
 # -------------------------------------------------------------------------------------------- table
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # Student t, 97.5% quantile by degrees of freedom
 
 
 def _paired_lines(by_seed: dict[str, dict[int, float]]) -> list[str]:
@@ -687,6 +687,44 @@ def movement(args) -> None:
     (out / "movement.md").write_text(text + "\n")
 
 
+SNAPSHOT_FILES = ("cells.jsonl", "tests.jsonl", "zero_shot_test.npz", "movement.md", "worker0.log", "worker1.log")
+SNAPSHOT_MAX_BYTES = 20 * 2**20  # a Full-FedZO state (538 MB) or checkpoint (1.2 GB) cannot go into git
+
+
+def snapshot(args) -> None:
+    """Copy the grid's state into `--to` (the committed benchmarks/results/compare) so that another
+    machine resumes it: the records, tables and figures, and every cell but its mask (rebuilt from the
+    cache). A finished cell keeps no round checkpoints unless a longer row continues them (`Method.long`);
+    an unfinished cell whose checkpoint is too big to commit is left out whole, so that a copy restarts it
+    from round 0 instead of appending to its metrics."""
+    import shutil
+
+    out, to = Path(args.out), Path(args.to)
+    to.mkdir(parents=True, exist_ok=True)
+    for f in [*(out / n for n in SNAPSHOT_FILES), *out.glob("table*.md"), *out.glob("summary*.json"), *out.glob("*.png")]:
+        if f.is_file():
+            shutil.copy2(f, to / f.name)
+    done = read_cells(out)
+    for cell in sorted(p for p in (out / "cells").iterdir() if p.is_dir()) if (out / "cells").is_dir() else []:
+        finished = (cell / "final_values.pt").is_file()
+        method = done.get(cell.name, {}).get("method") or cell.name.split("-lr")[0]
+        keep_checkpoints = not finished or (method in ALL_METHODS and ALL_METHODS[method].long)
+        if not finished and any(f.stat().st_size > SNAPSHOT_MAX_BYTES for f in cell.rglob("*.pt")):
+            shutil.rmtree(to / "cells" / cell.name, ignore_errors=True)
+            continue
+        if not keep_checkpoints:
+            shutil.rmtree(to / "cells" / cell.name / "checkpoints", ignore_errors=True)
+        for f in cell.rglob("*"):
+            rel = f.relative_to(cell)
+            if (not f.is_file() or rel.parts[0] == "mask" or f.name.endswith(".tmp") or f.stat().st_size > SNAPSHOT_MAX_BYTES
+                    or (rel.parts[0] == "checkpoints" and not keep_checkpoints)):
+                continue
+            dst = to / "cells" / cell.name / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dst)
+    _log(f"snapshot of {out} in {to}")
+
+
 def table_file(study: str) -> str:
     """compare/table.md for the comparison, compare/table_<study>.md for the studies sharing its cells."""
     return "table.md" if study == "compare" else f"table_{study.replace('-', '_')}.md"
@@ -770,6 +808,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--worker", default="0/1", help="informational: i/n of the workers sharing --out")
     for name in ("prepare", "status", "table", "plot", "dp-clip", "movement"):
         sub.add_parser(name)
+    sn = sub.add_parser("snapshot", help="copy the grid's state into the committed records (resumable elsewhere)")
+    sn.add_argument("--to", default="benchmarks/results/compare")
     p.add_argument("--test-limit", type=int, default=None, help="smoke runs only: score this many test tweets")
     args = p.parse_args(argv)
     if args.methods is None:
@@ -778,7 +818,7 @@ def main(argv: list[str] | None = None) -> None:
     TEST_LIMIT = args.test_limit
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     {"prepare": prepare, "run": run, "status": status, "table": table, "plot": plot, "dp-clip": dp_clip,
-     "movement": movement}[args.cmd](args)
+     "movement": movement, "snapshot": snapshot}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+sys.path.insert(0, str(BENCH))  # the scripts import their siblings, as they do when run from benchmarks/
+
+
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -258,3 +261,28 @@ def test_movement_reports_how_far_each_masked_row_moved_its_coordinates(tmp_path
     cells = row.split("|")[1:-1]
     assert cells[1].strip() == "0.0003" and cells[2].strip() == "3" and cells[3].strip() == f"{mask.num_selected:,}"
     assert float(cells[7]) == pytest.approx(1.0)  # the median of 0.5, 1.0, 1.5 times |w|
+
+
+def test_snapshot_keeps_what_a_resume_needs_and_nothing_git_cannot_hold(tmp_path, compare, monkeypatch):
+    out, to = tmp_path / "runs", tmp_path / "results"
+    monkeypatch.setattr(compare, "SNAPSHOT_MAX_BYTES", 1000)
+    for name, files in {
+        "meerkat-lr3e-4-s0": {"final_values.pt": 10, "checkpoints/round_000003.pt": 10, "mask/mask.safetensors": 10},
+        "random-lr1e-4-s0": {"final_values.pt": 10, "checkpoints/round_000003.pt": 10, "metrics.jsonl": 10},
+        "random-lr1e-4-s1": {"checkpoints/round_000002.pt": 10, "metrics.jsonl": 10, "x.tmp": 10},
+        "full-fedzo-lr1e-6-s0": {"checkpoints/round_000001.pt": 5000, "metrics.jsonl": 10},
+    }.items():
+        for rel, size in files.items():
+            (out / "cells" / name / rel).parent.mkdir(parents=True, exist_ok=True)
+            (out / "cells" / name / rel).write_bytes(b"x" * size)
+    (out / "cells.jsonl").write_text("")
+    (out / "table.md").write_text("t\n")
+    (to / "cells" / "full-fedzo-lr1e-6-s0").mkdir(parents=True)  # an earlier snapshot's partial copy
+    (to / "cells" / "random-lr1e-4-s0" / "checkpoints").mkdir(parents=True)
+    compare.main(["--out", str(out), "snapshot", "--to", str(to)])
+    kept = sorted(str(p.relative_to(to)) for p in to.rglob("*") if p.is_file())
+    assert kept == ["cells.jsonl", "cells/meerkat-lr3e-4-s0/checkpoints/round_000003.pt",  # Meerkat's long row continues it
+                    "cells/meerkat-lr3e-4-s0/final_values.pt", "cells/random-lr1e-4-s0/final_values.pt",
+                    "cells/random-lr1e-4-s0/metrics.jsonl", "cells/random-lr1e-4-s1/checkpoints/round_000002.pt",
+                    "cells/random-lr1e-4-s1/metrics.jsonl", "table.md"]
+    assert not (to / "cells" / "full-fedzo-lr1e-6-s0").exists()  # unfinished and too big: restarts elsewhere
