@@ -600,9 +600,14 @@ def table(args) -> str:
                                     for r in rows])
         paper = " / ".join(f"{PAPER[m].get(name, float('nan')):.3f}" if name in PAPER[m] else "-" for m in PAPER)
         by_seed[name] = {r["seed"]: tested[r["cell"]]["test"]["balanced_accuracy"] for r in rows if r["cell"] in tested}
-        summary[name] = {"lr": lr, "seeds": len(t), "balanced_accuracy": [x["balanced_accuracy"] for x in t],
+        summary[name] = {"lr": lr, "seeds": len(t), "seed_ids": [r["seed"] for r in rows if r["cell"] in tested],
+                         "balanced_accuracy": [x["balanced_accuracy"] for x in t],
                          "gain": [x["gain_over_zero_shot"]["gain"] for x in t],
                          "gain_ci": [x["gain_over_zero_shot"]["gain_ci"] for x in t]}
+        if "limited_clients" in rows[0]:  # the vp-effect rows: who was limited, per tested seed
+            summary[name]["limited"] = [[len(r["limited_clients"]),
+                                         len(set(r["limited_clients"]) & set(r["single_label_clients"])),
+                                         len(r["single_label_clients"])] for r in rows if r["cell"] in tested]
         lines.append(f"| {name} | {lr:g} | {len(t)} | {_mean_std([x['balanced_accuracy'] for x in t])} | "
                      f"{_mean_std([x['macro_f1'] for x in t])} | {_mean_std([x['accuracy'] for x in t])} | {gains} | "
                      f"{rows[0]['k']:,} | {format_bytes(int(per_client_round))} | {paper} |")

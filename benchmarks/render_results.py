@@ -493,6 +493,7 @@ def render_paper_summary(rec: Records) -> str:
                       f"{cd['everyone_f1']:.2f} for flagging everyone: the paper's F1 >= 0.9 is not reproduced.")
         else:
             line2 += " (the detector tuned there is scored on fresh federations when they are recorded)."
+    line2 += _vp_effect_sentence(rec)
     dp_path = rec.dir / "compare" / "summary_dp.json"
     if dp_path.is_file():
         dp = json.loads(dp_path.read_text())
@@ -502,6 +503,39 @@ def render_paper_summary(rec: Records) -> str:
     else:
         line3 = "- **Differential privacy** (`compare.py --study dp`): utility at epsilon 1/3/8 not measured yet (queued after the comparison)."
     return "\n".join((line1, line2, line3))
+
+
+def _mean_t(xs: list[float]) -> str:
+    """mean [95% t-interval] of a few per-seed numbers (just the mean for one)."""
+    mean = statistics.fmean(xs)
+    if len(xs) < 2:
+        return f"{mean:+.3f} (1 seed)"
+    half = T975[len(xs) - 1] * statistics.stdev(xs) / math.sqrt(len(xs))
+    return f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]"
+
+
+def _vp_effect_sentence(rec: Records) -> str:
+    """Issue 13 item 3 in the README's detector line: VP vs plain Meerkat vs random early stopping,
+    paired by seed (same partition, data order and test tweets), once `--study vp-effect table` ran."""
+    path = rec.dir / "compare" / "summary_vp_effect.json"
+    if not path.is_file():
+        return " VP's effect at equal budget (`compare.py --study vp-effect`) is not measured yet."
+    methods = json.loads(path.read_text())["methods"]
+    if "vp-none" not in methods or len(methods) < 2:
+        return " VP's effect at equal budget (`compare.py --study vp-effect`) is still running."
+    base = dict(zip(methods["vp-none"]["seed_ids"], methods["vp-none"]["balanced_accuracy"]))
+    parts = []
+    for name in ("vp-gradip", "vp-random"):
+        m = methods.get(name)
+        if not m:
+            continue
+        diffs = [ba - base[s] for s, ba in zip(m["seed_ids"], m["balanced_accuracy"]) if s in base]
+        limited = m.get("limited", [])
+        who = (f", limiting {sum(x[0] for x in limited)} clients of which {sum(x[1] for x in limited)} single-label "
+               f"(of {sum(x[2] for x in limited)})" if limited else "")
+        parts.append(f"{name} minus plain Meerkat {_mean_t(diffs)} over {len(diffs)} seeds{who}")
+    return (" VP's effect at equal budget (`compare.py --study vp-effect`, 3 of 10 clients single-label, test balanced "
+            "accuracy paired by seed): " + "; ".join(parts) + ".") if parts else ""
 
 
 def _recorded(relative: str) -> Callable[[Records], str]:

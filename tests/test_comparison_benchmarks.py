@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -286,3 +287,28 @@ def test_snapshot_keeps_what_a_resume_needs_and_nothing_git_cannot_hold(tmp_path
                     "cells/random-lr1e-4-s0/metrics.jsonl", "cells/random-lr1e-4-s1/checkpoints/round_000002.pt",
                     "cells/random-lr1e-4-s1/metrics.jsonl", "table.md"]
     assert not (to / "cells" / "full-fedzo-lr1e-6-s0").exists()  # unfinished and too big: restarts elsewhere
+
+
+def test_the_vp_effect_summary_says_who_was_limited_per_tested_seed(tmp_path, compare, capsys):
+    """`--study vp-effect table` writes summary_vp_effect.json, which the README's line reads: the
+    tested seeds and, per seed, [limited clients, of them single-label, single-label clients]."""
+    gain = {"gain": 0.0, "gain_ci": [0.0, 0.0]}
+    for name, limited in (("vp-none", [[], [], []]), ("vp-gradip", [[7, 8], [1, 9], [2, 7, 8]])):
+        for s in (0, 1, 2):
+            row = {"cell": compare.cell_name(name, 3e-4, s), "method": name, "lr": 3e-4, "seed": s,
+                   "final_validation": {"balanced_accuracy": 0.7, "auc": 0.8}, "train_seconds": 60.0,
+                   "curve": [{"balanced_accuracy": 0.7}], "uplink_bytes": 1000, "downlink_bytes": 1000,
+                   "client_rounds": 30, "rounds": 3, "k": 1064, "forward_passes": 600,
+                   "limited_clients": limited[s], "single_label_clients": [7, 8, 9]}
+            with (tmp_path / "cells.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            if s < 2:  # seed 2 run but not tested yet
+                test = {"balanced_accuracy": 0.7 + 0.01 * s, "macro_f1": 0.7, "accuracy": 0.7, "gain_over_zero_shot": gain}
+                with (tmp_path / "tests.jsonl").open("a") as f:
+                    f.write(json.dumps({"cell": row["cell"], "test": test, "test_seconds": 1.0}) + "\n")
+    args = argparse.Namespace(out=str(tmp_path), methods=["vp-none", "vp-gradip"], set=[], study="vp-effect")
+    text = compare.table(args)
+    assert "| vp-gradip | s0: 2 / 2 / 3; s1: 2 / 1 / 3; s2: 3 / 2 / 3 | 600, 600, 600 |" in text
+    summary = json.loads((tmp_path / "summary_vp_effect.json").read_text())["methods"]
+    assert summary["vp-gradip"]["seed_ids"] == [0, 1] and summary["vp-gradip"]["limited"] == [[2, 2, 3], [2, 1, 3]]
+    assert summary["vp-none"]["balanced_accuracy"] == [0.7, 0.71] and summary["vp-none"]["limited"] == [[0, 0, 3], [0, 0, 3]]

@@ -117,3 +117,26 @@ def test_summary_reports_the_calibrated_detector_once_it_is_tuned(repo: Path):
     text = readme.read_text()
     assert "scores F1 0.53 on federations 10-19 (TP 9, FP 5, FN 11, TN 75) vs 0.31 for random flags" in text
     assert "when they are recorded" not in text
+
+
+def test_summary_reports_vp_effect_paired_by_seed_once_it_is_tabled(repo: Path):
+    """The README's detector line says VP's effect is not measured until `compare.py --study vp-effect
+    table` writes its summary, then each row minus plain Meerkat paired by seed, and who was limited."""
+    readme = repo / "README.md"
+    summary = repo / "benchmarks" / "results" / "compare" / "summary_vp_effect.json"
+    summary.unlink(missing_ok=True)
+    assert render_results.main(["--root", str(repo)]) == 0
+    assert "VP's effect at equal budget (`compare.py --study vp-effect`) is not measured yet." in readme.read_text()
+    row = {"lr": 3e-4, "seeds": 3, "gain": [0.0, 0.0, 0.0], "gain_ci": [[0, 0]] * 3}
+    summary.write_text(json.dumps({"methods": {
+        "vp-none": {**row, "seed_ids": [0, 1, 2], "balanced_accuracy": [0.70, 0.72, 0.74]},
+        # seed 1 not tested yet: only seeds 0 and 2 pair
+        "vp-gradip": {**row, "seed_ids": [0, 2], "balanced_accuracy": [0.71, 0.76], "limited": [[2, 1, 3], [3, 3, 3]]},
+    }}))
+    assert render_results.main(["--check", "--root", str(repo)]) == 1
+    assert render_results.main(["--root", str(repo)]) == 0
+    text = readme.read_text()
+    # differences +0.01 and +0.02: mean +0.015, t(1) 12.706 * 0.00707 / sqrt(2) = 0.0635
+    assert ("vp-gradip minus plain Meerkat +0.015 [-0.049, +0.079] over 2 seeds, limiting 5 clients of which 4 "
+            "single-label (of 6)") in text
+    assert "VP's effect at equal budget (`compare.py --study vp-effect`) is not measured yet" not in text
