@@ -754,7 +754,7 @@ def plot(args) -> None:
         ys = np.array([[p["balanced_accuracy"] - r["curve"][0]["balanced_accuracy"] for p in r["curve"]]
                        for r in rows if len(r["curve"]) == len(x)])
         mean = ys.mean(0)
-        chosen_ax.plot(x, mean, marker="o", color=colours[name], label=f"{name} (lr {lr:g}, {len(ys)} seeds)")
+        chosen_ax.plot(x, mean, marker="o", color=colours[name], label=f"{name} (lr {lr:g}, {len(ys)} seed{'s' if len(ys) > 1 else ''})")
         if len(ys) > 1:
             sd = ys.std(0, ddof=1)
             chosen_ax.fill_between(x, mean - sd, mean + sd, color=colours[name], alpha=0.12)
