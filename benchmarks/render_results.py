@@ -471,7 +471,8 @@ def render_paper_summary(rec: Records) -> str:
              f"[95% t-interval over seeds]): "
              + ("; ".join(rows) if rows else "no method scored yet")
              + extra
-             + (f". Still measuring: {', '.join(cmp_['searching'])}." if cmp_["searching"] else "."))
+             + (f". Still measuring: {', '.join(cmp_['searching'])}." if cmp_["searching"] else ".")
+             + _paired_verdict(cmp_["methods"]))
     d = sep["auc"].get("decay: early / late mean abs(GradIP)")
     rep = det["tuned_report"]
     line2 = (f"- **Meerkat-VP's detector** (`benchmarks/vp_detector.py`, T = 10 at the training lr): GradIP does not tell "
@@ -503,6 +504,29 @@ def render_paper_summary(rec: Records) -> str:
     else:
         line3 = "- **Differential privacy** (`compare.py --study dp`): utility at epsilon 1/3/8 not measured yet (queued after the comparison)."
     return "\n".join((line1, line2, line3))
+
+
+def _paired_verdict(methods: dict[str, dict]) -> str:
+    """Which rows differ from Meerkat, paired by seed, with a 95% t-interval that excludes 0."""
+    if "meerkat" not in methods or "seed_ids" not in methods["meerkat"]:
+        return ""
+    base = dict(zip(methods["meerkat"]["seed_ids"], methods["meerkat"]["balanced_accuracy"]))
+    apart, close = [], []
+    for name, m in methods.items():
+        diffs = [ba - base[s] for s, ba in zip(m.get("seed_ids", []), m["balanced_accuracy"]) if s in base]
+        if name == "meerkat" or len(diffs) < 2:
+            continue
+        mean = statistics.fmean(diffs)
+        half = T975[len(diffs) - 1] * statistics.stdev(diffs) / math.sqrt(len(diffs))
+        (apart if abs(mean) > half else close).append(f"{name} {mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]")
+    if not apart and not close:
+        return ""
+    text = " Minus Meerkat, paired by seed:"
+    if close:
+        text += f" {'; '.join(close)} (intervals covering 0)"
+    if apart:
+        text += f"{';' if close else ''} {'; '.join(apart)} (excluding 0)"
+    return text + "."
 
 
 def _mean_t(xs: list[float]) -> str:

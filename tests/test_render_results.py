@@ -140,3 +140,15 @@ def test_summary_reports_vp_effect_paired_by_seed_once_it_is_tabled(repo: Path):
     assert ("vp-gradip minus plain Meerkat +0.015 [-0.049, +0.079] over 2 seeds, limiting 5 clients of which 4 "
             "single-label (of 6)") in text
     assert "VP's effect at equal budget (`compare.py --study vp-effect`) is not measured yet" not in text
+
+
+def test_the_comparison_line_says_which_rows_differ_from_meerkat_paired_by_seed():
+    methods = {"meerkat": {"seed_ids": [0, 1, 2], "balanced_accuracy": [0.75, 0.76, 0.77]},
+               "random": {"seed_ids": [0, 1, 2], "balanced_accuracy": [0.74, 0.74, 0.76]},   # -0.01, -0.02, -0.01
+               "lora": {"seed_ids": [0, 1, 2], "balanced_accuracy": [0.70, 0.71, 0.72]},     # -0.05 each: apart
+               "one-seed": {"seed_ids": [2], "balanced_accuracy": [0.5]}}                    # no interval: left out
+    # random: mean -0.0133, sd 0.00577, half 4.303 * 0.00577 / sqrt(3) = 0.0143 -> covers 0
+    assert render_results._paired_verdict(methods) == (
+        " Minus Meerkat, paired by seed: random -0.013 [-0.028, +0.001] (intervals covering 0);"
+        " lora -0.050 [-0.050, -0.050] (excluding 0).")
+    assert render_results._paired_verdict({"meerkat": {"balanced_accuracy": [0.7]}}) == ""  # an old summary
