@@ -513,24 +513,32 @@ def status(args) -> None:
 # -------------------------------------------------------------------------------------------- table
 
 
+# Differences a study asks about beyond "each row minus the first": VP against its control (issue 13
+# item 3 asks whether GradIP chooses whom to limit better than chance, at the same forward passes).
+EXTRA_PAIRS = (("vp-gradip", "vp-random"),)
+
+
 def _paired_lines(by_seed: dict[str, dict[int, float]]) -> list[str]:
-    """Each row minus the first row, paired by seed (a seed fixes the partition, the data order and the
-    test tweets for every method), with a t-interval over the seeds both have scored."""
+    """Each row minus the first row (and each pair of EXTRA_PAIRS present), paired by seed (a seed fixes
+    the partition, the data order and the test tweets for every method), with a t-interval over the
+    seeds both have scored."""
     names = list(by_seed)
     if len(names) < 2:
         return []
     ref, out = names[0], []
-    for name in names[1:]:
-        seeds = sorted(set(by_seed[name]) & set(by_seed[ref]))
-        d = [by_seed[name][s] - by_seed[ref][s] for s in seeds]
+    pairs = [(name, ref) for name in names[1:]] + [p for p in EXTRA_PAIRS if set(p) <= set(names) and ref not in p]
+    for name, ref_ in pairs:
+        seeds = sorted(set(by_seed[name]) & set(by_seed[ref_]))
+        d = [by_seed[name][s] - by_seed[ref_][s] for s in seeds]
         if len(d) < 2:
             continue
         mean, half = float(np.mean(d)), T975[len(d) - 1] * float(np.std(d, ddof=1)) / np.sqrt(len(d))
-        out.append(f"| {name} - {ref} | {len(d)} | {', '.join(f'{x:+.3f}' for x in d)} | {mean:+.3f} "
+        out.append(f"| {name} - {ref_} | {len(d)} | {', '.join(f'{x:+.3f}' for x in d)} | {mean:+.3f} "
                    f"[{mean - half:+.3f}, {mean + half:+.3f}] |")
     if not out:
         return []
-    return ["", f"Test balanced accuracy against {ref}, paired by seed (same partitions, data orders and test tweets; "
+    also = " (and vp-gradip against its control, vp-random)" if any(line.startswith("| vp-gradip - vp-random") for line in out) else ""
+    return ["", f"Test balanced accuracy against {ref}{also}, paired by seed (same partitions, data orders and test tweets; "
             "95% t-interval over seeds):", "", "| difference | seeds | per seed | mean [95% interval] |",
             "|---|---|---|---|", *out]
 

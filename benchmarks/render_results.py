@@ -558,7 +558,13 @@ def _vp_effect_sentence(rec: Records) -> str:
         who = (f", limiting {sum(x[0] for x in limited)} clients of which {sum(x[1] for x in limited)} single-label "
                f"(of {sum(x[2] for x in limited)})" if limited else "")
         parts.append(f"{name} minus plain Meerkat {_mean_t(diffs)} over {len(diffs)} seeds{who}")
-    return (" VP's effect at equal budget (`compare.py --study vp-effect`, 3 of 10 clients single-label, test balanced "
+    if "vp-gradip" in methods and "vp-random" in methods:  # VP against its control, at the same forward passes
+        control = dict(zip(methods["vp-random"]["seed_ids"], methods["vp-random"]["balanced_accuracy"]))
+        diffs = [ba - control[s] for s, ba in zip(methods["vp-gradip"]["seed_ids"], methods["vp-gradip"]["balanced_accuracy"])
+                 if s in control]
+        if diffs:
+            parts.append(f"vp-gradip minus vp-random {_mean_t(diffs)}")
+    return (" VP's effect at equal budget (`compare.py --study vp-effect`, 3 of 10 clients forced single-label, test balanced "
             "accuracy paired by seed): " + "; ".join(parts) + ".") if parts else ""
 
 

@@ -233,6 +233,12 @@ def test_rows_are_compared_with_the_first_row_paired_by_seed(compare):
     assert rows == ["| magnitude - meerkat | 3 | -0.010, -0.020, -0.030 | -0.020 [-0.045, +0.005] |"]
     assert not any(line.startswith("| random") for line in lines)
     assert compare._paired_lines({"meerkat": {0: 0.7}}) == []
+    # the vp-effect study also asks VP against its control, at the same forward passes
+    lines = compare._paired_lines({"vp-none": {0: 0.75, 1: 0.75}, "vp-gradip": {0: 0.74, 1: 0.76},
+                                   "vp-random": {0: 0.73, 1: 0.74}})
+    assert [line.split(" |")[0] for line in lines if line.startswith("| vp")] == [
+        "| vp-gradip - vp-none", "| vp-random - vp-none", "| vp-gradip - vp-random"]
+    assert "| vp-gradip - vp-random | 2 | +0.010, +0.020 |" in lines[-1]
 
 
 def test_movement_reports_how_far_each_masked_row_moved_its_coordinates(tmp_path, compare, monkeypatch, tiny_llama):

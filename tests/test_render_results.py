@@ -140,6 +140,14 @@ def test_summary_reports_vp_effect_paired_by_seed_once_it_is_tabled(repo: Path):
     assert ("vp-gradip minus plain Meerkat +0.015 [-0.049, +0.079] over 2 seeds, limiting 5 clients of which 4 "
             "single-label (of 6)") in text
     assert "VP's effect at equal budget (`compare.py --study vp-effect`) is not measured yet" not in text
+    summary.write_text(json.dumps({"methods": {
+        "vp-none": {**row, "seed_ids": [0, 1], "balanced_accuracy": [0.70, 0.72]},
+        "vp-gradip": {**row, "seed_ids": [0, 1], "balanced_accuracy": [0.71, 0.72], "limited": [[2, 1, 3], [3, 3, 3]]},
+        "vp-random": {**row, "seed_ids": [0, 1], "balanced_accuracy": [0.70, 0.70], "limited": [[2, 0, 3], [3, 1, 3]]},
+    }}))
+    assert render_results.main(["--root", str(repo)]) == 0
+    # gradip - random: +0.01, +0.02
+    assert "; vp-gradip minus vp-random +0.015 [-0.049, +0.079]." in readme.read_text()
 
 
 def test_the_comparison_line_says_which_rows_differ_from_meerkat_paired_by_seed():
