@@ -502,7 +502,7 @@ def render_paper_summary(rec: Records) -> str:
         line3 = ("- **Differential privacy** (`compare.py --study dp`, test gain over zero-shot): "
                  + ("; ".join(done) if done else "no DP cell scored yet") + ".")
     else:
-        line3 = "- **Differential privacy** (`compare.py --study dp`): utility at epsilon 1/3/8 not measured yet (queued after the comparison)."
+        line3 = "- **Differential privacy** (`compare.py --study dp`): utility at epsilon 1/3/8 not measured yet (the grid's last study, after the comparison and VP's effect)."
     return "\n".join((line1, line2, line3))
 
 
