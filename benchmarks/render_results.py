@@ -516,9 +516,8 @@ def _paired_verdict(methods: dict[str, dict]) -> str:
         diffs = [ba - base[s] for s, ba in zip(m.get("seed_ids", []), m["balanced_accuracy"]) if s in base]
         if name == "meerkat" or len(diffs) < 2:
             continue
-        mean = statistics.fmean(diffs)
-        half = T975[len(diffs) - 1] * statistics.stdev(diffs) / math.sqrt(len(diffs))
-        (apart if abs(mean) > half else close).append(f"{name} {mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]")
+        mean, lo, hi = _t_interval(diffs)
+        (apart if lo > 0 or hi < 0 else close).append(f"{name} {mean:+.3f} [{lo:+.3f}, {hi:+.3f}]")
     if not apart and not close:
         return ""
     text = " Minus Meerkat, paired by seed:"
@@ -529,13 +528,18 @@ def _paired_verdict(methods: dict[str, dict]) -> str:
     return text + "."
 
 
+def _t_interval(xs: list[float]) -> tuple[float, float, float]:
+    """mean and 95% Student-t interval of a few (>= 2) per-seed numbers."""
+    mean = statistics.fmean(xs)
+    half = T975[len(xs) - 1] * statistics.stdev(xs) / math.sqrt(len(xs))
+    return mean, mean - half, mean + half
+
+
 def _mean_t(xs: list[float]) -> str:
     """mean [95% t-interval] of a few per-seed numbers (just the mean for one)."""
-    mean = statistics.fmean(xs)
     if len(xs) < 2:
-        return f"{mean:+.3f} (1 seed)"
-    half = T975[len(xs) - 1] * statistics.stdev(xs) / math.sqrt(len(xs))
-    return f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]"
+        return f"{statistics.fmean(xs):+.3f} (1 seed)"
+    return "{:+.3f} [{:+.3f}, {:+.3f}]".format(*_t_interval(xs))
 
 
 def _vp_effect_sentence(rec: Records) -> str:
