@@ -745,7 +745,8 @@ def table_file(study: str) -> str:
 
 def plot(args) -> None:
     """Left: each method at its chosen lr, the gain over each seed's own zero-shot validation score
-    (seeds draw different validation tweets, so their levels differ), mean +- std. Right: the seed-0 search, one colour
+    (seeds draw different validation tweets, so their levels differ), mean +- std, at the seeds' mean
+    forward passes. Right: the seed-0 search, one colour
     per method (a curve that leaves the axis diverged; its last value is written at the edge)."""
     import matplotlib
 
@@ -758,9 +759,10 @@ def plot(args) -> None:
     for name, (lr, rows) in chosen_rows(out, args.methods, args.set).items():
         if not rows:
             continue
-        x = [p["forward_passes"] for p in rows[0]["curve"]]
-        ys = np.array([[p["balanced_accuracy"] - r["curve"][0]["balanced_accuracy"] for p in r["curve"]]
-                       for r in rows if len(r["curve"]) == len(x)])
+        rows = [r for r in rows if len(r["curve"]) == len(rows[0]["curve"])]
+        # a limited client spends fewer passes (vp rows), so seeds differ in x: the mean over seeds
+        x = np.mean([[p["forward_passes"] for p in r["curve"]] for r in rows], axis=0)
+        ys = np.array([[p["balanced_accuracy"] - r["curve"][0]["balanced_accuracy"] for p in r["curve"]] for r in rows])
         mean = ys.mean(0)
         chosen_ax.plot(x, mean, marker="o", color=colours[name], label=f"{name} (lr {lr:g}, {len(ys)} seed{'s' if len(ys) > 1 else ''})")
         if len(ys) > 1:
