@@ -660,6 +660,7 @@ def table(args) -> str:
         zs_ba = float(ClassifierScores(zs["scores"], zs["labels"]).report()["balanced_accuracy"])
     (out / table_file(args.study).replace(".md", ".json").replace("table", "summary")).write_text(
         json.dumps({"zero_shot_balanced_accuracy": zs_ba, "methods": summary, "rounds": 3, "long_rounds": LONG_ROUNDS,
+                    "paper": {model: {m: v for m, v in rows.items() if m in summary} for model, rows in PAPER.items()},
                     "long_tests": {c: {"gain": t["gain_over_zero_shot"]["gain"],
                                        "gain_ci": t["gain_over_zero_shot"]["gain_ci"]} for c, t in longer},
                     "searching": [n for n in args.methods if n not in summary]}, indent=1) + "\n")

@@ -472,7 +472,9 @@ def render_paper_summary(rec: Records) -> str:
              + ("; ".join(rows) if rows else "no method scored yet")
              + extra
              + (f". Still measuring: {', '.join(cmp_['searching'])}." if cmp_["searching"] else ".")
-             + _paired_verdict(cmp_["methods"]))
+             + _paired_verdict(cmp_["methods"])
+             + "".join(f" The paper on {model} (accuracy): {', '.join(f'{m} {v:.3f}' for m, v in rows.items())}."
+                       for model, rows in cmp_.get("paper", {}).items() if rows))
     d = sep["auc"].get("decay: early / late mean abs(GradIP)")
     rep = det["tuned_report"]
     line2 = (f"- **Meerkat-VP's detector** (`benchmarks/vp_detector.py`, T = 10 at the training lr): GradIP does not tell "
