@@ -502,7 +502,7 @@ def render_paper_summary(rec: Records) -> str:
         dp = json.loads(dp_path.read_text())
         done = [f"{n} {statistics.fmean(m['gain']):+.3f}" for n, m in dp["methods"].items() if n.startswith(("dp-", "site"))]
         line3 = ("- **Differential privacy** (`compare.py --study dp`, test gain over zero-shot): "
-                 + ("; ".join(done) if done else "no DP cell scored yet") + ".")
+                 + ("; ".join(done) if done else "no DP cell scored on test yet: the grid's last study, running") + ".")
     else:
         line3 = "- **Differential privacy** (`compare.py --study dp`): utility at epsilon 1/3/8 not measured yet (the grid's last study, after the comparison and VP's effect)."
     return "\n".join((line1, line2, line3))
