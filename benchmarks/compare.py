@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from render_results import T975  # benchmarks/: the docs' Student-t table (standard library only, cheap)
+from render_results import _t_interval  # benchmarks/: the docs' Student-t interval (standard library only, cheap)
 
 TASK = "tweets_binary"
 
@@ -525,19 +525,20 @@ def _paired_lines(by_seed: dict[str, dict[int, float]]) -> list[str]:
     names = list(by_seed)
     if len(names) < 2:
         return []
-    ref, out = names[0], []
+    ref, out, used = names[0], [], []
     pairs = [(name, ref) for name in names[1:]] + [p for p in EXTRA_PAIRS if set(p) <= set(names) and ref not in p]
     for name, ref_ in pairs:
         seeds = sorted(set(by_seed[name]) & set(by_seed[ref_]))
         d = [by_seed[name][s] - by_seed[ref_][s] for s in seeds]
         if len(d) < 2:
             continue
-        mean, half = float(np.mean(d)), T975[len(d) - 1] * float(np.std(d, ddof=1)) / np.sqrt(len(d))
+        mean, lo, hi = _t_interval(d)
         out.append(f"| {name} - {ref_} | {len(d)} | {', '.join(f'{x:+.3f}' for x in d)} | {mean:+.3f} "
-                   f"[{mean - half:+.3f}, {mean + half:+.3f}] |")
+                   f"[{lo:+.3f}, {hi:+.3f}] |")
+        used.append((name, ref_))
     if not out:
         return []
-    also = " (and vp-gradip against its control, vp-random)" if any(line.startswith("| vp-gradip - vp-random") for line in out) else ""
+    also = " (and vp-gradip against its control, vp-random)" if set(EXTRA_PAIRS) & set(used) else ""
     return ["", f"Test balanced accuracy against {ref}{also}, paired by seed (same partitions, data orders and test tweets; "
             "95% t-interval over seeds):", "", "| difference | seeds | per seed | mean [95% interval] |",
             "|---|---|---|---|", *out]
@@ -796,8 +797,9 @@ def plot(args) -> None:
                  f"study {args.study}, 3 rounds (each row's settings: cells.jsonl)", fontsize=11)
     fig.tight_layout()
     # one figure per study, like the tables: `--study dp plot` must not overwrite the comparison's
-    fig.savefig(out / ("compare_curves.png" if args.study in ("compare", "all") else
-                       f"curves_{args.study.replace('-', '_')}.png"), dpi=120)
+    path = out / ("compare_curves.png" if args.study in ("compare", "all") else f"curves_{args.study.replace('-', '_')}.png")
+    fig.savefig(path, dpi=120)
+    _log(f"wrote {path}")
 
 
 def _methods(text: str) -> list[str]:
