@@ -702,7 +702,47 @@ def movement(args) -> None:
     (out / "movement.md").write_text(text + "\n")
 
 
-SNAPSHOT_FILES = ("cells.jsonl", "tests.jsonl", "zero_shot_test.npz", "movement.md", "worker0.log", "worker1.log")
+def dp_noise(args) -> None:
+    """Why DP at epsilon 8 cost nothing measurable: the spread of the scalars clients sent (each step's
+    projected gradient, ZO noise and all) against the std of the DP noise in them, sigma * clip / B,
+    per row at its chosen lr (the tested seeds' cells pooled). Read from each cell's last round
+    checkpoint (the server's replay history), so it runs on the grid's own folder, where they are kept."""
+    from meerkat_hf.federated.checkpoint import list_checkpoints, read_checkpoint
+
+    out = Path(args.out)
+    lines = ["Released scalars vs the DP noise in them, at each row's chosen lr (tested seeds' cells pooled; every "
+             "scalar of the search budget's rounds still in the last checkpoint's replay history; noise std = noise multiplier x clip / batch, the "
+             "clients' root mean square):", "",
+             "| method | lr | cells | scalars | std of the scalars | median abs | DP noise std | noise share of the variance |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, (lr, rows) in chosen_rows(out, args.methods, args.set).items():
+        scalars, noise_var = [], []
+        for row in rows:
+            checkpoints = list_checkpoints(out / "cells" / row["cell"])
+            if not checkpoints:
+                continue
+            state = read_checkpoint(checkpoints[-1])
+            for round_index, records in state["server"]["history"]:  # 0-based; a longer row's later rounds left out
+                for record in records if round_index < int(row["rounds"]) else ():
+                    scalars += [float(g) for g in record[3]]
+            privacy = row.get("privacy") or {}
+            if privacy.get("noise_multiplier") is not None:
+                batch = int(state["config"]["batch_size"])
+                sigmas = [float(s) for s in str(privacy["noise_multiplier"]).split(",")]
+                noise_var += [(s * float(privacy["clip"]) / batch) ** 2 for s in sigmas]
+        if not scalars:
+            continue
+        g = np.asarray(scalars)
+        noise = f"{np.sqrt(np.mean(noise_var)):.3g}" if noise_var else "0 (no DP)"
+        share = f"{np.mean(noise_var) / g.var():.1%}" if noise_var else "-"
+        lines.append(f"| {name} | {lr:g} | {len(rows)} | {g.size:,} | {g.std():.3g} | {np.median(np.abs(g)):.3g} | "
+                     f"{noise} | {share} |")
+    text = "\n".join(lines)
+    print(text)
+    (out / "dp_noise.md").write_text(text + "\n")
+
+
+SNAPSHOT_FILES = ("cells.jsonl", "tests.jsonl", "zero_shot_test.npz", "movement.md", "dp_noise.md", "worker0.log", "worker1.log")
 SNAPSHOT_MAX_BYTES = 20 * 2**20  # a Full-FedZO state (538 MB) or checkpoint (1.2 GB) cannot go into git
 
 
@@ -824,7 +864,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--worker", default="0/1", help="informational: i/n of the workers sharing --out")
-    for name in ("prepare", "status", "table", "plot", "dp-clip", "movement"):
+    for name in ("prepare", "status", "table", "plot", "dp-clip", "dp-noise", "movement"):
         sub.add_parser(name)
     sn = sub.add_parser("snapshot", help="copy the grid's state into the committed records (resumable elsewhere)")
     sn.add_argument("--to", default="benchmarks/results/compare")
@@ -836,7 +876,7 @@ def main(argv: list[str] | None = None) -> None:
     TEST_LIMIT = args.test_limit
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     {"prepare": prepare, "run": run, "status": status, "table": table, "plot": plot, "dp-clip": dp_clip,
-     "movement": movement, "snapshot": snapshot}[args.cmd](args)
+     "dp-noise": dp_noise, "movement": movement, "snapshot": snapshot}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import math
 import secrets
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -190,9 +191,14 @@ def solve_noise_multiplier(target_epsilon: float, delta: float, sample_rate: flo
     from opacus.accountants.utils import get_noise_multiplier
 
     try:
-        return float(get_noise_multiplier(target_epsilon=float(target_epsilon), target_delta=float(delta),
-                                          sample_rate=float(sample_rate), steps=max(int(steps), 1),
-                                          accountant="rdp", epsilon_tolerance=0.01 * float(target_epsilon)))
+        with warnings.catch_warnings():
+            # Opacus's search starts from a large multiplier, whose best RDP order is the largest one
+            # it tries, and says so; the multiplier it returns is accounted in `gaussian_epsilon`,
+            # which keeps the warning (there it would mean a loose bound).
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            return float(get_noise_multiplier(target_epsilon=float(target_epsilon), target_delta=float(delta),
+                                              sample_rate=float(sample_rate), steps=max(int(steps), 1),
+                                              accountant="rdp", epsilon_tolerance=0.01 * float(target_epsilon)))
     except ValueError as err:
         raise ValueError(f"dp.target_epsilon={target_epsilon:g} at delta={delta:g} is unreachable within the run "
                          f"({steps} steps at sample rate {sample_rate:.4g}; the accountant certifies no less than "

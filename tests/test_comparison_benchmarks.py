@@ -318,3 +318,41 @@ def test_the_vp_effect_summary_says_who_was_limited_per_tested_seed(tmp_path, co
     summary = json.loads((tmp_path / "summary_vp_effect.json").read_text())["methods"]
     assert summary["vp-gradip"]["seed_ids"] == [0, 1] and summary["vp-gradip"]["limited"] == [[2, 2, 3], [2, 1, 3]]
     assert summary["vp-none"]["balanced_accuracy"] == [0.7, 0.71] and summary["vp-none"]["limited"] == [[0, 0, 3], [0, 0, 3]]
+
+
+def test_dp_noise_sets_the_released_scalars_spread_against_the_dp_noise_in_them(tmp_path, compare, capsys):
+    """`compare.py dp-noise` reads each chosen cell's replay history from its round checkpoint: the
+    scalars of the search budget's rounds only (a longer row's later rounds left out), and the DP
+    noise std sigma * clip / batch as the clients' root mean square."""
+    from meerkat_hf.federated.checkpoint import save_checkpoint
+
+    rng = np.random.default_rng(0)
+    for name, privacy in (("meerkat", None), ("dp-eps8", {"epsilon": 8.0, "delta": 1e-5, "noise_multiplier": "0.3, 0.4",
+                                                         "clip": 4.0})):
+        for lr, val in ((1e-4, 0.70), (3e-4, 0.75), (1e-3, 0.60)):
+            _finish(tmp_path, compare, name, lr, 0, val)
+        for s in (0, 1):
+            cell = compare.cell_name(name, 3e-4, s)
+            row = {"cell": cell, "method": name, "lr": 3e-4, "seed": s, "rounds": 2,
+                   "final_validation": {"balanced_accuracy": 0.75}, "train_seconds": 1.0,
+                   **({"privacy": privacy} if privacy else {})}
+            if s:
+                with (tmp_path / "cells.jsonl").open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+            else:  # seed 0's row is the search cell above; give it its rounds and privacy
+                lines = (tmp_path / "cells.jsonl").read_text().splitlines()
+                lines = [json.dumps(row) if json.loads(line)["cell"] == cell else line for line in lines]
+                (tmp_path / "cells.jsonl").write_text("\n".join(lines) + "\n")
+            # rounds 0-1 are the search budget; round 2 (a longer row's) holds outliers that must not count
+            history = [(r, [(c, 100, 1, (rng.normal(size=5) * 2).tolist() if r < 2 else [1e6] * 5, [3e-4] * 5)
+                            for c in (0, 1)]) for r in range(3)]
+            save_checkpoint(tmp_path / "cells" / cell, 3, {"config": {"batch_size": 8}, "server": {"history": history}})
+    args = argparse.Namespace(out=str(tmp_path), methods=["meerkat", "dp-eps8"], set=[], study="dp")
+    compare.dp_noise(args)
+    text = capsys.readouterr().out
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
+    assert rows["meerkat"][3] == "40" and rows["meerkat"][6] == "0 (no DP)"  # 2 cells x 2 rounds x 2 clients x 5
+    expected_noise = np.sqrt(np.mean([(0.3 * 4 / 8) ** 2, (0.4 * 4 / 8) ** 2]))
+    assert float(rows["dp-eps8"][6]) == pytest.approx(expected_noise, rel=1e-2)
+    assert 1.0 < float(rows["dp-eps8"][4]) < 3.0  # the std of N(0, 2^2) draws, the outliers left out
+    assert (tmp_path / "dp_noise.md").read_text().strip() == text.strip()
