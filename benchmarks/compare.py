@@ -515,7 +515,10 @@ def status(args) -> None:
 
 # Differences a study asks about beyond "each row minus the first": VP against its control (issue 13
 # item 3 asks whether GradIP chooses whom to limit better than chance, at the same forward passes).
-EXTRA_PAIRS = (("vp-gradip", "vp-random"),)
+# Pairs compared besides "each row minus the first": VP against its control, and each single-site
+# DP row against single-site Meerkat without DP (the federated ones are against the first row, meerkat).
+EXTRA_PAIRS = (("vp-gradip", "vp-random"), *((f"site-dp-eps{e}", "site") for e in DP_EPSILONS))
+EXTRA_PAIR_WORDS = {("vp-gradip", "vp-random"): "vp-gradip against its control, vp-random"}
 
 
 def _paired_lines(by_seed: dict[str, dict[int, float]]) -> list[str]:
@@ -538,10 +541,44 @@ def _paired_lines(by_seed: dict[str, dict[int, float]]) -> list[str]:
         used.append((name, ref_))
     if not out:
         return []
-    also = " (and vp-gradip against its control, vp-random)" if set(EXTRA_PAIRS) & set(used) else ""
+    extra = [EXTRA_PAIR_WORDS.get(p, f"{p[0]} against {p[1]}") for p in EXTRA_PAIRS if p in used]
+    also = f" (and {', '.join(extra)})" if extra else ""
     return ["", f"Test balanced accuracy against {ref}{also}, paired by seed (same partitions, data orders and test tweets; "
             "95% t-interval over seeds):", "", "| difference | seeds | per seed | mean [95% interval] |",
             "|---|---|---|---|", *out]
+
+
+def _epsilon_lines(chosen: dict[str, tuple[float | None, list[dict]]], by_seed: dict[str, dict[int, float]]) -> list[str]:
+    """Issue 14's epsilon-vs-accuracy table: test balanced accuracy per target epsilon, federated (against
+    `meerkat`) and single site (against `site`), each minus its non-private row paired by seed."""
+    shapes = (("meerkat", "dp-eps{}"), ("site", "site-dp-eps{}"))
+    if not any(pattern.format(e) in chosen for _, pattern in shapes for e in DP_EPSILONS):
+        return []
+
+    def cell(name: str, ref: str | None) -> str:
+        if name not in chosen:
+            return "| |"
+        lr, rows = chosen[name]
+        if name not in by_seed:
+            state = "searching" if lr is None else f"lr {lr:g}: {len(rows)} of {len(SEEDS)} seeds run, test pending"
+            return f"| {state} | |"
+        acc = _mean_std(list(by_seed[name].values())) + f" ({len(by_seed[name])} seeds, lr {lr:g})"
+        if ref is None or ref not in by_seed:
+            return f"| {acc} | |"
+        seeds = sorted(set(by_seed[name]) & set(by_seed[ref]))
+        d = [by_seed[name][s] - by_seed[ref][s] for s in seeds]
+        if len(d) < 2:
+            return f"| {acc} | |"
+        mean, lo, hi = _t_interval(d)
+        return f"| {acc} | {mean:+.3f} [{lo:+.3f}, {hi:+.3f}] |"
+
+    lines = ["", "Epsilon against accuracy (delta 1e-5, clip {:g}; test balanced accuracy, mean +- std over seeds; "
+             "minus the same shape without DP, paired by seed, 95% t-interval):".format(DP_CLIP), "",
+             "| epsilon | federated (10 clients) | minus no DP | single site | minus no DP |", "|---|---|---|---|---|",
+             "| no DP " + cell("meerkat", None) + " " + cell("site", None)[2:]]
+    for e in DP_EPSILONS:
+        lines.append(f"| {e} " + cell(f"dp-eps{e}", "meerkat") + " " + cell(f"site-dp-eps{e}", "site")[2:])
+    return lines
 
 
 def _mean_std(xs: list[float]) -> str:
@@ -613,6 +650,9 @@ def table(args) -> str:
                          "balanced_accuracy": [x["balanced_accuracy"] for x in t],
                          "gain": [x["gain_over_zero_shot"]["gain"] for x in t],
                          "gain_ci": [x["gain_over_zero_shot"]["gain_ci"] for x in t]}
+        if "privacy" in rows[0]:  # the DP rows: the largest epsilon any client spent, per tested seed
+            summary[name]["epsilon"] = [r["privacy"]["epsilon"] for r in rows if r["cell"] in tested]
+            summary[name]["delta"] = rows[0]["privacy"]["delta"]
         if "limited_clients" in rows[0]:  # the vp-effect rows: who was limited, per tested seed
             summary[name]["limited"] = [[len(r["limited_clients"]),
                                          len(set(r["limited_clients"]) & set(r["single_label_clients"])),
@@ -648,6 +688,7 @@ def table(args) -> str:
             p0 = rows[0]["privacy"]
             eps = ", ".join(f"{r['privacy']['epsilon']:.2f}" for r in rows)
             lines.append(f"| {name} | {eps} ({p0['delta']:g}) | {p0.get('noise_multiplier')} | {p0['clip']:g} |")
+    lines += _epsilon_lines(chosen, by_seed)
     secs = sum(r["train_seconds"] for r in done.values()) + sum(r["test_seconds"] for r in read_tests(out).values())
     lines += ["", f"{len(done)} cells, {secs / 3600:.2f} h of worker wall time in all (one torch thread each). Commands: `cells.jsonl` (`command`)."]
     text = "\n".join(lines)

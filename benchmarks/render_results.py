@@ -26,6 +26,7 @@ byte for byte as it is. The sources, all under benchmarks/results/:
     vp_effect      compare/table_vp_effect.md      (compare.py --study vp-effect table)
     compare_movement compare/movement.md           (compare.py movement: how far the masked rows moved)
     dp_utility     compare/table_dp.md             (compare.py --study dp table)
+    dp_noise       compare/dp_noise.md             (compare.py --study dp dp-noise: DP noise vs the scalars' spread)
     paper_summary  (README) compare/summary.json, vp_detector/separability.json + detector.json,
                    compare/summary_dp.json if the dp study has been tabled
 
@@ -497,14 +498,7 @@ def render_paper_summary(rec: Records) -> str:
         else:
             line2 += " (the detector tuned there is scored on fresh federations when they are recorded)."
     line2 += _vp_effect_sentence(rec)
-    dp_path = rec.dir / "compare" / "summary_dp.json"
-    if dp_path.is_file():
-        dp = json.loads(dp_path.read_text())
-        done = [f"{n} {statistics.fmean(m['gain']):+.3f}" for n, m in dp["methods"].items() if n.startswith(("dp-", "site"))]
-        line3 = ("- **Differential privacy** (`compare.py --study dp`, test gain over zero-shot): "
-                 + ("; ".join(done) if done else "no DP cell scored on test yet: the grid's last study, running") + ".")
-    else:
-        line3 = "- **Differential privacy** (`compare.py --study dp`): utility at epsilon 1/3/8 not measured yet (the grid's last study, after the comparison and VP's effect)."
+    line3 = _dp_line(rec)
     return "\n".join((line1, line2, line3))
 
 
@@ -574,6 +568,44 @@ def _vp_effect_sentence(rec: Records) -> str:
             "accuracy paired by seed): " + "; ".join(parts) + ".") if parts else ""
 
 
+DP_SHAPES = (("federated", "meerkat", "dp-eps"), ("single site", "site", "site-dp-eps"))
+
+
+def _dp_line(rec: Records) -> str:
+    """Issue 14 item 4 in the README: per shape and target epsilon, test balanced accuracy minus the same
+    shape without DP, paired by seed (`compare.py --study dp table` -> summary_dp.json)."""
+    path = rec.dir / "compare" / "summary_dp.json"
+    head = "- **Differential privacy** (`compare.py --study dp`"
+    if not path.is_file():
+        return head + "): utility at epsilon 1/3/8 not measured yet (the grid's last study, after the comparison and VP's effect)."
+    summary = json.loads(path.read_text())
+    methods = summary["methods"]
+    parts = []
+    for shape, base_name, prefix in DP_SHAPES:
+        base = methods.get(base_name)
+        rows = sorted(((name, m) for name, m in methods.items() if name.startswith(prefix)),
+                      key=lambda nm: -float(nm[0][len(prefix):]))
+        said = []
+        for name, m in rows:
+            eps = max(m["epsilon"]) if m.get("epsilon") else float(name[len(prefix):])
+            if base is None or "seed_ids" not in base:
+                said.append(f"epsilon {eps:.2g}: gain over zero-shot {_mean_t(m['gain'])}")
+                continue
+            ref = dict(zip(base["seed_ids"], base["balanced_accuracy"]))
+            diffs = [ba - ref[s] for s, ba in zip(m["seed_ids"], m["balanced_accuracy"]) if s in ref]
+            said.append(f"epsilon {eps:.2g} {_mean_t(diffs)} over {len(diffs)} seeds" if diffs else
+                        f"epsilon {eps:.2g}: gain over zero-shot {_mean_t(m['gain'])}")
+        if said:
+            parts.append(f"{shape} ({base_name} without DP: gain {_mean_t(base['gain'])}) " if base else f"{shape}: ")
+            parts[-1] += ", ".join(said)
+    waiting = [n for n in summary.get("searching", []) if n.startswith(("dp-", "site"))]
+    text = (head + ", delta 1e-5, test balanced accuracy minus the same shape without DP, paired by seed; the largest "
+            "epsilon any client spent): " + ("; ".join(parts) if parts else "no DP row scored on test yet"))
+    if waiting:
+        text += f"; still running: {', '.join(waiting)}"
+    return text + "."
+
+
 def _recorded(relative: str) -> Callable[[Records], str]:
     """A block that is one markdown file a benchmark command wrote under benchmarks/results/."""
     def render(rec: Records) -> str:
@@ -590,6 +622,7 @@ RENDERERS: dict[str, Callable[[Records], str]] = {
     "vp_ceiling": _recorded("vp_detector/ceiling.md"),
     "vp_effect": _recorded("compare/table_vp_effect.md"),
     "dp_utility": _recorded("compare/table_dp.md"),
+    "dp_noise": _recorded("compare/dp_noise.md"),
     "compare_movement": _recorded("compare/movement.md"),
     "comparison": render_comparison,
     "vp_detector": render_vp_detector,

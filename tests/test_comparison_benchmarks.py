@@ -356,3 +356,21 @@ def test_dp_noise_sets_the_released_scalars_spread_against_the_dp_noise_in_them(
     assert float(rows["dp-eps8"][6]) == pytest.approx(expected_noise, rel=1e-2)
     assert 1.0 < float(rows["dp-eps8"][4]) < 3.0  # the std of N(0, 2^2) draws, the outliers left out
     assert (tmp_path / "dp_noise.md").read_text().strip() == text.strip()
+
+
+def test_the_epsilon_table_pairs_each_dp_row_with_its_own_shape_without_dp(compare):
+    rows = [{"seed": s} for s in (0, 1, 2)]
+    chosen = {"meerkat": (3e-4, rows), "dp-eps8": (3e-4, rows), "dp-eps3": (1e-4, rows[:1]), "dp-eps1": (None, []),
+              "site": (1e-3, rows), "site-dp-eps8": (1e-3, rows), "site-dp-eps3": (None, []), "site-dp-eps1": (None, [])}
+    by_seed = {"meerkat": {0: 0.75, 1: 0.76, 2: 0.77}, "dp-eps8": {0: 0.74, 1: 0.76, 2: 0.76},
+               "site": {0: 0.80, 1: 0.80, 2: 0.80}, "site-dp-eps8": {0: 0.78, 1: 0.78, 2: 0.78}}
+    text = "\n".join(compare._epsilon_lines(chosen, by_seed))
+    assert "| no DP | 0.760 +- 0.010 (3 seeds, lr 0.0003) | | 0.800 +- 0.000 (3 seeds, lr 0.001) | |" in text
+    # federated eps 8: -0.01, 0, -0.01 -> mean -0.007; single site eps 8: -0.02 each (zero spread)
+    assert "| 8 | 0.753 +- 0.012 (3 seeds, lr 0.0003) | -0.007 [-0.021, +0.008] | 0.780 +- 0.000 (3 seeds, lr 0.001) | -0.020 [-0.020, -0.020] |" in text
+    assert "| 3 | lr 0.0001: 1 of 3 seeds run, test pending | | searching | |" in text
+    assert "| 1 | searching | | searching | |" in text
+    # the paired table compares single-site DP rows with single-site Meerkat, not with the first row only
+    lines = compare._paired_lines({"meerkat": by_seed["meerkat"], "site": by_seed["site"], "site-dp-eps8": by_seed["site-dp-eps8"]})
+    assert "(and site-dp-eps8 against site)" in lines[1]
+    assert any(line.startswith("| site-dp-eps8 - site | 3 |") for line in lines)

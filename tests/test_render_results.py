@@ -150,6 +150,30 @@ def test_summary_reports_vp_effect_paired_by_seed_once_it_is_tabled(repo: Path):
     assert "; vp-gradip minus vp-random +0.015 [-0.049, +0.079]." in readme.read_text()
 
 
+def test_the_dp_line_says_each_epsilon_minus_the_same_shape_without_dp_paired_by_seed(repo: Path):
+    """Issue 14's README line: per shape (federated against meerkat, single site against site) and target
+    epsilon, the epsilon spent and the paired difference; rows not tested yet are named as running."""
+    readme = repo / "README.md"
+    summary = repo / "benchmarks" / "results" / "compare" / "summary_dp.json"
+    summary.unlink(missing_ok=True)
+    assert render_results.main(["--root", str(repo)]) == 0
+    assert "utility at epsilon 1/3/8 not measured yet" in readme.read_text()
+    row = {"lr": 3e-4, "seeds": 2, "seed_ids": [0, 1], "gain_ci": [[0, 0]] * 2}
+    summary.write_text(json.dumps({"methods": {
+        "meerkat": {**row, "balanced_accuracy": [0.75, 0.76], "gain": [0.01, 0.02]},
+        "dp-eps8": {**row, "balanced_accuracy": [0.74, 0.74], "gain": [0.0, 0.0], "epsilon": [7.98, 8.0]},
+        "dp-eps1": {**row, "balanced_accuracy": [0.73, 0.73], "gain": [0.0, 0.0], "epsilon": [0.99, 1.0]},
+        "site-dp-eps8": {**row, "balanced_accuracy": [0.74, 0.75], "gain": [0.0, 0.01], "epsilon": [8.0, 8.0]},
+    }, "searching": ["dp-eps3", "site"]}))
+    assert render_results.main(["--root", str(repo)]) == 0
+    text = readme.read_text()
+    # federated: eps 8 -0.01, -0.02 (mean -0.015, half 12.706 * 0.00707 / sqrt 2 = 0.0635); eps 1 -0.02, -0.03
+    assert ("federated (meerkat without DP: gain +0.015 [-0.049, +0.079]) epsilon 8 -0.015 [-0.079, +0.049] over 2 "
+            "seeds, epsilon 1 -0.025 [-0.089, +0.039] over 2 seeds") in text
+    # single site without its non-private row yet: the gain over zero-shot instead
+    assert "single site: epsilon 8: gain over zero-shot +0.005 [-0.059, +0.069]; still running: dp-eps3, site." in text
+
+
 def test_the_comparison_line_says_which_rows_differ_from_meerkat_paired_by_seed():
     methods = {"meerkat": {"seed_ids": [0, 1, 2], "balanced_accuracy": [0.75, 0.76, 0.77]},
                "random": {"seed_ids": [0, 1, 2], "balanced_accuracy": [0.74, 0.74, 0.76]},   # -0.01, -0.02, -0.01
