@@ -514,9 +514,8 @@ def status(args) -> None:
 
 
 # Differences a study asks about beyond "each row minus the first": VP against its control (issue 13
-# item 3 asks whether GradIP chooses whom to limit better than chance, at the same forward passes).
-# Pairs compared besides "each row minus the first": VP against its control, and each single-site
-# DP row against single-site Meerkat without DP (the federated ones are against the first row, meerkat).
+# item 3 asks whether GradIP chooses whom to limit better than chance, at the same forward passes), and
+# each single-site DP row against single-site Meerkat without DP (the federated ones pair with the first row).
 EXTRA_PAIRS = (("vp-gradip", "vp-random"), *((f"site-dp-eps{e}", "site") for e in DP_EPSILONS))
 EXTRA_PAIR_WORDS = {("vp-gradip", "vp-random"): "vp-gradip against its control, vp-random"}
 
@@ -744,7 +743,7 @@ def movement(args) -> None:
 
 
 def dp_noise(args) -> None:
-    """Why DP at epsilon 8 cost nothing measurable: the spread of the scalars clients sent (each step's
+    """How much of what clients sent is DP noise: the spread of the released scalars (each step's
     projected gradient, ZO noise and all) against the std of the DP noise in them, sigma * clip / B,
     per row at its chosen lr (the tested seeds' cells pooled). Read from each cell's last round
     checkpoint (the server's replay history), so it runs on the grid's own folder, where they are kept."""
@@ -753,7 +752,7 @@ def dp_noise(args) -> None:
     out = Path(args.out)
     lines = ["Released scalars vs the DP noise in them, at each row's chosen lr (tested seeds' cells pooled; every "
              "scalar of the search budget's rounds still in the last checkpoint's replay history; noise std = noise multiplier x clip / batch, the "
-             "clients' root mean square):", "",
+             "root mean square over the distinct multipliers the run recorded):", "",
              "| method | lr | cells | scalars | std of the scalars | median abs | DP noise std | noise share of the variance |",
              "|---|---|---|---|---|---|---|---|"]
     for name, (lr, rows) in chosen_rows(out, args.methods, args.set).items():

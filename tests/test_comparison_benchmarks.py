@@ -323,7 +323,7 @@ def test_the_vp_effect_summary_says_who_was_limited_per_tested_seed(tmp_path, co
 def test_dp_noise_sets_the_released_scalars_spread_against_the_dp_noise_in_them(tmp_path, compare, capsys):
     """`compare.py dp-noise` reads each chosen cell's replay history from its round checkpoint: the
     scalars of the search budget's rounds only (a longer row's later rounds left out), and the DP
-    noise std sigma * clip / batch as the clients' root mean square."""
+    noise std sigma * clip / batch as the root mean square of the recorded multipliers."""
     from meerkat_hf.federated.checkpoint import save_checkpoint
 
     rng = np.random.default_rng(0)
