@@ -151,6 +151,11 @@ def lr_tag(lr: float) -> str:
     return f"{lr:.0e}".replace("e-0", "e-")
 
 
+def show_lr(lr: float) -> str:
+    """An lr as every table and plot shows it: 3 significant digits (an extended grid point is 1e-4 / 3)."""
+    return f"{lr:.3g}"
+
+
 def cell_name(method: str, lr: float, seed: int) -> str:
     return f"{method}-lr{lr_tag(lr)}-s{seed}"
 
@@ -559,9 +564,9 @@ def _epsilon_lines(chosen: dict[str, tuple[float | None, list[dict]]], by_seed: 
             return "| |"
         lr, rows = chosen[name]
         if name not in by_seed:
-            state = "searching" if lr is None else f"lr {lr:.3g}: {len(rows)} of {len(SEEDS)} seeds run, test pending"
+            state = "searching" if lr is None else f"lr {show_lr(lr)}: {len(rows)} of {len(SEEDS)} seeds run, test pending"
             return f"| {state} | |"
-        acc = _mean_std(list(by_seed[name].values())) + f" ({len(by_seed[name])} seeds, lr {lr:.3g})"
+        acc = _mean_std(list(by_seed[name].values())) + f" ({len(by_seed[name])} seeds, lr {show_lr(lr)})"
         if ref is None or ref not in by_seed:
             return f"| {acc} | |"
         seeds = sorted(set(by_seed[name]) & set(by_seed[ref]))
@@ -612,7 +617,7 @@ def table(args) -> str:
             mark = "*" if chosen[name][0] == r["lr"] else ""
             v = r["final_validation"]
             v0 = r["curve"][0]["balanced_accuracy"]
-            lines.append(f"| {name} | {r['lr']:.3g}{mark} | {v0:.3f} -> {v['balanced_accuracy']:.3f} | "
+            lines.append(f"| {name} | {show_lr(r['lr'])}{mark} | {v0:.3f} -> {v['balanced_accuracy']:.3f} | "
                          f"{v.get('auc') or float('nan'):.3f} | {r['train_seconds'] / 60:.0f} min |")
     if (out / "zero_shot_test.npz").exists():  # scored by the first `test` task; never computed here
         from meerkat_hf.classification_metrics import ClassifierScores
@@ -632,12 +637,12 @@ def table(args) -> str:
     for name in args.methods:
         lr, rows = chosen[name]
         if not rows:
-            lines.append(f"| {name} | {'searching' if lr is None else f'{lr:.3g}'} | 0 | | | | | | | |")
+            lines.append(f"| {name} | {'searching' if lr is None else show_lr(lr)} | 0 | | | | | | | |")
             continue
         tested = read_tests(out)
         t = [tested[r["cell"]]["test"] for r in rows if r["cell"] in tested]
         if not t:
-            lines.append(f"| {name} | {lr:.3g} | {len(rows)} run (test not scored yet) | | | | | | | |")
+            lines.append(f"| {name} | {show_lr(lr)} | {len(rows)} run (test not scored yet) | | | | | | | |")
             continue
         gains = ", ".join(f"{g['gain_over_zero_shot']['gain']:+.3f} [{g['gain_over_zero_shot']['gain_ci'][0]:+.3f}, "
                           f"{g['gain_over_zero_shot']['gain_ci'][1]:+.3f}]" for g in t)
@@ -656,7 +661,7 @@ def table(args) -> str:
             summary[name]["limited"] = [[len(r["limited_clients"]),
                                          len(set(r["limited_clients"]) & set(r["single_label_clients"])),
                                          len(r["single_label_clients"])] for r in rows if r["cell"] in tested]
-        lines.append(f"| {name} | {lr:.3g} | {len(t)} | {_mean_std([x['balanced_accuracy'] for x in t])} | "
+        lines.append(f"| {name} | {show_lr(lr)} | {len(t)} | {_mean_std([x['balanced_accuracy'] for x in t])} | "
                      f"{_mean_std([x['macro_f1'] for x in t])} | {_mean_std([x['accuracy'] for x in t])} | {gains} | "
                      f"{rows[0]['k']:,} | {format_bytes(int(per_client_round))} | {paper} |")
     lines += _paired_lines(by_seed)
@@ -735,7 +740,7 @@ def movement(args) -> None:
             w.append(start.abs())
             dw.append((torch.load(cell / "final_values.pt") - start).abs())
         w, dw = torch.cat(w), torch.cat(dw)
-        lines.append(f"| {name} | {lr:.3g} | {len(cells)} | {rows[0]['k']:,} | {w.median():.3g} | {dw.median():.3g} | "
+        lines.append(f"| {name} | {show_lr(lr)} | {len(cells)} | {rows[0]['k']:,} | {w.median():.3g} | {dw.median():.3g} | "
                      f"{dw.max():.3g} | {(dw / w.clamp_min(1e-12)).median():.3g} |")
     text = "\n".join(lines)
     print(text)
@@ -775,7 +780,7 @@ def dp_noise(args) -> None:
         g = np.asarray(scalars)
         noise = f"{np.sqrt(np.mean(noise_var)):.3g}" if noise_var else "0 (no DP)"
         share = f"{np.mean(noise_var) / g.var():.1%}" if noise_var else "-"
-        lines.append(f"| {name} | {lr:.3g} | {len(rows)} | {g.size:,} | {g.std():.3g} | {np.median(np.abs(g)):.3g} | "
+        lines.append(f"| {name} | {show_lr(lr)} | {len(rows)} | {g.size:,} | {g.std():.3g} | {np.median(np.abs(g)):.3g} | "
                      f"{noise} | {share} |")
     text = "\n".join(lines)
     print(text)
@@ -846,7 +851,7 @@ def plot(args) -> None:
         x = np.mean([[p["forward_passes"] for p in r["curve"]] for r in rows], axis=0)
         ys = np.array([[p["balanced_accuracy"] - r["curve"][0]["balanced_accuracy"] for p in r["curve"]] for r in rows])
         mean = ys.mean(0)
-        chosen_ax.plot(x, mean, marker="o", color=colours[name], label=f"{name} (lr {lr:.3g}, {len(ys)} seed{'s' if len(ys) > 1 else ''})")
+        chosen_ax.plot(x, mean, marker="o", color=colours[name], label=f"{name} (lr {show_lr(lr)}, {len(ys)} seed{'s' if len(ys) > 1 else ''})")
         if len(ys) > 1:
             sd = ys.std(0, ddof=1)
             chosen_ax.fill_between(x, mean - sd, mean + sd, color=colours[name], alpha=0.12)
@@ -859,10 +864,10 @@ def plot(args) -> None:
         search_ax.plot(x, np.maximum(y, floor), color=colours[r["method"]], lw=1, alpha=0.8, marker=".",
                        label=None if r["method"] in labelled else r["method"])
         labelled.add(r["method"])
-        search_ax.annotate(f"{r['lr']:.3g}", (x[-1], max(y[-1], floor)), fontsize=6, color=colours[r["method"]],
+        search_ax.annotate(show_lr(r["lr"]), (x[-1], max(y[-1], floor)), fontsize=6, color=colours[r["method"]],
                            xytext=(3, 0), textcoords="offset points", va="center")
         if min(y) < floor:
-            search_ax.annotate(f"{r['method']} lr {r['lr']:.3g}: {y[-1]:.3f}", (x[-1], floor), fontsize=7,
+            search_ax.annotate(f"{r['method']} lr {show_lr(r['lr'])}: {y[-1]:.3f}", (x[-1], floor), fontsize=7,
                                xytext=(-4, 4), textcoords="offset points", ha="right", color=colours[r["method"]])
     chosen_ax.axhline(0, color="grey", lw=0.8)
     chosen_ax.set_ylabel("validation balanced accuracy - the seed's zero-shot")
