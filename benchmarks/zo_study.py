@@ -134,6 +134,10 @@ class RunConfig:
     eval_examples: int = 512
     train_examples: int = 0  # 0 = the whole train split
     optimizer: str = "zo"  # zo | fo (first-order SGD on the same masked coordinates, the reference)
+    estimator: str = "spsa"  # spsa | fzoo (zo.step_scalars)
+    precision: str = "fp32"  # the forwards' precision (meerkat_hf.precision): fp32 | bf16-mixed | bf16 | autocast
+    task: str = TASK
+    threads: int = 0  # torch threads (0: torch's default)
 
 
 def _parse_sets(pairs: list[str]) -> RunConfig:
@@ -171,18 +175,24 @@ def run(out: Path, name: str, cfg: RunConfig) -> None:
         _log(f"{name}: finished already")
         return
     torch.manual_seed(0)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     model, tok = load_model_and_tokenizer("smollm2")
     mask = build_mask(out, cfg.mask, model, tok)
     mm = MeerkatModel(model, mask)
+    mm.set_forward_precision(cfg.precision)
     k = mm.num_selected
-    cand = candidate_token_ids(tok, TASK)
+    task = cfg.task
+    cand = candidate_token_ids(tok, task)
     collate = ClassificationCollator(tok)
-    train = load_task_dataset(TASK, "train")
+    train = load_task_dataset(task, "train")
     if cfg.train_examples:
         train = train.select(range(min(cfg.train_examples, len(train))))
-    train_enc = encode_classification(tok, TASK, train, cfg.max_length).with_format(None).to_dict()
-    val = load_task_dataset(TASK, "validation").select(range(cfg.eval_examples))
-    val_enc = encode_classification(tok, TASK, val, cfg.max_length, include_label_word=False)
+    train_enc = encode_classification(tok, task, train, cfg.max_length).with_format(None).to_dict()
+    val = load_task_dataset(task, "validation")
+    val = val.shuffle(seed=1234).select(range(min(cfg.eval_examples, len(val)))) if task != TASK else \
+        val.select(range(cfg.eval_examples))  # tweets_binary keeps the study's first-512 yardstick
+    val_enc = encode_classification(tok, task, val, cfg.max_length, include_label_word=False)
     n_train = len(train_enc["label"])
     prior = np.bincount(train_enc["label"], minlength=len(cand)) / n_train
     class_weight = torch.tensor(1.0 / (len(cand) * prior), dtype=torch.float32)
@@ -203,21 +213,21 @@ def run(out: Path, name: str, cfg: RunConfig) -> None:
         return F.cross_entropy(logits, batch["label"], weight=weight)
 
     def evaluate() -> dict:
-        scores, labels = candidate_scores(base_model, tok, TASK, val_enc, batch_size=32)
+        scores, labels = candidate_scores(base_model, tok, task, val_enc, batch_size=32)
         loss = float(F.cross_entropy(scores, labels))
-        rep = ClassifierScores(scores.numpy(), labels.numpy()).report(resamples=200)
+        rep = ClassifierScores(scores.float().numpy(), labels.numpy()).report(resamples=200)
         return {"val_loss": loss, "bal_acc": rep["balanced_accuracy"], "acc": rep["accuracy"], "auc": rep.get("auc"),
                 "pred_pos": rep["predicted_rate"][1]}
 
-    start = 0
+    start, train_s = 0, 0.0
     if ckpt_path.is_file():
         state = torch.load(ckpt_path)
         mm.set_values(state["values"])
-        start = state["step"]
+        start, train_s = state["step"], state.get("train_s", 0.0)
         _log(f"{name}: resumed at step {start}")
     else:
         log_path.write_text("")
-        row = {"step": 0, "forward_passes": 0, **evaluate(), "config": asdict(cfg), "k": k}
+        row = {"step": 0, "forward_passes": 0, "train_s": 0.0, **evaluate(), "config": asdict(cfg), "k": k}
         with log_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         _log(f"{name} step 0: {row}")
@@ -248,7 +258,10 @@ def run(out: Path, name: str, cfg: RunConfig) -> None:
             mm.sync_weights()
             grads = None
         else:
-            grads = [zo.projected_gradient(mm, lambda: batch_loss(batch), z, cfg.eps) for z in dirs]
+            grads = zo.step_scalars(mm, lambda: batch_loss(batch), dirs, cfg.eps, cfg.estimator)
+            if grads is None:  # fzoo: no spread among the perturbed losses
+                skipped += 1
+                continue
         if grads is None:
             pass
         elif not all(math.isfinite(g) for g in grads):
@@ -263,9 +276,11 @@ def run(out: Path, name: str, cfg: RunConfig) -> None:
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
             elapsed = time.perf_counter() - t0
+            train_s += elapsed
             delta = mm.delta
-            passes = (3 if cfg.optimizer == "fo" else 2 * cfg.q) * cfg.batch_size * done  # backward ~ 2 forwards
-            row = {"step": done, "forward_passes": passes, **evaluate(),
+            per_step = 3 if cfg.optimizer == "fo" else zo.forwards_per_step(cfg.estimator, cfg.q)  # backward ~ 2 fwd
+            passes = per_step * cfg.batch_size * done
+            row = {"step": done, "forward_passes": passes, "train_s": train_s, **evaluate(),
                    "mean_abs_g": float(np.mean(abs_g)) if abs_g else None, "skipped": skipped,
                    "delta_norm": float(delta.norm()), "delta_max": float(delta.abs().max()),
                    "sec_per_step": elapsed / max(1, len(abs_g))}
@@ -275,7 +290,7 @@ def run(out: Path, name: str, cfg: RunConfig) -> None:
                 row["delta_by_module"] = _delta_by_module(mm)
             with log_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-            torch.save({"values": mm.values.clone(), "step": done}, ckpt_path)
+            torch.save({"values": mm.values.clone(), "step": done, "train_s": train_s}, ckpt_path)
             _log(f"{name} step {done}: " + " ".join(f"{k2}={v:.4g}" for k2, v in row.items() if isinstance(v, float)))
             t0 = time.perf_counter()
 

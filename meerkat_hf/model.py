@@ -8,6 +8,7 @@ are written from it (never incremented), which keeps bf16/fp16 models drift-free
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -55,6 +56,45 @@ class MeerkatModel(nn.Module):
         self.base_values = self.sparse.gather()  # the pre-trained w_S, for the delta
         self.values = self.base_values.clone()  # fp32 CPU master of the current w_S
         self.tokenizer = None  # set by `from_pretrained(delta_dir)`, which loads the base and its tokenizer
+        self.forward_precision = "fp32"
+
+    # -- forward precision (meerkat_hf.precision) ---------------------------------------------
+    def set_forward_precision(self, precision: str) -> None:
+        """Run every forward of the base model at `precision` ("fp32", "bf16-mixed", "bf16", "autocast").
+
+        The fp32 master `values` is untouched: only the weights the forward reads change dtype, and
+        the master is re-written into them. The base model's `forward` is wrapped (as accelerate does
+        for mixed precision), so every caller (Trainer, the candidate losses, `generate`) gets the
+        same numerics. Going back to "fp32" keeps unmasked weights at their bf16-rounded values.
+        """
+        from .precision import autocast_for, cast_model, model_device, normalize_precision, warn_if_slow_bf16
+
+        precision = normalize_precision(precision)
+        base = self.base_model
+        if precision != "fp32" and precision != self.forward_precision:
+            warn_if_slow_bf16(model_device(base))
+        original = base.__dict__.pop("_meerkat_original_forward", None)
+        if original is not None:
+            base.forward = original
+        cast_model(base, precision)
+        self.sparse.write(self.values)
+        self.forward_precision = precision
+        if precision in ("bf16-mixed", "autocast"):
+            inner = base.forward
+
+            @functools.wraps(inner)
+            def forward_under_autocast(*args, **kwargs):
+                with autocast_for(precision, model_device(base)):
+                    return inner(*args, **kwargs)
+
+            base._meerkat_original_forward = inner
+            base.forward = forward_under_autocast
+
+    def forward_context(self):
+        """The autocast context of the current forward precision (a no-op for fp32 / bf16)."""
+        from .precision import autocast_for, model_device
+
+        return autocast_for(self.forward_precision, model_device(self.base_model))
 
     # -- the sparse state ----------------------------------------------------------------
     @property

@@ -107,6 +107,7 @@ class MeerkatZOTrainer(Trainer):
             self.accelerator.scaler = None
         self._fix_model_introspection()
         self._prepare_forward_only()
+        self._apply_forward_precision()
         self.dp: privacy.ExampleDP | None = None  # set by train() when args.dp_enabled
         self._dp_record: dict | None = None  # what a checkpoint records for the accountant (trainer_privacy)
         self._dp_first_batch = 0  # the global step of the Poisson sampler's first batch
@@ -134,7 +135,18 @@ class MeerkatZOTrainer(Trainer):
         model = super().call_model_init(trial)
         _check_model(model)
         self.meerkat_model = model
+        self._apply_forward_precision()
         return model
+
+    def _apply_forward_precision(self) -> None:
+        """`bf16=True`: every forward (training, every loss, evaluation) in bf16-mixed over the fp32 master.
+
+        Trainer's own bf16 only autocasts `model.forward` through accelerate; the candidate and DP losses
+        call the base model directly, so the precision is set on the MeerkatModel itself
+        (`MeerkatModel.set_forward_precision`, meerkat_hf.precision), which every path goes through.
+        """
+        if self.meerkat_model is not None and getattr(self.args, "bf16", False):
+            self.meerkat_model.set_forward_precision("bf16-mixed")
 
     def _inner_model(self):
         """The transformers model under the MeerkatModel (and under PEFT, if any)."""
@@ -286,9 +298,10 @@ class MeerkatZOTrainer(Trainer):
             opt.reduce = self._mean_over_processes
         a = self.args
         logger.info(
-            "Meerkat ZO: k=%d trainable coordinates (%s mask), q=%d, eps=%g, seed=%d, loss=%s, lr=%g, "
-            "weight_decay=%g, processes=%d", self.meerkat_model.num_selected, self.meerkat_model.mask.config.method,
-            a.zo_num_perturbations, a.zo_eps, a.zo_base_seed, a.zo_loss, a.learning_rate, a.weight_decay,
+            "Meerkat ZO: k=%d trainable coordinates (%s mask), estimator=%s, q=%d, eps=%g, seed=%d, loss=%s, "
+            "lr=%g, weight_decay=%g, forwards=%s, processes=%d", self.meerkat_model.num_selected,
+            self.meerkat_model.mask.config.method, a.zo_estimator, a.zo_num_perturbations, a.zo_eps, a.zo_base_seed,
+            a.zo_loss, a.learning_rate, a.weight_decay, self.meerkat_model.forward_precision,
             self.accelerator.num_processes,
         )
         return self.optimizer
@@ -337,7 +350,9 @@ class MeerkatZOTrainer(Trainer):
         opt = self.zo_optimizer
         if opt is None:
             raise RuntimeError("training_step needs the ZOSGD optimizer: call create_optimizer() first (train() does)")
-        grads = [zo.projected_gradient(self.meerkat_model, loss_fn, z, float(self.args.zo_eps)) for z in directions]
+        # None (fzoo: every perturbed loss equal, nothing to normalise by) skips the step like a NaN loss
+        grads = zo.step_scalars(self.meerkat_model, loss_fn, directions, float(self.args.zo_eps),
+                                self.args.zo_estimator) or [float("nan")] * len(directions)
         opt.accumulate(seeds, grads, directions)
         return torch.stack(losses).mean().to(self.args.device)
 
@@ -383,6 +398,8 @@ class MeerkatZOTrainer(Trainer):
             "global_step": self.state.global_step,
             "zo_eps": float(self.args.zo_eps),
             "zo_num_perturbations": self.args.zo_num_perturbations,
+            "zo_estimator": self.args.zo_estimator,
+            "forward_precision": self.meerkat_model.forward_precision,
             "zo_seed": self.args.zo_base_seed,
             "zo_loss": self.args.zo_loss,
             "learning_rate": self.args.learning_rate,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .privacy import check_dp_settings
-from .zo import check_eps
+from .zo import ESTIMATORS, check_eps, check_estimator
 
 ZO_LOSSES = ("lm", "candidates", "balanced")
 
@@ -29,6 +29,15 @@ class MeerkatZOArguments(TrainingArguments):
     zo_num_perturbations: int = field(
         default=1,
         metadata={"help": "q: perturbations per optimizer step (2 forward passes each); their estimates are averaged."},
+    )
+    zo_estimator: str = field(
+        default="spsa",
+        metadata={
+            "help": "spsa: two-point differences, 2 forwards per perturbation (MeZO, the paper's); fzoo: one-sided "
+            "differences over zo_num_perturbations >= 2 directions sharing the unperturbed loss, normalised by the "
+            "spread of the perturbed losses (N + 1 forwards for N directions; its lr is a step length, search it anew).",
+            "choices": list(ESTIMATORS),
+        },
     )
     zo_seed: int | None = field(
         default=None,
@@ -71,11 +80,14 @@ class MeerkatZOArguments(TrainingArguments):
         q = self.zo_num_perturbations
         if isinstance(q, bool) or not isinstance(q, int) or q < 1:
             raise ValueError(f"zo_num_perturbations must be an integer >= 1, got {q!r}")
+        check_estimator(self.zo_estimator, q)
         if self.zo_loss not in ZO_LOSSES:
             raise ValueError(f"zo_loss must be one of {ZO_LOSSES}, got {self.zo_loss!r}")
         _check_backward_only_options(self)
         if self.dp_enabled:
             check_dp_settings(self.dp_clip, self.dp_noise_multiplier, self.dp_target_epsilon, self.dp_delta, prefix="dp_")
+            if self.zo_estimator != "spsa":
+                raise ValueError("differential privacy clips per-example two-point scalars: use zo_estimator='spsa'")
             if self.gradient_accumulation_steps != 1:
                 raise ValueError("differential privacy clips and noises one Poisson batch per step: "
                                  "set gradient_accumulation_steps=1 (raise the batch size instead)")

@@ -210,6 +210,64 @@ def apply_step(values: torch.Tensor, step: ZOStep, directions: Sequence[torch.Te
     return values
 
 
+ESTIMATORS = ("spsa", "fzoo")
+
+
+def check_estimator(estimator: str, num_directions: int) -> str:
+    """`estimator` if valid for `num_directions` per step (fzoo needs >= 2: it normalises by their spread)."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"zo estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
+    if estimator == "fzoo" and num_directions < 2:
+        raise ValueError("the fzoo estimator normalises by the spread of N >= 2 perturbed losses: "
+                         f"set the number of perturbations to >= 2 (got {num_directions})")
+    return estimator
+
+
+def forwards_per_step(estimator: str, num_directions: int) -> int:
+    """Forward passes one step costs: 2 per direction (spsa), N + 1 (fzoo shares the unperturbed loss)."""
+    return 2 * num_directions if estimator == "spsa" else num_directions + 1
+
+
+@torch.no_grad()
+def step_scalars(target: SparseTarget, loss_fn: Callable[[], torch.Tensor | float],
+                 directions: Sequence[torch.Tensor], eps: float, estimator: str = "spsa") -> list[float] | None:
+    """The scalars c_j of one step along `directions`; the update is w <- w - lr * mean_j c_j z_j (`apply_step`).
+
+    * ``spsa``: c_j = (L(w + eps z_j) - L(w - eps z_j)) / (2 eps), two forwards per direction (MeZO, the
+      paper's estimator).
+    * ``fzoo``: one-sided differences sharing L(w), normalised by the spread of the perturbed losses,
+      c_j = (L(w + eps z_j) - L(w)) / std_j L(w + eps z_j): N + 1 forwards for N directions, and a step
+      whose length no longer scales with the gradient's (normalised SGD, as in FZOO, Dang et al. 2025,
+      which draws Rademacher directions; ours stay the protocol's seeded Gaussians).
+
+    Because the normaliser is folded into c_j on the node that measured it, a server replays a fzoo
+    path with the same `apply_step` as an spsa one. Returns NaN entries for a non-finite loss and
+    None when every perturbed loss is equal (a fzoo step with no spread to normalise by: skip it).
+    Weights are left at w either way.
+    """
+    if estimator == "spsa":
+        return [projected_gradient(target, loss_fn, z, eps) for z in directions]
+    check_estimator(estimator, len(directions))
+    w = target.values
+    perturbed = torch.empty_like(w)
+    losses = []
+    try:
+        target.write(w)
+        base = float(loss_fn())
+        for z in directions:
+            torch.mul(z, eps, out=perturbed).add_(w)
+            target.write(perturbed)
+            losses.append(float(loss_fn()))
+    finally:
+        target.write(w)
+    if not all(math.isfinite(x) for x in (base, *losses)):
+        return [float("nan")] * len(directions)
+    spread = float(torch.tensor(losses, dtype=torch.float64).std(unbiased=False))
+    if spread == 0.0:
+        return None
+    return [(x - base) / spread for x in losses]
+
+
 def replay(values: torch.Tensor, steps: Sequence[ZOStep]) -> torch.Tensor:
     """Apply a virtual path (a list of steps) to a copy of `values`."""
     out = values.clone()

@@ -134,7 +134,8 @@ class ZOSGD(torch.optim.Optimizer):
                     f"weight_decay={group['weight_decay']:g}); the model diverged or eps is too large: lower lr or eps"
                 )
             logger.warning(
-                "ZO step skipped: non-finite projected gradient %s (a NaN/inf loss); weights untouched "
+                "ZO step skipped: non-finite projected gradient %s (a NaN/inf loss, or fzoo losses with no spread); "
+                "weights untouched "
                 "(%d step(s) skipped so far)", grads, self.num_skipped,
             )
             return

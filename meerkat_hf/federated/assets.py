@@ -30,7 +30,18 @@ from .protocol.virtual_path import LRSchedule, ProtocolParams, update_bound
 
 def load_base_model(config: FederationConfig):
     m = config.model
-    return load_model_and_tokenizer(m.model_name_or_path, m.gguf_file, m.dtype, m.revision)
+    # bfloat16 = bf16 forwards over an fp32 master (meerkat_hf.precision): the weights load exactly, the
+    # mask is computed on them, and `meerkat_model` casts the matrices for the forwards afterwards
+    dtype = "float32" if m.dtype == "bfloat16" else m.dtype
+    return load_model_and_tokenizer(m.model_name_or_path, m.gguf_file, dtype, m.revision)
+
+
+def meerkat_model(config: FederationConfig, model, mask: SparseMask):
+    """`get_meerkat_model` with the config's forward precision (`model.dtype: bfloat16` -> bf16-mixed)."""
+    wrapped = get_meerkat_model(model, mask)
+    if config.model.dtype == "bfloat16":
+        wrapped.set_forward_precision("bf16-mixed")
+    return wrapped
 
 
 def default_mask_location(config: FederationConfig) -> str:
@@ -89,9 +100,9 @@ def wrap_model(config: FederationConfig, model, tokenizer, data, runtime, output
                                                       task_type="CAUSAL_LM"))
         peft_model.eval()
         mask = lora_mask(peft_model)
-        return get_meerkat_model(peft_model, mask), mask
+        return meerkat_model(config, peft_model, mask), mask
     mask = build_mask(config, model, tokenizer, data, runtime, output_dir)
-    return get_meerkat_model(model, mask), mask
+    return meerkat_model(config, model, mask), mask
 
 
 # -- the protocol objects ---------------------------------------------------------------------

@@ -48,7 +48,7 @@ _NAME = re.compile(r"round_(\d+)\.pt$")
 DP_KEYS = ("clip", "noise_multiplier", "target_epsilon", "delta", "central_noise_multiplier", "noise_seed")
 # Settings that must not change when a run is resumed (the rest, e.g. `rounds`, may).
 PROTOCOL_KEYS = ("algorithm", "num_clients", "client_fraction", "local_steps", "lr", "lr_schedule", "lr_min_ratio",
-                 "weight_decay", "eps", "q", "batch_size", "max_length", "seed")
+                 "weight_decay", "eps", "q", "estimator", "batch_size", "max_length", "seed")
 
 
 def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
@@ -174,7 +174,8 @@ def check_resumable(saved_config: dict, config: dict, saved_checksum: str, check
     spans = config.get("lr_schedule") != "constant" or any(
         d.get("target_epsilon") is not None for d in (dp_saved, dp_now))
     keys = PROTOCOL_KEYS + (("rounds",) if spans else ())
-    changed = [k for k in keys if saved_config.get(k) != config.get(k)]
+    defaults = {"estimator": "spsa"}  # checkpoints written before the setting existed ran its default
+    changed = [k for k in keys if saved_config.get(k, defaults.get(k)) != config.get(k, defaults.get(k))]
     changed += [f"dp.{k}" for k in DP_KEYS if dp_saved.get(k) != dp_now.get(k)]  # the accountant's inputs
     if changed:
         raise ValueError(f"cannot resume: settings {changed} differ from the checkpointed run")

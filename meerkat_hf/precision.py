@@ -1,0 +1,132 @@
+"""Forward-pass precision for zeroth-order training: bf16 forwards, fp32 everything the protocol replays.
+
+ZO needs forward passes only, and on CPUs with AMX-BF16 (and on every GPU) a bf16 forward is several
+times faster than an fp32 one. The protocol does not change with it: the sparse master `values`, the
+perturbation z and every update stay fp32 on the CPU, bit for bit what a replaying server computes;
+only the weights the forward reads are bf16.
+
+Precisions (`MeerkatModel.set_forward_precision`):
+
+* ``fp32``: the model as loaded (the reference).
+* ``bf16``: the whole model in bf16. Fastest, but 1-D weights (norms, ~1.0) have a bf16 spacing of
+  2^-7 ~ 0.008, coarser than a perturbation eps * z at eps <= 3e-3, so perturbations and small updates
+  of masked norm weights round to 0 or to one step, and the residual stream is bf16 too.
+* ``bf16-mixed`` (what ``bf16=True`` selects): matrix weights (Linear, Embedding: >= 2-D) in bf16,
+  1-D weights (norms, biases) kept fp32, forwards under ``torch.autocast(bfloat16)``: the matmuls run
+  on the bf16 units with no per-forward weight cast, norms and the residual stream keep fp32.
+* ``autocast``: fp32 weights under ``torch.autocast(bfloat16)``: exact weights, but every forward
+  casts every matrix weight again (slower than ``bf16-mixed``).
+
+`research/bf16_precision.py` measures each against the exact directional derivative.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import ContextManager
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+FORWARD_PRECISIONS = ("fp32", "bf16", "bf16-mixed", "autocast")
+_ALIASES = {"float32": "fp32", "bfloat16": "bf16-mixed", "bf16": "bf16", "fp32": "fp32",
+            "bf16-mixed": "bf16-mixed", "autocast": "autocast"}
+
+
+def normalize_precision(precision: str) -> str:
+    """`precision` or one of its aliases (`float32`, `bfloat16` = bf16-mixed) as a FORWARD_PRECISIONS name."""
+    try:
+        return _ALIASES[precision]
+    except (KeyError, TypeError):
+        raise ValueError(f"forward precision must be one of {', '.join(FORWARD_PRECISIONS)} "
+                         f"(or float32 / bfloat16), got {precision!r}") from None
+
+
+def cast_model(model: nn.Module, precision: str) -> None:
+    """Cast `model`'s floating-point parameters and buffers in place for `precision` (parameter objects kept)."""
+    precision = normalize_precision(precision)
+    if precision in ("fp32", "autocast"):
+        target = lambda t: torch.float32  # noqa: E731
+    elif precision == "bf16":
+        target = lambda t: torch.bfloat16  # noqa: E731
+    else:  # bf16-mixed: matrices bf16, vectors fp32
+        target = lambda t: torch.bfloat16 if t.dim() >= 2 else torch.float32  # noqa: E731
+    with torch.no_grad():
+        for module in model.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                if p.is_floating_point() and p.dtype != target(p):
+                    p.data = p.data.to(target(p))
+            for name, b in list(module.named_buffers(recurse=False)):
+                # rotary inverse frequencies and the like stay fp32: they are not weights
+                if b.is_floating_point() and b.dtype != torch.float32 and precision in ("fp32", "autocast"):
+                    module._buffers[name] = b.float()
+
+
+def autocast_for(precision: str, device: torch.device | str) -> ContextManager:
+    """The context every forward of `precision` runs under (autocast for the mixed ones, else nothing)."""
+    precision = normalize_precision(precision)
+    if precision in ("bf16-mixed", "autocast"):
+        device_type = torch.device(device).type
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_matmul_speedup(device_type: str = "cpu") -> float:
+    """How much faster a bf16 matmul of a typical ZO forward's shape runs than fp32 here (measured once).
+
+    CPUs without AMX-BF16 / AVX512-BF16 emulate bf16 and run it several times slower than fp32; the
+    speedup is then < 1 and `warn_if_slow_bf16` says so. On CUDA, bf16 tensor cores are assumed
+    (compute capability >= 8.0, `torch.cuda.is_bf16_supported`), not measured.
+    """
+    if device_type == "cuda":
+        return 4.0 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 0.5
+    a, w = torch.randn(512, 576), torch.randn(1536, 576)
+    timings = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x, y = a.to(dtype), w.to(dtype)
+        x @ y.T  # warm-up (oneDNN picks its kernel)
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in range(4):
+                x @ y.T
+            best = min(best, time.perf_counter() - start)
+        timings[dtype] = best
+    return timings[torch.float32] / timings[torch.bfloat16]
+
+
+def warn_if_slow_bf16(device: torch.device | str) -> float:
+    """Warn once when bf16 forwards are requested on hardware without a fast bf16 path; returns the speedup."""
+    device_type = torch.device(device).type
+    speedup = bf16_matmul_speedup(device_type)
+    if speedup < 1.2:
+        logger.warning(
+            "bf16 forwards requested, but a bf16 matmul ran at %.2fx the speed of fp32 on this %s (no AMX-BF16/"
+            "AVX512-BF16 or bf16 tensor cores): training will be slower, not faster; use fp32 on this machine",
+            speedup, device_type.upper())
+    return speedup
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def forward_precision(meerkat_model, precision: str) -> Iterator[Callable[[], ContextManager]]:
+    """Run `meerkat_model`'s forwards at `precision` inside the block (a study helper); yields the
+    model's `forward_context`. On exit the forward precision is fp32 again (unmasked weights keep
+    whatever rounding the cast gave them: load a fresh model for an exact fp32 comparison)."""
+    meerkat_model.set_forward_precision(precision)
+    try:
+        yield meerkat_model.forward_context
+    finally:
+        meerkat_model.set_forward_precision("fp32")
