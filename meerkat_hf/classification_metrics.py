@@ -24,6 +24,7 @@ import numpy as np
 __all__ = [
     "balanced_accuracy",
     "macro_f1",
+    "macro_auc",
     "roc_auc",
     "wilson_interval",
     "classification_report",
@@ -84,6 +85,26 @@ def roc_auc(margins: Any, references: Any) -> float:
     return float((ranks[y == 1].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
 
 
+def macro_auc(scores: Any, references: Any) -> float:
+    """Multi-class AUC of class scores ``[n, C]``: the mean over class pairs (i, j) of the AUC of the margin
+    s_j - s_i on the examples of classes i and j (Hand & Till's M, with logit margins instead of probabilities).
+
+    Prior-free like the binary AUC: adding a constant to one class's score shifts each margin by a constant,
+    which moves a threshold and no ranking (one-vs-rest AUC of softmax probabilities lacks this). For C = 2
+    it is `roc_auc` of s_1 - s_0. Pairs with no example of either class are left out.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(references).reshape(-1)
+    aucs = []
+    for i in range(s.shape[1]):
+        for j in range(i + 1, s.shape[1]):
+            rows = (y == i) | (y == j)
+            auc = roc_auc(s[rows, j] - s[rows, i], (y[rows] == j).astype(np.int64))
+            if not math.isnan(auc):
+                aucs.append(auc)
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
 def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
     """Wilson score interval of a proportion (well behaved near 0 and 1, unlike the normal one)."""
     if n <= 0:
@@ -136,6 +157,7 @@ def classification_report(
     num_classes: int | None = None,
     *,
     margins: Any | None = None,
+    scores: Any | None = None,
     resamples: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -143,7 +165,8 @@ def classification_report(
 
     Accuracy gets a Wilson interval; balanced accuracy and macro-F1 a percentile bootstrap over
     examples (`resamples`, seeded: the same inputs always give the same interval). `margins`
-    (binary tasks: score of class 1 minus class 0) adds the prior-free ROC-AUC.
+    (binary tasks: score of class 1 minus class 0) adds the prior-free ROC-AUC; `scores` (``[n, C]`` class
+    scores, any C) adds the pairwise multi-class AUC (`macro_auc`), the same number for C = 2.
     """
     preds, refs = _arrays(predictions, references)
     c = max(_classes(refs, num_classes), int(preds.max()) + 1)
@@ -164,6 +187,8 @@ def classification_report(
     }
     if margins is not None and c == 2:
         out["auc"] = roc_auc(margins, refs)
+    elif scores is not None:
+        out["auc"] = macro_auc(scores, refs)
     return out
 
 
@@ -245,7 +270,8 @@ class ClassifierScores:
 
     def report(self, offsets: np.ndarray | None = None, **kwargs: Any) -> dict[str, Any]:
         margins = self.scores[:, 1] - self.scores[:, 0] if self.scores.shape[1] == 2 else None
-        return classification_report(self.predictions(offsets), self.labels, self.scores.shape[1], margins=margins, **kwargs)
+        return classification_report(self.predictions(offsets), self.labels, self.scores.shape[1], margins=margins,
+                                     scores=self.scores, **kwargs)
 
     def to_dict(self) -> Mapping[str, list]:
         return {"scores": self.scores.tolist(), "labels": self.labels.tolist()}

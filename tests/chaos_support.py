@@ -1,7 +1,7 @@
 """Seeded faults for partial participation at scale, and the audit that accounts for every uplink.
 
 Shared by tests/test_partial_participation.py (a short run in the suite) and
-benchmarks/partial_participation.py (the few-hundred-round run).
+research/partial_participation.py (the few-hundred-round run).
 
 `SeededFaults` decides, for each participation (round, client), at most one fault: a dropout
 (`before_client` raises), a straggler whose uplink arrives 1-2 rounds late or never

@@ -111,3 +111,20 @@ def test_bad_inputs_are_one_line_errors():
         balanced_accuracy([0, 1, 0], [0, 1])
     with pytest.raises(ValueError, match="scores must be"):
         fit_prior_offsets(np.zeros(4), [0, 1, 0, 1])
+
+
+def test_macro_auc_is_prior_free_and_equals_the_binary_auc_for_two_classes():
+    from meerkat_hf.classification_metrics import macro_auc, roc_auc
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    scores = rng.normal(size=(300, 3))
+    scores[np.arange(300), y] += 1.0  # informative
+    auc = macro_auc(scores, y)
+    assert 0.7 < auc < 1.0
+    shifted = scores + np.array([5.0, -3.0, 0.0])  # a prior move: every prediction may change, no ranking does
+    assert macro_auc(shifted, y) == pytest.approx(auc, abs=1e-12)
+    assert macro_auc(rng.normal(size=(300, 3)), y) == pytest.approx(0.5, abs=0.06)
+    binary = rng.integers(0, 2, 200)
+    two = rng.normal(size=(200, 2))
+    assert macro_auc(two, binary) == pytest.approx(roc_auc(two[:, 1] - two[:, 0], binary), abs=1e-12)

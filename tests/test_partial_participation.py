@@ -1,6 +1,6 @@
 """Partial participation at scale (issue 15, item 5): 1,000 simulated clients, 1% per round, seeded
 dropouts, stragglers (late or never), duplicated and replayed uplinks; every uplink accounted for,
-a crash mid-way resumed to the same bits. The few-hundred-round run is benchmarks/partial_participation.py."""
+a crash mid-way resumed to the same bits. The few-hundred-round run is research/partial_participation.py."""
 
 from __future__ import annotations
 
