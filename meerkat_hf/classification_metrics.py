@@ -29,6 +29,7 @@ __all__ = [
     "wilson_interval",
     "classification_report",
     "paired_gain",
+    "paired_auc_gain",
     "fit_prior_offsets",
     "ClassifierScores",
 ]
@@ -209,6 +210,29 @@ def paired_gain(
     gain = balanced_accuracy(b, refs, c) - balanced_accuracy(a, refs, c)
     lo, hi = _percentile_interval(diff)
     return {"gain": gain, "gain_ci": [lo, hi], "excludes_zero": bool(lo > 0 or hi < 0)}
+
+
+def paired_auc_gain(scores_a: Any, scores_b: Any, references: Any, *, resamples: int = 1000,
+                    seed: int = 0) -> dict[str, Any]:
+    """AUC (`macro_auc`) of A and of B on the same examples and the gain B - A, each with a 95% percentile
+    interval from one paired bootstrap (the same resampled examples score both sides).
+
+    The ranking's counterpart of `paired_gain`: a change of the label prior can raise balanced accuracy
+    and leave this at 0.
+    """
+    a = np.asarray(scores_a, dtype=np.float64)
+    b = np.asarray(scores_b, dtype=np.float64)
+    refs = np.asarray(references).reshape(-1)
+    if a.shape != b.shape or a.shape[0] != refs.size:
+        raise ValueError(f"paired AUC needs two [n, C] score arrays for the same n examples, got {a.shape}, {b.shape}, "
+                         f"{refs.size} labels")
+    idx = _bootstrap_indices(refs.size, resamples, seed)
+    rows = np.array([[macro_auc(a[i], refs[i]), macro_auc(b[i], refs[i])] for i in idx])
+    before, after = macro_auc(a, refs), macro_auc(b, refs)
+    lo, hi = _percentile_interval(rows[:, 1] - rows[:, 0])
+    return {"before": before, "before_ci": list(_percentile_interval(rows[:, 0])),
+            "after": after, "after_ci": list(_percentile_interval(rows[:, 1])),
+            "gain": after - before, "gain_ci": [lo, hi], "excludes_zero": bool(lo > 0 or hi < 0)}
 
 
 def fit_prior_offsets(scores: Any, references: Any, *, grid: int = 201) -> np.ndarray:

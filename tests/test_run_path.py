@@ -62,6 +62,16 @@ def test_report_and_summary_json_carry_the_paired_gain(tmp_path, assets, capsys)
     assert f"{b['value']:.3f} [{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}] -> {a['value']:.3f}" in line
     assert f"gain {gain['value']:+.3f} [{gain['ci95'][0]:+.3f}, {gain['ci95'][1]:+.3f}] (paired bootstrap" in line
     assert "95%" in line
+    # the ranking beside the threshold: AUC before/after and its paired gain, on the same examples
+    auc_b, auc_a, auc_g = summary["auc_before"], summary["auc_after"], summary["auc_gain"]
+    assert summary["eval_examples"] == 32 and auc_g["n"] == 32
+    assert auc_a["value"] - auc_b["value"] == pytest.approx(auc_g["value"])
+    assert auc_g["ci95"][0] <= auc_g["value"] <= auc_g["ci95"][1] and auc_b["ci95"][0] <= auc_b["value"] <= auc_b["ci95"][1]
+    scores = np.asarray(info["initial_scores"])
+    from meerkat_hf.classification_metrics import macro_auc
+    assert scores.shape == (32, 2) and macro_auc(scores, [r % 2 for r in range(32)]) == pytest.approx(auc_b["value"], abs=1e-6)
+    auc_line = next(l for l in report.splitlines() if l.startswith("AUC (prior-free ranking) "))
+    assert f"{auc_b['value']:.3f}" in auc_line and f"gain {auc_g['value']:+.3f}" in auc_line
 
 
 def test_gain_is_the_paired_bootstrap_of_the_same_examples(tmp_path, assets):

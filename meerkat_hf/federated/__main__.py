@@ -84,6 +84,13 @@ def federate(args) -> int:
             summary[f"{key}_gain"] = {"value": result.gain["gain"], "ci95": result.gain["gain_ci"],
                                       "excludes_zero": result.gain["excludes_zero"], "n": result.gain["n"],
                                       "method": result.gain["method"]}
+            summary["eval_examples"] = result.gain["n"]
+            auc = result.gain.get("auc")
+            if auc:
+                summary["auc_before"] = {"value": auc["before"], "ci95": auc["before_ci"]}
+                summary["auc_after"] = {"value": auc["after"], "ci95": auc["after_ci"]}
+                summary["auc_gain"] = {"value": auc["gain"], "ci95": auc["gain_ci"], "excludes_zero": auc["excludes_zero"],
+                                       "n": result.gain["n"], "method": result.gain["method"]}
         print(format_report(result))
         if args.push_to_hub:
             summary["pushed"] = result.model.push_to_hub(args.push_to_hub, training_summary=result.training_summary)

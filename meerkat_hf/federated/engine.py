@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..classification_metrics import paired_gain
+from ..classification_metrics import paired_auc_gain, paired_gain
 from ..privacy import gaussian_epsilon
 from ..tasks import get_task
 from ..versions import environment, library_versions
@@ -242,6 +242,9 @@ def training_summary(config: FederationConfig, task: str, initial_eval: dict, fi
     if gain:
         summary["balanced_accuracy_gain"] = gain["gain"]
         summary["balanced_accuracy_gain_ci_low"], summary["balanced_accuracy_gain_ci_high"] = gain["gain_ci"]
+        if gain.get("auc"):
+            summary["auc_gain"] = gain["auc"]["gain"]
+            summary["auc_gain_ci_low"], summary["auc_gain_ci_high"] = gain["auc"]["gain_ci"]
     sent = counters["uplink"] + counters["downlink"]
     summary.update({"uplink_bytes": counters["uplink"], "downlink_bytes": counters["downlink"],
                     "full_model_fedavg_bytes": counters["fedavg_full"],
@@ -354,6 +357,7 @@ class RoundEngine:
         self.start_round = 0
         self.initial_eval: dict = {}
         self.initial_predictions: np.ndarray | None = None  # per-example, for the paired gain
+        self.initial_scores: np.ndarray | None = None  # per-example class scores, for the paired AUC gain
         self.last_eval: dict = {}  # the latest evaluation
         self.round_eval: dict = {}  # this round's evaluation (empty when none was due)
         self.log: MetricsLog | None = None
@@ -390,11 +394,15 @@ class RoundEngine:
             info_path = self.out / "run_info.json"
             info = json.loads(info_path.read_text()) if info_path.is_file() else {}
             self.initial_predictions = decode_predictions(info.get("initial_predictions"))
+            scores = info.get("initial_scores")
+            self.initial_scores = None if scores is None else np.asarray(scores, dtype=np.float32)
             return info.get("initial_eval") or {}
         t0 = time.perf_counter()
         metrics = self.data.evaluate(self.model)
         if self.data.last_eval.get("predictions") is not None:
             self.initial_predictions = np.asarray(self.data.last_eval["predictions"], dtype=np.int64)
+        if self.data.last_eval.get("scores") is not None:
+            self.initial_scores = np.asarray(self.data.last_eval["scores"], dtype=np.float32)
         logger.info("round 0 (zero-shot, before training): %s (%.1fs)",
                     ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), time.perf_counter() - t0)
         return metrics
@@ -405,6 +413,7 @@ class RoundEngine:
                 "initial_eval": self.initial_eval,
                 "initial_predictions": (None if self.initial_predictions is None
                                         else encode_predictions(self.initial_predictions)),
+                "initial_scores": None if self.initial_scores is None else self.initial_scores.tolist(),
                 "mask_method": mask.config.method, "has_pretrain_grad": mask.pretrain_grad is not None,
                 "versions": library_versions(), "environment": environment()}
         if data is not None:
@@ -604,8 +613,12 @@ class RoundEngine:
         if before is None or after is None or labels is None or len(before) != len(after) or not self.last_eval:
             return {}
         gain = paired_gain(before, after, labels, last.get("num_classes"))
-        return {"metric": "balanced_accuracy", **gain, "n": int(len(labels)),
-                "method": "paired bootstrap over the same eval examples, 1000 resamples, 95%"}
+        out = {"metric": "balanced_accuracy", **gain, "n": int(len(labels)),
+               "method": "paired bootstrap over the same eval examples, 1000 resamples, 95%"}
+        scores = last.get("scores")
+        if self.initial_scores is not None and scores is not None and self.initial_scores.shape == np.shape(scores):
+            out["auc"] = paired_auc_gain(self.initial_scores, scores, labels)
+        return out
 
     def _client_groups(self) -> dict[str, list[int]] | None:
         """Single-label vs mixed-label clients (the plots' groups); None without labels."""

@@ -213,6 +213,12 @@ def format_gain_line(before: dict, after: dict, gain: dict | None) -> str | None
         verdict = "" if gain.get("excludes_zero") else "; the interval includes 0: no measurable change"
         n = f"{gain['n']} " if gain.get("n") else ""
         line += f"; gain {gain['gain']:+.3f} [{lo:+.3f}, {hi:+.3f}] (paired bootstrap over the same {n}examples, 95%){verdict}"
+    auc = (gain or {}).get("auc")
+    if auc:
+        verdict = "" if auc["excludes_zero"] else "; the interval includes 0: the ranking did not measurably change"
+        line += (f"\nAUC (prior-free ranking) {auc['before']:.3f} [{auc['before_ci'][0]:.3f}, {auc['before_ci'][1]:.3f}] "
+                 f"-> {auc['after']:.3f} [{auc['after_ci'][0]:.3f}, {auc['after_ci'][1]:.3f}]; gain {auc['gain']:+.3f} "
+                 f"[{auc['gain_ci'][0]:+.3f}, {auc['gain_ci'][1]:+.3f}] (paired bootstrap, 95%){verdict}")
     return line
 
 

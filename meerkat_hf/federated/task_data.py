@@ -107,7 +107,8 @@ def build_classification_data(config: FederationConfig, tokenizer) -> FederatedD
                                         batch_size=config.eval_batch_size, max_length=config.max_length)
         scored = ClassifierScores(scores.numpy(), gold.numpy())
         rep = scored.report()
-        last_eval.update(predictions=scored.predictions(), labels=scored.labels, num_classes=scored.scores.shape[1])
+        last_eval.update(predictions=scored.predictions(), labels=scored.labels, num_classes=scored.scores.shape[1],
+                         scores=scored.scores)
         # accuracy stays the headline key for old readers; the prior-proof metrics sit beside it
         out = {key: float(rep[key]) for key in ("accuracy", "balanced_accuracy", "macro_f1", "majority_rate")}
         out.update({f"{key}_ci_low": float(rep[f"{key}_ci"][0]) for key in ("balanced_accuracy", "macro_f1")})
