@@ -95,18 +95,22 @@ def main(argv: list[str] | None = None) -> None:
                              per_forward))
                 raw[f"{precision}@{eps:g}"] = est.tolist()
                 print(f"{precision:10s} eps {eps:g}: corr {corr:.3f} rms err {rows[-1][4]:.3g}", flush=True)
+            _write(args, k, rows, raw)  # after every precision: an interrupted probe keeps what it measured
         del mm, m
+    print((Path(args.out) / "table.md").read_text())
 
+
+def _write(args, k: int, rows: list, raw: dict) -> None:
     lines = [f"{args.task}, batch {args.batch_size} x {args.max_length}, {args.directions} directions, k = {k} "
-             f"(mask {Path(args.mask).name}), balanced candidate loss; exact = fp32 backprop g.z",
-             "", "| forward | eps | corr(estimate, exact) | rms exact g.z | rms(estimate - exact) | s/forward |",
+             f"(mask {Path(args.mask).name}), balanced candidate loss; exact = fp32 backprop g.z; torch threads "
+             f"{torch.get_num_threads()}", "",
+             "| forward | eps | corr(estimate, exact) | rms exact g.z | rms(estimate - exact) | s/forward |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {p} | {e:g} | {c:.3f} | {r:.3g} | {d:.3g} | {t:.3f} |" for p, e, c, r, d, t in rows]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text("\n".join(lines) + "\n")
     (out / "raw.json").write_text(json.dumps(raw))
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":
