@@ -36,7 +36,7 @@ def main() -> None:
 
     from meerkat_hf import SparseMaskConfig, compute_mask
     from meerkat_hf.cli import format_mask_info
-    from meerkat_hf.loading import load_model_and_tokenizer, model_display_name
+    from meerkat_hf.hub.loading import load_model_and_tokenizer, model_display_name
 
     model, tok = load_model_and_tokenizer(args.model, args.gguf_file)
     loaded_mib = vm_hwm_mib()

@@ -58,7 +58,7 @@ def _build_model(name: str, device: str):
         )
         model, tokenizer = AutoModelForCausalLM.from_config(config, dtype=torch.float32), None
     elif name == "smollm2-135m":
-        from meerkat_hf.loading import load_model_and_tokenizer
+        from meerkat_hf.hub.loading import load_model_and_tokenizer
 
         model, tokenizer = load_model_and_tokenizer("smollm2", dtype="float32")
     else:
@@ -152,7 +152,7 @@ def _worker(args) -> None:
     step = None
     if args.phase in ("meerkat", "full_zo"):
         from meerkat_hf import SparseMask, get_meerkat_model, zo
-        from meerkat_hf.baselines import full_mask
+        from meerkat_hf.masks.baselines import full_mask
         from meerkat_hf.trainer import MeerkatZOArguments, MeerkatZOTrainer
 
         mask = SparseMask.from_pretrained(args.mask_dir) if args.phase == "meerkat" else full_mask(model)

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None):
 
     from meerkat_hf import SparseMask, SparseMaskConfig, compute_mask
     from meerkat_hf.cli import format_mask_info
-    from meerkat_hf.loading import load_model_and_tokenizer, model_display_name
+    from meerkat_hf.hub.loading import load_model_and_tokenizer, model_display_name
 
     model, tokenizer = load_model_and_tokenizer(args.model, args.gguf_file)
     config = SparseMaskConfig(

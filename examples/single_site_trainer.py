@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     from meerkat_hf import MeerkatZOArguments, MeerkatZOTrainer, SparseMask, SparseMaskConfig  # Meerkat
     from meerkat_hf import get_or_compute_mask  # Meerkat
     from meerkat_hf import CandidateAccuracy, get_meerkat_model  # Meerkat
-    from meerkat_hf.loading import load_model_and_tokenizer
+    from meerkat_hf.hub.loading import load_model_and_tokenizer
     from meerkat_hf.tasks import ClassificationCollator, candidate_token_ids, encode_classification, load_task_dataset
 
     model, tokenizer = load_model_and_tokenizer(args.model, args.gguf_file)

@@ -1,20 +1,30 @@
 """meerkat-hf: zeroth-order federated fine-tuning of causal LMs with transferable sparsity.
 
+The package's folders are its architecture:
+
+* `masks/`     the transferable sparse mask: its config, calibration, selection, cache and files;
+* `zo/`        seeded directions, the ZO estimators and `ZOSGD` (the arithmetic every node shares);
+* `modeling/`  `MeerkatModel` (a causal LM whose masked coordinates train) and its forward precision;
+* `trainer/`   `MeerkatZOTrainer`, a drop-in `transformers.Trainer`, and its arguments;
+* `hub/`       atomic saves, Hub upload/download, model cards, base-model loading;
+* `tasks/`     prompt classification and LM tasks (templates, data, verbalizers);
+* `federated/` the replayed protocol, the in-process engine, Accelerate and Flower.
+
 The trainer is imported lazily: `import meerkat_hf` for masks alone does not pay for
 `transformers.Trainer` (and its optional integrations).
 """
 
-from .calibration import SelfGenerated
-from .compute import compute_mask
-from .config import SparseMaskConfig
-from .mask import MaskMismatchError, SparseMask
-from .mask_cache import get_or_compute_mask
-from .model import MeerkatModel, get_meerkat_model
+from .masks.calibration import SelfGenerated
+from .masks.compute import compute_mask
+from .masks.config import SparseMaskConfig
+from .masks.mask import MaskMismatchError, SparseMask
+from .masks.cache import get_or_compute_mask
+from .modeling.model import MeerkatModel, get_meerkat_model
 
 __version__ = "0.1.0"
 
-_LAZY = {"MeerkatZOTrainer": "trainer", "MeerkatZOArguments": "training_args", "CandidateAccuracy": "trainer",
-         "ZOSGD": "zo_optimizer", "lora_mask": "baselines", "full_mask": "baselines"}
+_LAZY = {"MeerkatZOTrainer": "trainer", "MeerkatZOArguments": "trainer", "CandidateAccuracy": "trainer",
+         "ZOSGD": "zo.optimizer", "lora_mask": "masks.baselines", "full_mask": "masks.baselines"}
 
 
 def __getattr__(name: str):

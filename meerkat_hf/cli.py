@@ -9,12 +9,12 @@ import logging
 import os
 import sys
 
-from .calibration import PYTHON_DOCS, SELF_GENERATED
-from .config import DEFAULT_EXCLUDE, METHODS, SCOPES, SparseMaskConfig
+from .masks.calibration import PYTHON_DOCS, SELF_GENERATED
+from .masks.config import DEFAULT_EXCLUDE, METHODS, SCOPES, SparseMaskConfig
 from .federated.__main__ import add_federate_arguments, federate
-from .loading import check_model_source, load_model_and_tokenizer, model_display_name
-from .mask import SparseMask
-from .mask_cache import get_or_compute_mask
+from .hub.loading import check_model_source, load_model_and_tokenizer, model_display_name
+from .masks.mask import SparseMask
+from .masks.cache import get_or_compute_mask
 
 logger = logging.getLogger("meerkat_hf")
 
@@ -61,7 +61,7 @@ def _add_mask_commands(sub) -> None:
     compute.add_argument("--gradient-checkpointing", action="store_true")
     compute.add_argument("--cache", action="store_true",
                          help="reuse a mask computed earlier for the same weights, spec and calibration file "
-                              "(and cache this one): see meerkat_hf.mask_cache")
+                              "(and cache this one): see meerkat_hf.masks.cache")
     compute.add_argument("--out", required=True, help="output directory")
     compute.add_argument("--push-to-hub", default=None, metavar="REPO_ID")
     compute.set_defaults(func=cmd_mask_compute)

@@ -49,8 +49,8 @@ class Prediction:
 
 def locate_delta(run_or_delta: str | os.PathLike) -> DeltaLocation:
     """A run folder (`runs/x`, its delta in `final/`), a delta folder, or a Hub repo id."""
-    from .hub import _looks_like_local_path
-    from .model import DELTA_CONFIG_NAME
+    from .hub.artifacts import _looks_like_local_path
+    from .modeling.model import DELTA_CONFIG_NAME
 
     path = Path(os.path.expanduser(os.fspath(run_or_delta)))
     if path.is_dir():
@@ -66,7 +66,7 @@ def locate_delta(run_or_delta: str | os.PathLike) -> DeltaLocation:
     if path.exists():
         raise NotADirectoryError(f"{path} is a file: pass a run folder or a delta folder")
     if _looks_like_local_path(run_or_delta):
-        from .hub import find_interrupted_save
+        from .hub.artifacts import find_interrupted_save
 
         if find_interrupted_save(path) is not None:
             return DeltaLocation(path)  # `MeerkatModel.from_pretrained` loads the previous version
@@ -155,7 +155,7 @@ def predict_texts(run_or_delta: str | os.PathLike, texts: list[str], *, task: st
                   force_generate: bool = False, base_model: str | None = None, max_new_tokens: int = 32,
                   max_length: int | None = None) -> tuple[list[Prediction], Any]:
     """Load the delta (and its recorded base) and classify or continue `texts`; returns (predictions, task)."""
-    from .model import MeerkatModel, _delta_folder, read_delta_config
+    from .modeling.model import MeerkatModel, _delta_folder, read_delta_config
     from .tasks import get_task
 
     if not texts:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .zo import derive_seed
+from .zo.spsa import derive_seed
 
 __all__ = [
     "DP_EXTRA_HINT",

@@ -11,7 +11,7 @@ Precisions (the fp32 master and the perturbation are identical in all of them; o
   bf16        the whole model cast to bf16, perturbed values written (rounded) into the bf16 weights;
   autocast    the fp32 model under torch.autocast(bfloat16): matmuls in bf16, the rest fp32;
   bf16-mixed  Linear/Embedding weights in bf16, 1-D weights (norms) in fp32, under autocast: what
-              `meerkat_hf` runs for `bf16=True` (meerkat_hf.precision).
+              `meerkat_hf` runs for `bf16=True` (meerkat_hf.modeling.precision).
 Prints a markdown table and writes it with the raw numbers (JSON) under --out.
 """
 
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from meerkat_hf import MeerkatModel, SparseMask, zo
-from meerkat_hf.loading import load_model_and_tokenizer
-from meerkat_hf.precision import forward_precision
+from meerkat_hf.hub.loading import load_model_and_tokenizer
+from meerkat_hf.modeling.precision import forward_precision
 from meerkat_hf.tasks import (
     ClassificationCollator,
     balanced_class_weights,

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from meerkat_hf import SparseMaskConfig, compute_mask
-    from meerkat_hf.loading import load_model_and_tokenizer
+    from meerkat_hf.hub.loading import load_model_and_tokenizer
     from meerkat_hf.tasks import get_task, load_task_dataset
 
     torch.manual_seed(0)

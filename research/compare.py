@@ -274,7 +274,7 @@ def _test_set(tokenizer, max_length: int = 64):
 
 
 def score_test(model, tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    from meerkat_hf.model import forward_module
+    from meerkat_hf.modeling.model import forward_module
     from meerkat_hf.tasks import candidate_scores
 
     scores, labels = candidate_scores(forward_module(model), tokenizer, TASK, _test_set(tokenizer), batch_size=32,
@@ -286,7 +286,7 @@ def zero_shot(out: Path) -> dict:
     """Zero-shot test scores (computed once per output folder, by `prepare` or the first cell)."""
     path = out / "zero_shot_test.npz"
     if not path.exists():
-        from meerkat_hf.loading import load_model_and_tokenizer
+        from meerkat_hf.hub.loading import load_model_and_tokenizer
 
         model, tok = load_model_and_tokenizer("smollm2")
         scores, labels = score_test(model, tok)
@@ -385,7 +385,7 @@ def _tokenizer():
     """The embedded model's tokenizer (the run's model object does not carry one)."""
     from transformers import AutoTokenizer
 
-    from meerkat_hf.loading import resolve_model_source
+    from meerkat_hf.hub.loading import resolve_model_source
 
     path, gguf = resolve_model_source("smollm2")
     return AutoTokenizer.from_pretrained(path, gguf_file=gguf)
@@ -719,9 +719,9 @@ def movement(args) -> None:
     the loss barely moves, whatever the lr. Masked methods only (their cell keeps its mask)."""
     import torch
 
-    from meerkat_hf.loading import load_model_and_tokenizer
-    from meerkat_hf.mask import SparseMask
-    from meerkat_hf.sparse_view import SparseView
+    from meerkat_hf.hub.loading import load_model_and_tokenizer
+    from meerkat_hf.masks.mask import SparseMask
+    from meerkat_hf.modeling.sparse_view import SparseView
 
     out = Path(args.out)
     model, _ = load_model_and_tokenizer("smollm2")

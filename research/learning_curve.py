@@ -56,7 +56,7 @@ def single(args, command: str) -> None:
     from transformers import TrainerCallback
 
     from meerkat_hf import MeerkatZOArguments, MeerkatZOTrainer, SparseMask, get_meerkat_model
-    from meerkat_hf.loading import load_model_and_tokenizer
+    from meerkat_hf.hub.loading import load_model_and_tokenizer
     from meerkat_hf.tasks import ClassificationCollator, candidate_token_ids, encode_classification, load_task_dataset
 
     out = Path(args.out)
@@ -146,7 +146,7 @@ def federated(args, command: str) -> None:
 def test(args) -> None:
     from meerkat_hf import MeerkatModel, SparseMask
     from meerkat_hf.classification_metrics import ClassifierScores, fit_prior_offsets, paired_gain
-    from meerkat_hf.loading import load_model_and_tokenizer
+    from meerkat_hf.hub.loading import load_model_and_tokenizer
     from meerkat_hf.tasks import candidate_scores, encode_classification, load_task_dataset
 
     out = Path(args.out)

@@ -35,13 +35,13 @@ import torch
 import torch.nn.functional as F
 
 from meerkat_hf import zo
-from meerkat_hf.calibration import calibration_blocks, gradient_statistics, python_docs_corpus
+from meerkat_hf.masks.calibration import calibration_blocks, gradient_statistics, python_docs_corpus
 from meerkat_hf.classification_metrics import ClassifierScores, fit_prior_offsets
-from meerkat_hf.config import SparseMaskConfig
-from meerkat_hf.loading import load_model_and_tokenizer
-from meerkat_hf.mask import SparseMask, parameter_shapes
-from meerkat_hf.model import MeerkatModel
-from meerkat_hf.selection import select_global, selectable_parameters, target_size
+from meerkat_hf.masks.config import SparseMaskConfig
+from meerkat_hf.hub.loading import load_model_and_tokenizer
+from meerkat_hf.masks.mask import SparseMask, parameter_shapes
+from meerkat_hf.modeling.model import MeerkatModel
+from meerkat_hf.masks.selection import select_global, selectable_parameters, target_size
 from meerkat_hf.tasks import (
     ClassificationCollator,
     candidate_logits,
@@ -135,7 +135,7 @@ class RunConfig:
     train_examples: int = 0  # 0 = the whole train split
     optimizer: str = "zo"  # zo | fo (first-order SGD on the same masked coordinates, the reference)
     estimator: str = "spsa"  # spsa | fzoo (zo.step_scalars)
-    precision: str = "fp32"  # the forwards' precision (meerkat_hf.precision): fp32 | bf16-mixed | bf16 | autocast
+    precision: str = "fp32"  # the forwards' precision (meerkat_hf.modeling.precision): fp32 | bf16-mixed | bf16 | autocast
     task: str = TASK
     threads: int = 0  # torch threads (0: torch's default)
 
@@ -472,7 +472,7 @@ def test(out: Path, name: str) -> None:
     gain, and the forgetting probe (held-out generic perplexity, fixed greedy generations)."""
     from learning_curve import forgetting
 
-    from meerkat_hf.classification_metrics import paired_gain
+    from meerkat_hf.classification_metrics import paired_auc_gain, paired_gain
 
     runs = out / "runs"
     cfg = RunConfig(**json.loads((runs / f"{name}.jsonl").read_text().splitlines()[0])["config"])
@@ -480,28 +480,31 @@ def test(out: Path, name: str) -> None:
     torch.manual_seed(0)
     model, tok = load_model_and_tokenizer("smollm2")
     mm = MeerkatModel(model, build_mask(out, cfg.mask, model, tok))
-    enc = encode_classification(tok, TASK, load_task_dataset(TASK, "test"), cfg.max_length, include_label_word=False)
-    zs_path = out / "zeroshot_test.pt"
-    if zs_path.is_file():
-        zs = torch.load(zs_path)
-    else:
-        scores, labels = candidate_scores(mm.base_model, tok, TASK, enc, batch_size=32)
-        zs = {"scores": scores, "labels": labels}
-        torch.save(zs, zs_path)
+    task = cfg.task
+    encoded = {split: encode_classification(tok, task, load_task_dataset(task, split), cfg.max_length,
+                                            include_label_word=False) for split in ("test", "validation")}
+    zero_shot = {}
+    for split, enc in encoded.items():  # the zero-shot scores, computed once per task and split (fp32 forwards)
+        path = out / (f"zeroshot_{split}.pt" if task == TASK else f"zeroshot_{task}_{split}.pt")
+        if not path.is_file():
+            scores, labels = candidate_scores(mm.base_model, tok, task, enc, batch_size=32)
+            torch.save({"scores": scores, "labels": labels}, path)
+        zero_shot[split] = torch.load(path)
+    zs, val = zero_shot["test"], zero_shot["validation"]
     mm.set_values(state["values"])
-    scores, labels = candidate_scores(mm.base_model, tok, TASK, enc, batch_size=32)
+    mm.set_forward_precision(cfg.precision)  # the trained model is scored under the numerics it trained with
+    scores, labels = candidate_scores(mm.base_model, tok, task, encoded["test"], batch_size=32)
     assert torch.equal(labels, zs["labels"])
-    val = torch.load(out / "zeroshot_validation.pt")
     offsets = fit_prior_offsets(val["scores"].numpy(), val["labels"].numpy())
     # the trained model gets the same post-processing as the baseline: offsets fitted on validation
-    val_enc = encode_classification(tok, TASK, load_task_dataset(TASK, "validation"), cfg.max_length, include_label_word=False)
-    val_scores, val_labels = candidate_scores(mm.base_model, tok, TASK, val_enc, batch_size=32)
+    val_scores, val_labels = candidate_scores(mm.base_model, tok, task, encoded["validation"], batch_size=32)
     offsets_trained = fit_prior_offsets(val_scores.numpy(), val_labels.numpy())
     trained, zero = ClassifierScores(scores.numpy(), labels.numpy()), ClassifierScores(zs["scores"].numpy(), labels.numpy())
     y = labels.numpy()
     row = {"name": name, "step": state["step"], "config": asdict(cfg), "split": "test",
            "trained": trained.report(), "zero_shot": zero.report(), "prior_corrected": zero.report(offsets),
            "gain_over_zero_shot": paired_gain(zero.predictions(), trained.predictions(), y),
+           "auc_gain_over_zero_shot": paired_auc_gain(zero.scores, trained.scores, y),
            "gain_over_prior_corrected": paired_gain(zero.predictions(offsets), trained.predictions(), y),
            "trained_prior_corrected": trained.report(offsets_trained),
            "corrected_gain_over_prior_corrected": paired_gain(zero.predictions(offsets), trained.predictions(offsets_trained), y),
@@ -511,7 +514,8 @@ def test(out: Path, name: str) -> None:
     t, g, gp, fg = row["trained"], row["gain_over_zero_shot"], row["gain_over_prior_corrected"], row["forgetting"]
     _log(f"{name} TEST step {state['step']}: balanced acc {t['balanced_accuracy']:.4f} {t['balanced_accuracy_ci']} "
          f"(zero-shot {row['zero_shot']['balanced_accuracy']:.4f}, prior-corrected {row['prior_corrected']['balanced_accuracy']:.4f}) | "
-         f"gain {g['gain']:+.4f} {g['gain_ci']} | over prior-corrected {gp['gain']:+.4f} {gp['gain_ci']} | "
+         f"gain {g['gain']:+.4f} {g['gain_ci']} | AUC gain {row['auc_gain_over_zero_shot']['gain']:+.4f} "
+         f"{row['auc_gain_over_zero_shot']['gain_ci']} | over prior-corrected {gp['gain']:+.4f} {gp['gain_ci']} | "
          f"both prior-corrected: {row['trained_prior_corrected']['balanced_accuracy']:.4f}, gain "
          f"{row['corrected_gain_over_prior_corrected']['gain']:+.4f} {row['corrected_gain_over_prior_corrected']['gain_ci']} | "
          f"perplexity {fg['perplexity_before']:.3f} -> {fg['perplexity_after']:.3f}, generations changed {fg['generations_changed']}")
@@ -552,6 +556,49 @@ def plot(logs: Path, png: Path, names: list[str] | None = None) -> None:
     _log(f"wrote {png}")
 
 
+def curves(logs: Path, png: Path, names: list[str], title: str = "") -> None:
+    """Validation balanced accuracy and AUC against forward passes and against training minutes (2 x 2 panels).
+
+    Minutes are each run's own `train_s` (training only: evaluation excluded), so runs that shared the
+    machine compare fairly only when they ran side by side under the same load; the caption says so.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    zero = None
+    for name in names:
+        path = logs / f"{name}.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if "bal_acc" in r]
+        if len(rows) < 2:
+            continue
+        zero = zero or rows[0]
+        cfg = rows[0].get("config", {})
+        style = "--" if cfg.get("optimizer") == "fo" else "-"
+        label = f"{name} (lr {cfg.get('lr', '?'):g})"
+        for col, xkey, scale in ((0, "forward_passes", 1.0), (1, "train_s", 1 / 60)):
+            xs = [r.get(xkey, 0.0) * scale for r in rows]
+            axes[0, col].plot(xs, [r["bal_acc"] for r in rows], style, marker="o", ms=3, label=label)
+            axes[1, col].plot(xs, [r["auc"] for r in rows], style, marker="o", ms=3, label=label)
+    for row, key, what in ((0, "bal_acc", "balanced accuracy"), (1, "auc", "AUC (pairwise, prior-free)")):
+        for col, xlabel in ((0, "example forward passes (batch x forwards; an FO step = 3 x batch)"),
+                            (1, "training minutes (evaluation excluded; 1 torch thread per run)")):
+            ax = axes[row, col]
+            if zero is not None:
+                ax.axhline(zero[key], color="grey", ls=":", lw=1, label="zero-shot")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"validation {what}")
+    axes[0, 0].legend(fontsize=7, loc="best")
+    fig.suptitle(title or "SmolLM2-135M-Instruct, single site: ZO estimators (solid) and first-order SGD (dashed)")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    _log(f"wrote {png}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -573,6 +620,11 @@ def main(argv: list[str] | None = None) -> None:
     pt = sub.add_parser("test")
     pt.add_argument("--out", default="runs/study")
     pt.add_argument("--name", required=True)
+    pc = sub.add_parser("curves", help="balanced accuracy and AUC against forward passes and minutes")
+    pc.add_argument("--out", default="runs/study")
+    pc.add_argument("--names", nargs="+", required=True)
+    pc.add_argument("--png", required=True)
+    pc.add_argument("--title", default="")
     pp2 = sub.add_parser("plot")
     pp2.add_argument("--out", default="runs/study")
     pp2.add_argument("--logs", default="research/results/zo_study")
@@ -586,6 +638,8 @@ def main(argv: list[str] | None = None) -> None:
         prepare(out, tuple(args.calibrations), tuple(args.densities))
     elif args.cmd == "plot":
         plot(Path(args.logs), Path(args.png), args.names)
+    elif args.cmd == "curves":
+        curves(out / "runs", Path(args.png), args.names, args.title)
     elif args.cmd == "test":
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         test(out, args.name)

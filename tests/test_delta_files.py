@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import meerkat_hf.hub as hub
+import meerkat_hf.hub.artifacts as hub
 from conftest import build_tiny_tokenizer, tiny_model
 from meerkat_hf import MeerkatModel, SparseMaskConfig, compute_mask, get_meerkat_model
-from meerkat_hf.loading import load_model_and_tokenizer
+from meerkat_hf.hub.loading import load_model_and_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DELTA_FILES = ["README.md", "mask.safetensors", "mask_config.json", "meerkat_config.json", "sparse_delta.safetensors"]
@@ -78,7 +78,7 @@ def test_from_pretrained_without_base_loads_the_recorded_base(tmp_path, base_dir
 
 def test_another_base_is_loaded_but_reported(tmp_path, base_dir, caplog):
     trained(base_dir).save_pretrained(tmp_path / "final", model_card=False)
-    with caplog.at_level(logging.WARNING, logger="meerkat_hf.model"):
+    with caplog.at_level(logging.WARNING, logger="meerkat_hf.modeling.model"):
         MeerkatModel.from_pretrained(tiny_model("llama", seed=1), tmp_path / "final")
     assert "differ from those the delta was trained on" in caplog.text
 
@@ -106,7 +106,7 @@ def test_card_snippet_runs_as_printed_offline(tmp_path, base_dir):
 def test_embedded_default_records_the_gguf_and_its_snippet_runs_offline(tmp_path):
     """The real embedded SmolLM2 GGUF (the only test that loads it): card names the file and its
     sha256, and the card's snippet loads it again offline with the trained values."""
-    from meerkat_hf.loading import EMBEDDED_GGUF, embedded_model_dir, file_sha256
+    from meerkat_hf.hub.loading import EMBEDDED_GGUF, embedded_model_dir, file_sha256
 
     try:
         embedded_model_dir()

@@ -236,7 +236,7 @@ def test_class_balanced_loss_uses_the_federation_label_prior(tmp_path, assets):
     training labels (3:1 negative here), so the run differs from plain candidate cross-entropy."""
     from federated_support import toy_rows, write_csv
     from meerkat_hf.federated.task_data import build_classification_data
-    from meerkat_hf.loading import load_model_and_tokenizer
+    from meerkat_hf.hub.loading import load_model_and_tokenizer
     from meerkat_hf.tasks import candidate_loss
 
     _, model_dir, files = assets

@@ -193,7 +193,7 @@ def _final_contents(folder: Path) -> dict:
     """final/'s files, read back: safetensors as metadata + tensors, JSON parsed, the rest as text.
 
     Left out: the mask computation's wall time ("seconds"). The files' SHA-256 stay in: our
-    safetensors files are byte-reproducible (`meerkat_hf.safetensors_bytes`)."""
+    safetensors files are byte-reproducible (`meerkat_hf.hub.safetensors_bytes`)."""
     from safetensors import safe_open
 
     def untimed(value):

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from hub_server import FakeHub, fake_hub, run_with_hub  # noqa: F401  (fake_hub is a fixture)
 
-from meerkat_hf import hub
+from meerkat_hf.hub import artifacts as hub
 from meerkat_hf.hub import render_card, resolve_folder, sha256_bytes, write_files_atomically
 
 
@@ -381,5 +381,5 @@ def test_template_lookup_prefers_installed_location(tmp_path, monkeypatch):
     pkg = tmp_path / "site" / "meerkat_hf"
     (pkg / "model_cards").mkdir(parents=True)
     (pkg / "model_cards" / "mask_card.md").write_text("---\n{{ card_data }}\n---\ninstalled copy\n")
-    monkeypatch.setattr(hub, "__file__", str(pkg / "hub.py"))
+    monkeypatch.setattr(hub, "__file__", str(pkg / "hub" / "artifacts.py"))
     assert "installed copy" in render_card("mask_card", {}).text

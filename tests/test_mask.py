@@ -11,7 +11,7 @@ import torch
 
 from conftest import tiny_model
 from meerkat_hf import MaskMismatchError, SelfGenerated, SparseMask, SparseMaskConfig, compute_mask
-from meerkat_hf.selection import select_global, select_per_tensor, selectable_parameters, target_size
+from meerkat_hf.masks.selection import select_global, select_per_tensor, selectable_parameters, target_size
 
 CAL = dict(calibration_num_sequences=6, calibration_seq_len=24)
 
@@ -65,7 +65,7 @@ def brute_force_sensitivity(model, blocks, names, k):
 
 
 def test_sensitivity_matches_brute_force_reference(tiny_tokenizer, corpus):
-    from meerkat_hf.calibration import iter_texts, pack_blocks
+    from meerkat_hf.masks.calibration import iter_texts, pack_blocks
 
     model = tiny_model("llama", seed=3)
     cfg = small_config(density=0.02)
@@ -137,7 +137,7 @@ def test_full_mask_saves_without_index_arrays(tmp_path, tiny_llama):
 
 
 def test_statistics_concentration_matches_definition(tiny_tokenizer, corpus):
-    from meerkat_hf.calibration import calibration_blocks, gradient_statistics
+    from meerkat_hf.masks.calibration import calibration_blocks, gradient_statistics
 
     model = tiny_model("llama", seed=1)
     cfg = small_config()
@@ -189,7 +189,7 @@ def test_bf16_model_and_gradient_checkpointing(tiny_tokenizer, corpus):
     assert a.num_selected == b.num_selected
     overlap = sum(len(set(a.indices[n].tolist()) & set(b.indices[n].tolist())) for n in a.indices)
     assert overlap / a.num_selected > 0.9  # same gradients up to bf16 rounding
-    from meerkat_hf.calibration import _checkpointing_on
+    from meerkat_hf.masks.calibration import _checkpointing_on
 
     assert not _checkpointing_on(model)
 

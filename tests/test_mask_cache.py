@@ -6,7 +6,7 @@ import torch
 
 from conftest import tiny_model
 from meerkat_hf import SparseMaskConfig, compute_mask
-from meerkat_hf.mask_cache import load_cached_mask, mask_cache_key, store_cached_mask
+from meerkat_hf.masks.cache import load_cached_mask, mask_cache_key, store_cached_mask
 
 
 def test_key_depends_on_weights_spec_and_calibration():
@@ -37,7 +37,7 @@ def test_store_then_load_is_bit_exact_and_corruption_is_a_miss(tmp_path, caplog)
 
 def test_federation_reuses_the_cached_mask(tmp_path, monkeypatch):
     from federated_support import base_config, make_model_dir, make_task_files
-    from meerkat_hf import compute as compute_module
+    from meerkat_hf.masks import compute as compute_module
     from meerkat_hf.federated import FederationConfig, run_federation
 
     monkeypatch.setenv("MEERKAT_HF_CACHE", str(tmp_path / "cache"))
@@ -56,7 +56,7 @@ def test_federation_reuses_the_cached_mask(tmp_path, monkeypatch):
 
 
 def test_get_or_compute_mask_computes_once(tmp_path, monkeypatch, corpus, tiny_tokenizer):
-    from meerkat_hf import compute as compute_module
+    from meerkat_hf.masks import compute as compute_module
     from meerkat_hf import get_or_compute_mask
 
     calls = []

@@ -1,4 +1,4 @@
-"""bf16 forwards over the fp32 master (meerkat_hf.precision) and the fzoo estimator (zo.step_scalars)."""
+"""bf16 forwards over the fp32 master (meerkat_hf.modeling.precision) and the fzoo estimator (zo.step_scalars)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from meerkat_hf import SparseMaskConfig, compute_mask, get_meerkat_model, precision, zo
-from meerkat_hf.training_args import MeerkatZOArguments
+from meerkat_hf import SparseMaskConfig, compute_mask, get_meerkat_model, zo
+from meerkat_hf.modeling import precision
+from meerkat_hf.trainer.arguments import MeerkatZOArguments
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,7 +54,7 @@ def test_bf16_mixed_keeps_the_master_fp32_and_casts_only_matrices():
 
 def test_every_forward_path_runs_under_bf16_autocast():
     """The candidate loss calls the base model directly (not MeerkatModel.forward): it must get bf16 too."""
-    from meerkat_hf.model import forward_module
+    from meerkat_hf.modeling.model import forward_module
     from meerkat_hf.tasks import candidate_loss
 
     mm = _meerkat()
@@ -98,7 +99,7 @@ def test_bf16_finite_difference_still_estimates_the_gradient():
 def test_slow_bf16_hardware_gets_one_warning_with_the_measured_speed(monkeypatch, caplog):
     monkeypatch.setattr(precision, "bf16_matmul_speedup", lambda device_type="cpu": 0.21)
     mm = _meerkat()
-    with caplog.at_level(logging.WARNING, logger="meerkat_hf.precision"):
+    with caplog.at_level(logging.WARNING, logger="meerkat_hf.modeling.precision"):
         mm.set_forward_precision("bf16-mixed")
         mm.set_forward_precision("bf16-mixed")  # no second warning for the same setting
     warnings = [r.getMessage() for r in caplog.records if "bf16" in r.getMessage()]

@@ -13,7 +13,7 @@ from conftest import build_tiny_tokenizer, tiny_model
 from hub_server import fake_hub  # noqa: F401  (fixture)
 from meerkat_hf import SparseMaskConfig, compute_mask, get_meerkat_model
 from meerkat_hf.cli import main
-from meerkat_hf.loading import load_model_and_tokenizer
+from meerkat_hf.hub.loading import load_model_and_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

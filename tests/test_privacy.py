@@ -290,7 +290,7 @@ def test_trainer_dp_resume_draws_fresh_noise_and_is_the_uninterrupted_run(tmp_pa
     resumed run never re-draws released noise, and a seeded run resumed mid-epoch (step 3 of a 4-step
     epoch) is the uninterrupted run bit for bit."""
     pytest.importorskip("opacus")
-    from meerkat_hf import trainer_privacy
+    from meerkat_hf.trainer import dp_resume as trainer_privacy
 
     keys = {"noise": [], "batch": []}
     real_scalar, real_poisson = privacy.private_scalar, privacy.poisson_indices

@@ -245,7 +245,7 @@ def test_movement_reports_how_far_each_masked_row_moved_its_coordinates(tmp_path
     import torch
 
     from meerkat_hf import SparseMaskConfig, compute_mask
-    from meerkat_hf.sparse_view import SparseView
+    from meerkat_hf.modeling.sparse_view import SparseView
 
     mask = compute_mask(tiny_llama, SparseMaskConfig(density=0.02, method="random", seed=0), progress=False)
     start = SparseView(tiny_llama, mask).gather()
@@ -262,7 +262,7 @@ def test_movement_reports_how_far_each_masked_row_moved_its_coordinates(tmp_path
         cell = tmp_path / "cells" / compare.cell_name("random", 3e-4, s)
         mask.save_pretrained(cell / "mask", model_card=False)
         torch.save(start + 0.5 * (s + 1) * start.abs(), cell / "final_values.pt")  # moved by 50/100/150% of |w|
-    monkeypatch.setattr("meerkat_hf.loading.load_model_and_tokenizer", lambda *a, **k: (tiny_llama, None))
+    monkeypatch.setattr("meerkat_hf.hub.loading.load_model_and_tokenizer", lambda *a, **k: (tiny_llama, None))
     compare.main(["--out", str(tmp_path), "--methods", "random", "movement"])
     row = next(line for line in (tmp_path / "movement.md").read_text().splitlines() if line.startswith("| random"))
     cells = row.split("|")[1:-1]

@@ -7,11 +7,11 @@ import sys
 import torch
 from safetensors.torch import load
 
-from meerkat_hf.safetensors_bytes import save_safetensors
+from meerkat_hf.hub.safetensors_bytes import save_safetensors
 
 _SCRIPT = """
 import hashlib, sys, torch
-from meerkat_hf.safetensors_bytes import save_safetensors
+from meerkat_hf.hub.safetensors_bytes import save_safetensors
 meta = {f"key{i}": str(i) for i in range(12)}
 blob = save_safetensors({"values": torch.arange(5, dtype=torch.float32), "delta": torch.ones(3)}, metadata=meta)
 sys.stdout.write(hashlib.sha256(blob).hexdigest())

@@ -18,8 +18,8 @@ from datasets import Dataset
 from transformers import TrainerCallback, TrainingArguments
 
 from meerkat_hf import MeerkatModel, SparseMaskConfig, compute_mask, get_meerkat_model, zo
-from meerkat_hf.baselines import full_mask, lora_mask
-from meerkat_hf.model import DELTA_WEIGHTS_NAME
+from meerkat_hf.masks.baselines import full_mask, lora_mask
+from meerkat_hf.modeling.model import DELTA_WEIGHTS_NAME
 from meerkat_hf.trainer import CandidateAccuracy, MeerkatZOArguments, MeerkatZOTrainer
 
 TESTS_DIR = Path(__file__).resolve().parent

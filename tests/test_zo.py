@@ -10,7 +10,8 @@ import torch
 from conftest import tiny_model
 
 from meerkat_hf import SparseMaskConfig, compute_mask, get_meerkat_model, zo
-from meerkat_hf.zo_optimizer import ZOSGD
+from meerkat_hf.zo.optimizer import ZOSGD
+from meerkat_hf.zo import spsa
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
@@ -269,7 +270,7 @@ def test_perturbed_states_are_the_bits_of_w_plus_and_minus_eps_z():
 
     z = zo.gaussian_direction(3, k)
     target = Target()
-    zo._two_point_losses(target, lambda: 0.0, z, eps)
+    spsa._two_point_losses(target, lambda: 0.0, z, eps)
     w = target.values
     assert torch.equal(seen[0], w + eps * z) and torch.equal(seen[1], w - eps * z) and torch.equal(seen[2], w)
 

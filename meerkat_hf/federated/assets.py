@@ -13,15 +13,15 @@ from pathlib import Path
 
 import torch
 
-from ..baselines import lora_mask
-from ..calibration import SelfGenerated, source_identity
-from ..config import CONFIG_NAME
-from ..loading import load_model_and_tokenizer
-from ..mask import SparseMask
-from ..mask_cache import get_or_compute_mask
-from ..model import get_meerkat_model
+from ..masks.baselines import lora_mask
+from ..masks.calibration import SelfGenerated, source_identity
+from ..masks.config import CONFIG_NAME
+from ..hub.loading import load_model_and_tokenizer
+from ..masks.mask import SparseMask
+from ..masks.cache import get_or_compute_mask
+from ..modeling.model import get_meerkat_model
 from ..privacy import ExampleDP, solve_noise_multiplier
-from ..zo import derive_seed
+from ..zo.spsa import derive_seed
 from .federation_config import ConfigError, FederationConfig
 from .protocol.gradip import StepScheduler
 from .protocol.server import FederatedServer
@@ -30,7 +30,7 @@ from .protocol.virtual_path import LRSchedule, ProtocolParams, update_bound
 
 def load_base_model(config: FederationConfig):
     m = config.model
-    # bfloat16 = bf16 forwards over an fp32 master (meerkat_hf.precision): the weights load exactly, the
+    # bfloat16 = bf16 forwards over an fp32 master (meerkat_hf.modeling.precision): the weights load exactly, the
     # mask is computed on them, and `meerkat_model` casts the matrices for the forwards afterwards
     dtype = "float32" if m.dtype == "bfloat16" else m.dtype
     return load_model_and_tokenizer(m.model_name_or_path, m.gguf_file, dtype, m.revision)
@@ -70,7 +70,7 @@ def _calibration_id(config: FederationConfig) -> str | None:
 def build_mask(config: FederationConfig, model, tokenizer, data, runtime, output_dir: Path) -> SparseMask:
     """Load `mask.path`, or compute the configured mask once (main rank) and share it via disk.
 
-    Computed masks are cached (`mask.cache`, see `meerkat_hf.mask_cache`), so the calibration
+    Computed masks are cached (`mask.cache`, see `meerkat_hf.masks.cache`), so the calibration
     backprop runs once per model and spec, not once per run.
     """
     if config.mask.path is not None:

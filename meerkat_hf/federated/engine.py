@@ -36,7 +36,7 @@ from ..classification_metrics import paired_auc_gain, paired_gain
 from ..privacy import gaussian_epsilon
 from ..tasks import get_task
 from ..versions import environment, library_versions
-from ..zo import derive_seed
+from ..zo.spsa import derive_seed
 from .checkpoint import check_resumable, clear_checkpoints, load_latest_checkpoint, save_checkpoint
 from .protocol.client import ClientState
 from .assets import build_scheduler, build_server, client_noise_multiplier, load_base_model, protocol_params, wrap_model

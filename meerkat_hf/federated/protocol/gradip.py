@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ...zo import derive_seed
+from ...zo.spsa import derive_seed
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
-from ...zo import all_finite
+from ...zo.spsa import all_finite
 from .codec import (
     KIND_DENSE,
     KIND_RECORDS,

@@ -25,7 +25,7 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from ...zo import ZOStep, apply_step, derive_seed, gaussian_direction
+from ...zo.spsa import ZOStep, apply_step, derive_seed, gaussian_direction
 from .codec import state_digest
 
 LR_SCHEDULES = ("constant", "linear", "cosine")

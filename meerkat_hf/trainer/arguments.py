@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .privacy import check_dp_settings
-from .zo import ESTIMATORS, check_eps, check_estimator
+from ..privacy import check_dp_settings
+from ..zo.spsa import ESTIMATORS, check_eps, check_estimator
 
 ZO_LOSSES = ("lm", "candidates", "balanced")
 

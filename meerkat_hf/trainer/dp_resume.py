@@ -26,9 +26,9 @@ import math
 import os
 from pathlib import Path
 
-from . import privacy
-from .hub import write_files_atomically
-from .model import DELTA_CONFIG_NAME
+from .. import privacy
+from ..hub.artifacts import write_files_atomically
+from ..modeling.model import DELTA_CONFIG_NAME
 
 DP_STATE_NAME = "dp_state.json"
 BATCH_STREAM, NOISE_STREAM = 1, 2  # the private streams' first coordinate (then the global step)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .config import SparseMaskConfig
-from .zo import derive_seed
+from ..zo.spsa import derive_seed
 
 
 

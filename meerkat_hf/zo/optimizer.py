@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from . import zo
-from .model import MeerkatModel
+from .. import zo
+from ..modeling.model import MeerkatModel
 
 logger = logging.getLogger(__name__)
 

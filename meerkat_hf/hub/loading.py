@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from .hub import _is_repo_id, _looks_like_local_path, hub_check_timeout
+from .artifacts import _is_repo_id, _looks_like_local_path, hub_check_timeout
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .mask import SparseMask
+from ..masks.mask import SparseMask
 
 
 @dataclass

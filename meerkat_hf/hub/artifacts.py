@@ -513,7 +513,7 @@ def push_folder(
 def _template_path(template_name: str) -> Path:
     """Find a card template: installed wheel (`meerkat_hf/model_cards/`) first, then the source checkout."""
     name = template_name if template_name.endswith(".md") else f"{template_name}.md"
-    package_dir = Path(__file__).resolve().parent
+    package_dir = Path(__file__).resolve().parents[1]  # meerkat_hf/
     candidates = [package_dir / "model_cards" / name, package_dir.parent / "model_cards" / name]
     for candidate in candidates:
         if candidate.is_file():

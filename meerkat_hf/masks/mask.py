@@ -21,8 +21,8 @@ from safetensors.torch import load as load_safetensors
 from torch import nn
 
 from .config import CONFIG_NAME, SparseMaskConfig
-from .hub import push_folder, render_card, resolve_folder, sha256_bytes, write_files_atomically
-from .safetensors_bytes import save_safetensors
+from ..hub.artifacts import push_folder, render_card, resolve_folder, sha256_bytes, write_files_atomically
+from ..hub.safetensors_bytes import save_safetensors
 
 logger = logging.getLogger(__name__)
 

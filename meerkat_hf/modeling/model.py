@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
-from .config import CONFIG_NAME
-from .hub import (
+from ..masks.config import CONFIG_NAME
+from ..hub.artifacts import (
     _is_repo_id,
     find_interrupted_save,
     push_folder,
@@ -29,8 +29,8 @@ from .hub import (
     sha256_bytes,
     write_directory_atomically,
 )
-from .mask import MASK_WEIGHTS_NAME, SparseMask, config_content_sha256, read_json_config
-from .safetensors_bytes import save_safetensors
+from ..masks.mask import MASK_WEIGHTS_NAME, SparseMask, config_content_sha256, read_json_config
+from ..hub.safetensors_bytes import save_safetensors
 from .sparse_view import SparseView
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class MeerkatModel(nn.Module):
         self.tokenizer = None  # set by `from_pretrained(delta_dir)`, which loads the base and its tokenizer
         self.forward_precision = "fp32"
 
-    # -- forward precision (meerkat_hf.precision) ---------------------------------------------
+    # -- forward precision (meerkat_hf.modeling.precision) ---------------------------------------------
     def set_forward_precision(self, precision: str) -> None:
         """Run every forward of the base model at `precision` ("fp32", "bf16-mixed", "bf16", "autocast").
 
@@ -163,7 +163,7 @@ class MeerkatModel(nn.Module):
         `datasets` (Hub dataset ids the delta was trained on) go into the model card's metadata;
         by default they are read from `training_summary["datasets"]` when present.
         """
-        from .loading import base_source  # loading imports transformers lazily; keep model.py light
+        from ..hub.loading import base_source  # loading imports transformers lazily; keep model.py light
 
         files = self.mask.to_files(model_card=False)
         blob = save_safetensors(
@@ -198,7 +198,7 @@ class MeerkatModel(nn.Module):
     def model_card(self, load_path: str, training_summary: dict | None = None, datasets: list[str] | None = None,
                    *, base: dict | None = None, push_repo: str | None = None):
         """The delta's model card; its usage snippet loads `load_path` (a Hub id or a local folder)."""
-        from .loading import base_source, describe_base
+        from ..hub.loading import base_source, describe_base
 
         base = base or base_source(self.base_model, fallback_name=self.mask.config.base_model_name_or_path)
         display = base.get("display_name") or self.mask.config.base_model_name_or_path
@@ -264,7 +264,7 @@ class MeerkatModel(nn.Module):
         mask = SparseMask.from_pretrained(folder)
         tokenizer = None
         if model is None:
-            from .loading import load_base_from_source, load_model_and_tokenizer
+            from ..hub.loading import load_base_from_source, load_model_and_tokenizer
 
             if base_model is not None:
                 model, tokenizer = load_model_and_tokenizer(base_model, dtype=dtype)
@@ -351,12 +351,12 @@ def read_delta_config(folder: Path) -> dict:
 
 def _legacy_source(cfg: dict, mask: SparseMask) -> dict:
     """The base of a delta saved before bases were recorded: the mask's base model name."""
-    from .loading import EMBEDDED_NAME
+    from ..hub.loading import EMBEDDED_NAME
 
     name = cfg.get("base_model_name_or_path") or mask.config.base_model_name_or_path
     if name == EMBEDDED_NAME:
         try:
-            from .loading import embedded_model_dir
+            from ..hub.loading import embedded_model_dir
 
             embedded_model_dir()
             logger.warning("the delta predates base records; assuming the embedded SmolLM2 GGUF (the default "

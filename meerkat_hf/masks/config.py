@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .hub import push_folder, resolve_folder, write_files_atomically
+from ..hub.artifacts import push_folder, resolve_folder, write_files_atomically
 
 CONFIG_NAME = "mask_config.json"
 

@@ -38,14 +38,15 @@ from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import EvalPrediction, get_last_checkpoint
 from transformers.utils.generic import can_return_loss, find_labels
 
-from . import privacy, zo
-from .trainer_privacy import NOISE_STREAM, EmptyAware, PoissonBatches, check_dp_resume, dp_state, save_dp_state
-from .classification_metrics import balanced_accuracy, macro_f1
-from .metrics import accuracy
-from .model import DELTA_WEIGHTS_NAME, MeerkatModel, forward_module
-from .tasks import IGNORE_INDEX, balanced_class_weights, candidate_loss, prediction_positions
-from .training_args import ZO_LOSSES, MeerkatZOArguments
-from .zo_optimizer import ZOSGD
+from .. import privacy
+from .. import zo
+from .dp_resume import NOISE_STREAM, EmptyAware, PoissonBatches, check_dp_resume, dp_state, save_dp_state
+from ..classification_metrics import balanced_accuracy, macro_f1
+from ..metrics import accuracy
+from ..modeling.model import DELTA_WEIGHTS_NAME, MeerkatModel, forward_module
+from ..tasks import IGNORE_INDEX, balanced_class_weights, candidate_loss, prediction_positions
+from .arguments import ZO_LOSSES, MeerkatZOArguments
+from ..zo.optimizer import ZOSGD
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ class MeerkatZOTrainer(Trainer):
 
         Trainer's own bf16 only autocasts `model.forward` through accelerate; the candidate and DP losses
         call the base model directly, so the precision is set on the MeerkatModel itself
-        (`MeerkatModel.set_forward_precision`, meerkat_hf.precision), which every path goes through.
+        (`MeerkatModel.set_forward_precision`, meerkat_hf.modeling.precision), which every path goes through.
         """
         if self.meerkat_model is not None and getattr(self.args, "bf16", False):
             self.meerkat_model.set_forward_precision("bf16-mixed")
