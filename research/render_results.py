@@ -1,4 +1,4 @@
-"""Regenerate the result tables in research/RESULTS.md and README.md from the recorded runs.
+"""Regenerate the result tables in research/RESULTS.md and docs/ from the recorded runs.
 
 Numbers typed by hand drift from the files they were read off (issue 12), so every table that comes
 from a file under research/results/ lives between two markers,
@@ -15,7 +15,7 @@ byte for byte as it is. The sources, all under research/results/:
     learning_curves zo_study/RUN.jsonl for RUN in LEARNING_CURVE_RUNS (zo_study.py run)
     test_split     zo_study/test_results.jsonl     (zo_study.py test; a run tested twice: latest row)
     across_seeds   zo_study/test_results.jsonl, the SEED_RUNS at SEED_STEP
-    study_summary  (README) test_split's gains in short, then across_seeds
+    study_summary  (docs/main-job.md) test_split's gains in short, then across_seeds
     federated_curves curves/*.jsonl                (learning_curve.py federated)
     comparison     compare/table.md                (compare.py table, from compare/cells.jsonl + tests.jsonl)
     vp_detector    vp_detector/detector.md         (vp_detector.py tune, from vp_detector/traces.jsonl)
@@ -27,7 +27,7 @@ byte for byte as it is. The sources, all under research/results/:
     compare_movement compare/movement.md           (compare.py movement: how far the masked rows moved)
     dp_utility     compare/table_dp.md             (compare.py --study dp table)
     dp_noise       compare/dp_noise.md             (compare.py --study dp dp-noise: DP noise vs the scalars' spread)
-    paper_summary  (README) compare/summary.json, vp_detector/separability.json + detector.json,
+    paper_summary  (docs/measurements.md) compare/summary.json, vp_detector/separability.json + detector.json,
                    compare/summary_dp.json if the dp study has been tabled
 
     python research/render_results.py            # rewrite the blocks in place
@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ("research/RESULTS.md", "README.md")  # the files whose blocks are rendered, repo-relative
+DOCS = ("research/RESULTS.md", "docs/main-job.md", "docs/measurements.md")  # the files whose blocks are rendered
 SCRIPT = "python research/render_results.py"
 
 # The single-site runs of the learning-curve table, in table order (a run not listed is not shown:

@@ -43,8 +43,8 @@ def test_committed_docs_match_records(capsys):
     text = (ROOT / "research" / "RESULTS.md").read_text()
     names = [m.group(2) for m in BLOCK.finditer(text)]
     assert {"baselines", "diagnose", "learning_curves", "test_split", "across_seeds", "federated_curves"} <= set(names)
-    readme = (ROOT / "README.md").read_text()
-    assert "generated: study_summary" in readme and "generated: cli_runs" in readme
+    main_job = (ROOT / "docs" / "main-job.md").read_text()
+    assert "generated: study_summary" in main_job and "generated: cli_runs" in main_job
 
 
 def test_changed_record_is_stale_then_rendered(repo: Path, capsys):
@@ -58,7 +58,7 @@ def test_changed_record_is_stale_then_rendered(repo: Path, capsys):
 
     assert render_results.main(["--check", "--root", str(repo)]) == 1
     out = capsys.readouterr().out.splitlines()
-    stale = [("research/RESULTS.md", "test_split"), ("research/RESULTS.md", "across_seeds"), ("README.md", "study_summary")]
+    stale = [("research/RESULTS.md", "test_split"), ("research/RESULTS.md", "across_seeds"), ("docs/main-job.md", "study_summary")]
     assert sorted(out) == sorted(f"{doc}: block '{b}' is stale: the records say otherwise "
                                  f"(run python research/render_results.py)" for doc, b in stale)
     assert doc.read_text() == before  # --check writes nothing
@@ -104,7 +104,7 @@ def test_unknown_block_and_missing_record_are_one_line_errors(repo: Path, capsys
 def test_summary_reports_the_calibrated_detector_once_it_is_tuned(repo: Path):
     """The README's detector line says 'when they are recorded' until `tune` writes the calibration
     study's detector.json, then its held-out confusion counts."""
-    readme = repo / "README.md"
+    readme = repo / "docs" / "measurements.md"  # the paper_summary block
     cal = repo / "research" / "results" / "vp_detector_cal"
     (cal / "detector.json").unlink(missing_ok=True)
     assert render_results.main(["--root", str(repo)]) == 0
@@ -122,7 +122,7 @@ def test_summary_reports_the_calibrated_detector_once_it_is_tuned(repo: Path):
 def test_summary_reports_vp_effect_paired_by_seed_once_it_is_tabled(repo: Path):
     """The README's detector line says VP's effect is not measured until `compare.py --study vp-effect
     table` writes its summary, then each row minus plain Meerkat paired by seed, and who was limited."""
-    readme = repo / "README.md"
+    readme = repo / "docs" / "measurements.md"  # the paper_summary block
     summary = repo / "research" / "results" / "compare" / "summary_vp_effect.json"
     summary.unlink(missing_ok=True)
     assert render_results.main(["--root", str(repo)]) == 0
@@ -153,7 +153,7 @@ def test_summary_reports_vp_effect_paired_by_seed_once_it_is_tabled(repo: Path):
 def test_the_dp_line_says_each_epsilon_minus_the_same_shape_without_dp_paired_by_seed(repo: Path):
     """Issue 14's README line: per shape (federated against meerkat, single site against site) and target
     epsilon, the epsilon spent and the paired difference; rows not tested yet are named as running."""
-    readme = repo / "README.md"
+    readme = repo / "docs" / "measurements.md"  # the paper_summary block
     summary = repo / "research" / "results" / "compare" / "summary_dp.json"
     summary.unlink(missing_ok=True)
     assert render_results.main(["--root", str(repo)]) == 0
