@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--calibration", default="python_docs",
                         help="python_docs (offline stdlib docstrings), self (text sampled from the model), "
                              "or a .txt/.jsonl file or directory")
-    parser.add_argument("--density", type=float, default=1e-3)
+    parser.add_argument("--density", type=float, default=1e-5)  # the study's recipe (research/RESULTS.md)
     parser.add_argument("--num-sequences", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--out", required=True, help="where to save the mask")

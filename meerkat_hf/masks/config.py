@@ -38,7 +38,10 @@ class SparseMaskConfig:
     Every field has a `help` entry so the config can feed `HfArgumentParser` directly.
     """
 
-    density: float = field(default=1e-3, metadata={"help": "Fraction of selectable parameters to keep, in (0, 1]."})
+    # 1e-5, not the paper's 1e-3: on SmolLM2 the 1e-5 mask's best ZO step gains ~21x more loss than the 1e-3
+    # mask's, whose steps are mostly a random walk (research/RESULTS.md, "Why the 0.1% mask collapses")
+    density: float = field(default=1e-5, metadata={"help": "Fraction of selectable parameters to keep, in (0, 1]. "
+                                                            "1e-5 is what learns under ZO on SmolLM2 (research/RESULTS.md)."})
     method: str = field(
         default="sensitivity",
         metadata={

@@ -22,6 +22,10 @@ ZO_LOSSES = ("lm", "candidates", "balanced")
 class MeerkatZOArguments(TrainingArguments):
     """`TrainingArguments` plus the zeroth-order settings (all parseable by `HfArgumentParser`)."""
 
+    # The study's recipe (research/RESULTS.md): on the density-1e-5 mask lr 1e-4 stayed stable over hundreds
+    # of SPSA steps where 3e-4 and 1e-3 eroded the ranking; Trainer's own default (5e-5) is a backprop lr.
+    learning_rate: float = field(default=1e-4, metadata={"help": "ZO-SGD step size (spsa: 1e-4 on a density-1e-5 "
+                                                                 "mask; fzoo steps are normalised: search anew)."})
     zo_eps: float = field(
         default=1e-3,
         metadata={"help": "SPSA perturbation scale eps: the loss is evaluated at w + eps z and w - eps z, z ~ N(0, I_k)."},
