@@ -200,6 +200,8 @@ def test_validation_rejects_bad_uplinks_and_keeps_the_good(setup, caplog):
         "wrong-number-of-scalars": variant(grads=up0.grads[:2]),
         "non-finite": variant(grads=(float("nan"),) + up0.grads[1:]),
         "absurd-magnitude": variant(grads=(1e6,) + up0.grads[1:]),
+        # one uplink claiming 65,535 NaN steps used to stop the whole federation (DivergedError)
+        "bad-counter": variant(nan_steps=65535),
         "bad-crc": good[0].uplink[:-1] + bytes([good[0].uplink[-1] ^ 0xFF]),
         "truncated": b"MKU\x01",
         "future-round": variant(round=1),

@@ -235,3 +235,23 @@ def test_trainer_bf16_runs_every_loss_in_bf16_and_fzoo_learns(tmp_path):
     import json
     training = json.loads((tmp_path / "out" / "meerkat_config.json").read_text())["training"]
     assert training["zo_estimator"] == "fzoo" and training["forward_precision"] == "bf16-mixed"
+
+
+def test_bf16_throughput_benchmark_runs_both_paths(tmp_path):
+    """`benchmarks/bf16_throughput.py` on a tiny model: both paths timed, ratios and the CPU's capability recorded."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from federated_support import make_model_dir
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bf16_throughput.py"
+    spec = importlib.util.spec_from_file_location("bf16_throughput", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "r.json"
+    result = bench.main(["--model", make_model_dir(tmp_path), "--steps", "1", "--batch-size", "2", "--seq-len", "8",
+                         "--density", "0.01", "--json", str(out)])
+    assert set(result["median_s_per_step"]) == {"trainer:fp32", "trainer:bf16", "client:fp32", "client:bf16"}
+    assert result["trainer_speedup_bf16"] > 0 and result["client_speedup_bf16"] > 0
+    assert json.loads(out.read_text())["cpu_capability"] == result["cpu_capability"]

@@ -242,6 +242,11 @@ class FederatedServer:
             return "wrong-number-of-scalars", f"{len(msg.grads)} scalars, expected T={budget} x q={msg.q}"
         if not all(math.isfinite(g) for g in msg.grads):
             return "non-finite", "NaN or inf among the projected gradients"
+        nan_steps = getattr(msg, "nan_steps", 0)
+        zeros = sum(1 for g in msg.grads if g == 0.0)
+        if not 0 <= nan_steps <= zeros:  # a skipped (NaN/inf) step is sent as g = 0: it cannot claim more
+            return "bad-counter", (f"nan_steps={nan_steps}, but only {zeros} of the {len(msg.grads)} scalars are the "
+                                   "g = 0 a skipped step sends")
         worst = max((abs(g) for g in msg.grads), default=0.0)
         if worst > self.validation.max_abs_grad:
             return "absurd-magnitude", f"|g| = {worst:.3g} > max_abs_grad={self.validation.max_abs_grad:g}"
