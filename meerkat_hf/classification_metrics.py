@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "accuracy",
     "balanced_accuracy",
     "macro_f1",
     "macro_auc",
@@ -35,6 +36,51 @@ __all__ = [
 ]
 
 Z95 = 1.959963984540054
+
+
+def _to_numpy(values: Any, name: str) -> np.ndarray:
+    if hasattr(values, "detach"):  # torch tensor (possibly on GPU / requiring grad)
+        values = values.detach().cpu().numpy()
+    array = np.asarray(values)
+    if array.ndim == 0:
+        raise ValueError(f"{name} must be a sequence, got a scalar")
+    return array
+
+
+def _flat(array: np.ndarray, name: str) -> np.ndarray:
+    if array.ndim == 2 and array.shape[1] == 1:
+        array = array[:, 0]
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (one class id per example), got shape {array.shape}")
+    return array
+
+
+def accuracy(predictions: Any, references: Any, sample_weight: Any | None = None) -> float:
+    """Fraction of ``predictions`` equal to ``references`` (lists, numpy arrays or torch tensors).
+
+    2-D ``predictions`` against 1-D ``references`` are taken as scores/logits and argmax-ed, so a
+    ``Trainer``'s ``compute_metrics`` can pass logits straight in. Raises ``ValueError`` on empty
+    inputs or a length mismatch (silently truncating would hide a batching bug).
+    """
+    preds = _to_numpy(predictions, "predictions")
+    refs = _to_numpy(references, "references")
+    if preds.ndim == 2 and preds.shape[1] > 1 and refs.ndim == 1:
+        preds = preds.argmax(axis=-1)
+    preds, refs = _flat(preds, "predictions"), _flat(refs, "references")
+    if len(preds) != len(refs):
+        raise ValueError(f"{len(preds)} predictions but {len(refs)} references")
+    if len(preds) == 0:
+        raise ValueError("accuracy of an empty set is undefined")
+    hits = (preds == refs).astype(np.float64)
+    if sample_weight is None:
+        return float(hits.mean())
+    weights = _to_numpy(sample_weight, "sample_weight").astype(np.float64)
+    if len(weights) != len(hits):
+        raise ValueError(f"{len(weights)} sample weights for {len(hits)} predictions")
+    total = weights.sum()
+    if total <= 0:
+        raise ValueError("sample weights sum to zero")
+    return float((hits * weights).sum() / total)
 
 
 def _arrays(predictions: Any, references: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -41,8 +41,7 @@ from transformers.utils.generic import can_return_loss, find_labels
 from .. import privacy
 from .. import zo
 from .dp_resume import NOISE_STREAM, EmptyAware, PoissonBatches, check_dp_resume, dp_state, save_dp_state
-from ..classification_metrics import balanced_accuracy, macro_f1
-from ..metrics import accuracy
+from ..classification_metrics import accuracy, balanced_accuracy, macro_f1
 from ..modeling.model import DELTA_WEIGHTS_NAME, MeerkatModel, forward_module
 from ..tasks import IGNORE_INDEX, balanced_class_weights, candidate_loss, prediction_positions
 from .arguments import ZO_LOSSES, MeerkatZOArguments
