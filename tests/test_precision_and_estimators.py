@@ -255,3 +255,19 @@ def test_bf16_throughput_benchmark_runs_both_paths(tmp_path):
     assert set(result["median_s_per_step"]) == {"trainer:fp32", "trainer:bf16", "client:fp32", "client:bf16"}
     assert result["trainer_speedup_bf16"] > 0 and result["client_speedup_bf16"] > 0
     assert json.loads(out.read_text())["cpu_capability"] == result["cpu_capability"]
+
+
+def test_stacked_forward_benchmark_times_both_forms(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from federated_support import make_model_dir
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "stacked_forward.py"
+    spec = importlib.util.spec_from_file_location("stacked_forward", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--model", make_model_dir(tmp_path), "--n", "1", "3", "--batch-size", "2", "--seq-len", "8",
+                       "--repeats", "1", "--dtypes", "float32", "bfloat16", "--json", str(tmp_path / "r.json")])
+    assert [(r["dtype"], r["n"]) for r in rows] == [("float32", 1), ("float32", 3), ("bfloat16", 1), ("bfloat16", 3)]
+    assert all(r["sequential_s"] > 0 and r["stacked_s"] > 0 for r in rows)
