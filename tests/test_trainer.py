@@ -507,3 +507,23 @@ def test_balanced_candidate_loss_weights_classes_by_the_training_prior(tmp_path)
     with pytest.raises(ValueError, match="`label` column"):
         MeerkatZOTrainer(model=meerkat(), args=zo_args(tmp_path, zo_loss="balanced"),
                          train_dataset=data.remove_columns("label"), candidate_ids=candidates)
+
+
+# Trainer has no public seam for these (checkpoint I/O of a sparse delta, no gradient tensors to clip or
+# measure, the wrapped model's columns): MeerkatZOTrainer overrides private methods. This fails loudly the
+# day a transformers release renames one or changes its parameters, instead of silently calling the base.
+PRIVATE_OVERRIDES = ("_save", "_load_from_checkpoint", "_load_best_model", "_clip_grad_norm", "_get_grad_norm",
+                     "_set_signature_columns_if_needed")
+
+
+@pytest.mark.parametrize("name", PRIVATE_OVERRIDES)
+def test_private_trainer_overrides_still_match_transformers(name):
+    import inspect
+
+    from transformers import Trainer
+
+    assert hasattr(Trainer, name), f"transformers.Trainer no longer has {name}: MeerkatZOTrainer's override is dead"
+    ours = inspect.signature(getattr(MeerkatZOTrainer, name))
+    theirs = inspect.signature(getattr(Trainer, name))
+    assert list(ours.parameters) == list(theirs.parameters), (name, ours, theirs)
+    assert name in MeerkatZOTrainer.__dict__  # the override is ours, not inherited
