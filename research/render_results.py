@@ -421,15 +421,21 @@ def render_cli_runs(rec: Records) -> str:
         if set(facts) != {"command", "wall"}:
             raise RenderError(f"block 'cli_runs': cli/{name}.report.txt needs a 'command:' and a 'wall:' line")
         b, a, g = s["balanced_accuracy_before"], s["balanced_accuracy_after"], s["balanced_accuracy_gain"]
-        n = s.get("eval_examples") or "?"
+        auc = "not recorded"  # runs from before the report carried AUC
+        if s.get("auc_gain"):
+            ab, aa, ag = s["auc_before"], s["auc_after"], s["auc_gain"]
+            auc = (f"{f3(ab['value'])} -> {f3(aa['value'])}, "
+                   + bold(f"{s3(ag['value'])} {ci(*ag['ci95'], signed=True)}", ag["ci95"][0] > 0 or ag["ci95"][1] < 0))
         rows.append([f"`{facts['command'].replace('HF_HUB_OFFLINE=1 ', '').replace('OMP_NUM_THREADS=1 ', '')}`",
+                     str(s.get("eval_examples") or g.get("n") or "?"),
                      f"{f3(b['value'])} {ci(*b['ci95'])}", f"{f3(a['value'])} {ci(*a['ci95'])}",
                      bold(f"{s3(g['value'])} {ci(*g['ci95'], signed=True)}", g["ci95"][0] > 0 or g["ci95"][1] < 0),
-                     facts["wall"]])
+                     auc, facts["wall"]])
     caption = ("`meerkat-hf federate` runs as a user runs them (recorded in `research/results/cli/`: the "
-               "`--summary-json` output and the printed report; balanced accuracy on the config's eval examples, "
-               "paired bootstrap 95% interval of the gain; bold where it excludes 0):\n\n")
-    return caption + table(["command", "balanced acc before", "after", "gain", "wall time"], rows)
+               "`--summary-json` output and the printed report; balanced accuracy and AUC on the config's eval examples, "
+               "paired bootstrap 95% intervals of the gains; bold where it excludes 0):\n\n")
+    return caption + table(["command", "eval examples", "balanced acc before", "after", "gain", "AUC before -> after, gain",
+                            "wall time"], rows)
 
 
 def render_comparison(rec: Records) -> str:
