@@ -285,3 +285,30 @@ def test_constraints_file_pins_the_core_dependencies():
     assert all("==" in l for l in lines)
     for dist in ("torch", "transformers", "datasets", "huggingface_hub", "peft", "accelerate", "safetensors", "tokenizers"):
         assert dist in pins, dist
+
+
+def test_a_second_run_into_a_busy_folder_gets_one_line_naming_the_holder(tmp_path, assets, capsys):
+    """Two `meerkat-hf federate` into one --output-dir used to both run and interleave metrics.jsonl."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from meerkat_hf.cli import main
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from meerkat_hf.federated.run_dir import lock_output_dir
+        lock_output_dir({str(out)!r}); print("locked", flush=True); time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        path = _yaml(tmp_path, assets, rounds=1)
+        assert main(["federate", "--config", str(path)]) == 2
+        err = [l for l in capsys.readouterr().err.splitlines() if "error" in l]
+        assert len(err) == 1 and f"pid {holder.pid}" in err[0] and "in use by another run" in err[0], err
+        assert not (out / "metrics.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["federate", "--config", str(path)]) == 0  # the kernel released the killed holder's lock

@@ -14,7 +14,7 @@ import sys
 from .federation_config import DEFAULT_CONFIG, FederationConfig
 from .driver import run_federation
 from .reporting import format_report
-from .run_dir import check_output_dir, move_aside
+from .run_dir import check_output_dir, lock_output_dir, move_aside, unlock_output_dir
 from .runtime import make_runtime
 
 
@@ -58,7 +58,18 @@ def federate(args) -> int:
     runtime = make_runtime(config.device)
     if not runtime.is_main:  # one copy of the logs is enough
         logging.getLogger().setLevel(logging.WARNING)
-    # Never lose a run: every rank checks before the main one moves anything.
+    # Never lose a run: one run per folder (the main rank holds its lock for the whole run), and every rank
+    # checks before the main one moves anything.
+    if runtime.is_main:
+        lock_output_dir(config.output_dir)
+    try:
+        return _federate_locked(args, config, runtime)
+    finally:
+        if runtime.is_main:
+            unlock_output_dir(config.output_dir)
+
+
+def _federate_locked(args, config, runtime) -> int:
     found = check_output_dir(config.output_dir, resume=config.resume, overwrite=getattr(args, "overwrite", False))
     runtime.barrier()
     if found and getattr(args, "overwrite", False):
