@@ -279,3 +279,30 @@ def test_a_dp_run_cannot_be_resumed_with_other_privacy_settings_or_more_rounds()
     check_resumable(fixed, {**fixed, "rounds": 10}, "m", "m")
     plain = {"algorithm": "meerkat", "rounds": 3, "lr_schedule": "constant"}
     check_resumable(plain, {**plain, "rounds": 10}, "m", "m")
+
+
+def test_a_torn_last_metrics_line_does_not_block_resume(tmp_path, assets, caplog):
+    """Killed while appending a row (a file-size limit did it): --resume used to fail for good on the JSON error."""
+    kw = dict(rounds=3, client_fraction=0.5, local_steps=2, eval_every=3)
+    full = run_federation(_config(tmp_path / "a", assets, **kw))
+
+    def crash(r, row):
+        if r == 1:
+            raise SimulatedCrash("killed after round 2's checkpoint")
+
+    with pytest.raises(SimulatedCrash):
+        run_federation(_config(tmp_path / "b", assets, **kw), hooks=FederationHooks(after_round=crash))
+    metrics = tmp_path / "b" / "run" / "metrics.jsonl"
+    if not metrics.exists():
+        metrics = next((tmp_path / "b").rglob("metrics.jsonl"))
+    good = metrics.read_text()
+    metrics.write_text(good + '{"round": 3, "accuracy": 0.5, "bytes')  # round 3's row, torn mid-write
+    caplog.set_level("WARNING")
+    resumed = run_federation(_config(tmp_path / "b", assets, resume=True, **kw))
+    assert "line 3 is incomplete" in caplog.text and str(metrics) in caplog.text
+    assert resumed.state_digest == full.state_digest
+    assert [r["round"] for r in resumed.metrics] == [1, 2, 3]
+    # a damaged line that is not the last is an error naming the file and the line
+    metrics.write_text("not json\n" + metrics.read_text())
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 1: not a JSON row"):
+        run_federation(_config(tmp_path / "b", assets, resume=True, **{**kw, "rounds": 4}))

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
 
 METRICS_NAME = "metrics.jsonl"
+
+logger = logging.getLogger(__name__)
 
 
 def _clean(value):
@@ -34,7 +37,7 @@ class MetricsLog:
         self.path = Path(output_dir) / METRICS_NAME
         self.rows: list[dict] = []
         if self.path.exists() and start_round > 0:
-            old = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            old = self._read_rows(start_round)
             shift = 1 if any(row.get("round") == 0 for row in old) else 0  # the old 0-based numbering
             for row in old:
                 row["round"] = row.get("round", 0) + shift
@@ -42,6 +45,29 @@ class MetricsLog:
                     self.rows.append(row)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def _read_rows(self, start_round: int) -> list[dict]:
+        """The file's rows. A torn last line (the process died while appending it) is dropped: a row is
+        appended before its round's checkpoint is written, so that round is one `--resume` redoes. Any
+        other unreadable line is an error naming the file and the line."""
+        lines = self.path.read_text().splitlines()
+        rows = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                if number == len(lines):
+                    logger.warning("%s: line %d is incomplete (the run was killed while writing it); dropped, its "
+                                   "round is redone from checkpoint round %d", self.path, number, start_round)
+                    continue
+                raise ValueError(f"{self.path}, line {number}: not a JSON row ({err.msg}); fix or remove the line, "
+                                 "then --resume") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{self.path}, line {number}: not a JSON object")
+            rows.append(row)
+        return rows
 
     def append(self, row: dict) -> None:
         row = _clean(row)
