@@ -425,3 +425,36 @@ def test_a_client_cannot_speak_for_another(tmp_path, assets, caplog):
         assert row["accepted"] == row["participants"]
     assert res.state_digest == honest.state_digest  # the forgery changed nothing
     assert "signed as client 1" in caplog.text
+
+
+def test_a_model_folder_with_custom_code_is_refused_and_never_runs(tmp_path):
+    """A base record may point at any folder: one whose config has an auto_map must not run its Python."""
+    import json
+
+    from federated_support import make_model_dir
+
+    from meerkat_hf.hub.loading import load_model_and_tokenizer
+
+    from pathlib import Path
+
+    folder = Path(make_model_dir(tmp_path))
+    marker = tmp_path / "ran"
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\nfrom transformers import LlamaForCausalLM as EvilModel\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    import builtins
+
+    def no_prompt(*a, **k):
+        raise AssertionError("transformers asked whether to run the folder's code")
+
+    real_input, builtins.input = builtins.input, no_prompt
+    try:
+        model, _ = load_model_and_tokenizer(str(folder))  # a known architecture: transformers' own class loads
+    except ValueError as err:  # an unknown one: one line, nothing run
+        assert "asks to run its own Python code" in str(err) and "\n" not in str(err)
+    else:
+        assert type(model).__module__.startswith("transformers.")
+    finally:
+        builtins.input = real_input
+    assert not marker.exists()

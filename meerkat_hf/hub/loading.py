@@ -116,8 +116,17 @@ def load_model_and_tokenizer(name_or_path: str, gguf_file: str | None = None, dt
         kwargs["gguf_file"] = gguf
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     logger.info("loading %s%s", path, f" ({gguf})" if gguf else "")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype or torch.float32, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    # Never run a model folder's own Python (a config's auto_map): a delta's base record or a Hub repo may
+    # point anywhere, and transformers would otherwise prompt "run the custom code? [y/N]" or run it.
+    kwargs["trust_remote_code"] = False
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype or torch.float32, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except ValueError as err:
+        if "trust_remote_code" not in str(err) and "custom code" not in str(err):
+            raise
+        raise ValueError(f"{name_or_path} asks to run its own Python code (auto_map in its config); meerkat-hf never "
+                         "runs code from a model folder or repo: use a model whose architecture transformers ships") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
