@@ -458,3 +458,32 @@ def test_a_model_folder_with_custom_code_is_refused_and_never_runs(tmp_path):
     finally:
         builtins.input = real_input
     assert not marker.exists()
+
+
+def test_a_hash_list_cannot_make_the_loader_read_outside_the_delta_folder(tmp_path):
+    import json
+
+    from conftest import tiny_model
+
+    from meerkat_hf import SparseMaskConfig, compute_mask, get_meerkat_model
+    from meerkat_hf.masks.mask import config_content_sha256
+    from meerkat_hf.modeling.model import DELTA_CONFIG_NAME, read_delta_config
+
+    model = tiny_model()
+    mm = get_meerkat_model(model, compute_mask(model, SparseMaskConfig(method="random", density=0.01), progress=False))
+    folder = tmp_path / "delta"
+    mm.save_pretrained(folder)
+    (tmp_path / "secret").write_text("not yours")
+    cfg_path = folder / DELTA_CONFIG_NAME
+    for name in ("../secret", "/etc/hostname", "sub/../../secret"):
+        cfg = json.loads(cfg_path.read_text())
+        cfg["files_sha256"][name] = "0" * 64
+        cfg["config_sha256"] = config_content_sha256(cfg)  # a forger recomputes the plain content hash
+        bad = tmp_path / f"bad{len(name)}"
+        bad.mkdir()
+        for f in folder.iterdir():
+            (bad / f.name).write_bytes(f.read_bytes())
+        (bad / DELTA_CONFIG_NAME).write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match="may only name files inside the delta folder"):
+            read_delta_config(bad)
+    assert read_delta_config(folder)["mask_checksum"] == mm.mask.checksum

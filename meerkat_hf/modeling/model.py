@@ -339,7 +339,13 @@ def read_delta_config(folder: Path) -> dict:
     if "config_sha256" in cfg and config_content_sha256(cfg) != cfg["config_sha256"]:
         raise ValueError(f"{cfg_path} was edited or damaged (content hash mismatch); "
                          "pass the base model explicitly instead of editing the file")
-    for name, digest in (cfg.get("files_sha256") or {}).items():
+    files = cfg.get("files_sha256") or {}
+    if not isinstance(files, dict):
+        raise ValueError(f"{cfg_path} is damaged: files_sha256 must map file names to hashes")
+    for name, digest in files.items():
+        # a plain name in this folder only: a hash list must not make us read ../../etc/hostname
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise ValueError(f"{cfg_path} lists {name!r}: files_sha256 may only name files inside the delta folder")
         path = folder / name
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing ({DELTA_CONFIG_NAME} lists it)")
