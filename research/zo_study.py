@@ -580,7 +580,9 @@ def curves(logs: Path, png: Path, names: list[str], title: str = "") -> None:
         style = "--" if cfg.get("optimizer") == "fo" else "-"
         label = f"{name} (lr {cfg.get('lr', '?'):g})"
         for col, xkey, scale in ((0, "forward_passes", 1.0), (1, "train_s", 1 / 60)):
-            xs = [r.get(xkey, 0.0) * scale for r in rows]
+            if any(xkey not in r for r in rows):
+                continue  # runs recorded before train_s existed have no minutes axis
+            xs = [r[xkey] * scale for r in rows]
             axes[0, col].plot(xs, [r["bal_acc"] for r in rows], style, marker="o", ms=3, label=label)
             axes[1, col].plot(xs, [r["auc"] for r in rows], style, marker="o", ms=3, label=label)
     for row, key, what in ((0, "bal_acc", "balanced accuracy"), (1, "auc", "AUC (pairwise, prior-free)")):
