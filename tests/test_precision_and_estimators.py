@@ -7,7 +7,9 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_model  # noqa: F401  (fixtures)
+from test_zo import _meerkat
+from test_zo import _batch as _zo_batch
 
 from meerkat_hf import SparseMaskConfig, compute_mask, get_meerkat_model, zo
 from meerkat_hf.modeling import precision
@@ -16,18 +18,8 @@ from meerkat_hf.trainer.arguments import MeerkatZOArguments
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _meerkat(density=0.05, exclude=None):
-    model = tiny_model("llama")
-    cfg = SparseMaskConfig(method="random", density=density, seed=0)
-    if exclude is not None:
-        cfg.exclude_patterns = exclude
-    return get_meerkat_model(model, compute_mask(model, cfg, progress=False))
-
-
 def _batch(n=4, length=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, 320, (n, length), generator=g)
-    return {"input_ids": ids, "labels": ids}
+    return _zo_batch(n, length, seed)
 
 
 @pytest.fixture(autouse=True)
