@@ -7,11 +7,10 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model  # noqa: F401  (fixtures)
 from test_zo import _meerkat
 from test_zo import _batch as _zo_batch
 
-from meerkat_hf import SparseMaskConfig, compute_mask, get_meerkat_model, zo
+from meerkat_hf import zo
 from meerkat_hf.modeling import precision
 from meerkat_hf.trainer.arguments import MeerkatZOArguments
 
