@@ -569,7 +569,7 @@ def curves(logs: Path, png: Path, names: list[str], title: str = "") -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     zero = None
-    for name in names:
+    for index, name in enumerate(names):
         path = logs / f"{name}.jsonl"
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         rows = [r for r in rows if "bal_acc" in r]
@@ -583,8 +583,9 @@ def curves(logs: Path, png: Path, names: list[str], title: str = "") -> None:
             if any(xkey not in r for r in rows):
                 continue  # runs recorded before train_s existed have no minutes axis
             xs = [r[xkey] * scale for r in rows]
-            axes[0, col].plot(xs, [r["bal_acc"] for r in rows], style, marker="o", ms=3, label=label)
-            axes[1, col].plot(xs, [r["auc"] for r in rows], style, marker="o", ms=3, label=label)
+            color = f"C{index % 10}"  # one color per run in every panel
+            axes[0, col].plot(xs, [r["bal_acc"] for r in rows], style, marker="o", ms=3, label=label, color=color)
+            axes[1, col].plot(xs, [r["auc"] for r in rows], style, marker="o", ms=3, label=label, color=color)
     for row, key, what in ((0, "bal_acc", "balanced accuracy"), (1, "auc", "AUC (pairwise, prior-free)")):
         for col, xlabel in ((0, "example forward passes (batch x forwards; an FO step = 3 x batch)"),
                             (1, "training minutes (evaluation excluded; 1 torch thread per run)")):
