@@ -262,3 +262,18 @@ def test_stacked_forward_benchmark_times_both_forms(tmp_path):
                        "--repeats", "1", "--dtypes", "float32", "bfloat16", "--json", str(tmp_path / "r.json")])
     assert [(r["dtype"], r["n"]) for r in rows] == [("float32", 1), ("float32", 3), ("bfloat16", 1), ("bfloat16", 3)]
     assert all(r["sequential_s"] > 0 and r["stacked_s"] > 0 for r in rows)
+
+
+def test_bf16_with_an_eps_below_its_resolution_warns(tmp_path, caplog):
+    from test_trainer import cyclic_dataset, zo_args
+
+    from meerkat_hf.trainer import MeerkatZOTrainer
+
+    with caplog.at_level(logging.WARNING, logger="meerkat_hf.modeling.precision"):
+        MeerkatZOTrainer(model=_meerkat(), args=zo_args(tmp_path, bf16=True, zo_eps=1e-3), train_dataset=cyclic_dataset())
+    assert "bf16 forwards with eps=0.001" in caplog.text and "use eps >= 0.01" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="meerkat_hf.modeling.precision"):
+        MeerkatZOTrainer(model=_meerkat(), args=zo_args(tmp_path, bf16=True, zo_eps=1e-2), train_dataset=cyclic_dataset())
+        assert not precision.warn_if_eps_below_bf16_resolution("fp32", 1e-4)
+    assert "bf16 forwards with eps" not in caplog.text

@@ -43,6 +43,7 @@ from .. import zo
 from .dp_resume import NOISE_STREAM, EmptyAware, PoissonBatches, check_dp_resume, dp_state, save_dp_state
 from ..classification_metrics import accuracy, balanced_accuracy, macro_f1
 from ..modeling.model import DELTA_WEIGHTS_NAME, MeerkatModel, forward_module
+from ..modeling.precision import warn_if_eps_below_bf16_resolution
 from ..tasks import IGNORE_INDEX, balanced_class_weights, candidate_loss, prediction_positions
 from .arguments import ZO_LOSSES, MeerkatZOArguments
 from ..zo.optimizer import ZOSGD
@@ -147,6 +148,7 @@ class MeerkatZOTrainer(Trainer):
         """
         if self.meerkat_model is not None and getattr(self.args, "bf16", False):
             self.meerkat_model.set_forward_precision("bf16-mixed")
+            warn_if_eps_below_bf16_resolution("bf16-mixed", float(self.args.zo_eps))
 
     def _inner_model(self):
         """The transformers model under the MeerkatModel (and under PEFT, if any)."""
