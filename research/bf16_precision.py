@@ -27,7 +27,6 @@ import torch
 
 from meerkat_hf import MeerkatModel, SparseMask, zo
 from meerkat_hf.hub.loading import load_model_and_tokenizer
-from meerkat_hf.modeling.precision import forward_precision
 from meerkat_hf.tasks import (
     ClassificationCollator,
     balanced_class_weights,
@@ -80,22 +79,22 @@ def main(argv: list[str] | None = None) -> None:
     for precision in args.precisions:
         m, _ = load_model_and_tokenizer("smollm2")
         mm = MeerkatModel(m, mask)
-        with forward_precision(mm, precision) as run:
-            def loss() -> float:
-                with run():
-                    return float(candidate_loss(mm.base_model, batch, cand, weights))
-            t0 = time.perf_counter()
-            loss()
-            per_forward = time.perf_counter() - t0
-            for eps in args.eps:
-                est = np.array([zo.projected_gradient(mm, loss, z, eps) for z in dirs])
-                err = est - exact
-                corr = float(np.corrcoef(est, exact)[0, 1])
-                rows.append((precision, eps, corr, float(np.sqrt(np.mean(exact ** 2))), float(np.sqrt(np.mean(err ** 2))),
-                             per_forward))
-                raw[f"{precision}@{eps:g}"] = est.tolist()
-                print(f"{precision:10s} eps {eps:g}: corr {corr:.3f} rms err {rows[-1][4]:.3g}", flush=True)
-            _write(args, k, rows, raw)  # after every precision: an interrupted probe keeps what it measured
+        mm.set_forward_precision(precision)  # every forward of the base model from here on
+
+        def loss() -> float:
+            return float(candidate_loss(mm.base_model, batch, cand, weights))
+        t0 = time.perf_counter()
+        loss()
+        per_forward = time.perf_counter() - t0
+        for eps in args.eps:
+            est = np.array([zo.projected_gradient(mm, loss, z, eps) for z in dirs])
+            err = est - exact
+            corr = float(np.corrcoef(est, exact)[0, 1])
+            rows.append((precision, eps, corr, float(np.sqrt(np.mean(exact ** 2))), float(np.sqrt(np.mean(err ** 2))),
+                         per_forward))
+            raw[f"{precision}@{eps:g}"] = est.tolist()
+            print(f"{precision:10s} eps {eps:g}: corr {corr:.3f} rms err {rows[-1][4]:.3g}", flush=True)
+        _write(args, k, rows, raw)  # after every precision: an interrupted probe keeps what it measured
         del mm, m
     print((Path(args.out) / "table.md").read_text())
 

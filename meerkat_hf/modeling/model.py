@@ -90,12 +90,6 @@ class MeerkatModel(nn.Module):
             base._meerkat_original_forward = inner
             base.forward = forward_under_autocast
 
-    def forward_context(self):
-        """The autocast context of the current forward precision (a no-op for fp32 / bf16)."""
-        from .precision import autocast_for, model_device
-
-        return autocast_for(self.forward_precision, model_device(self.base_model))
-
     # -- the sparse state ----------------------------------------------------------------
     @property
     def num_selected(self) -> int:

@@ -13,7 +13,8 @@ Precisions (`MeerkatModel.set_forward_precision`):
   of masked norm weights round to 0 or to one step, and the residual stream is bf16 too.
 * ``bf16-mixed`` (what ``bf16=True`` selects): matrix weights (Linear, Embedding: >= 2-D) in bf16,
   1-D weights (norms, biases) kept fp32, forwards under ``torch.autocast(bfloat16)``: the matmuls run
-  on the bf16 units with no per-forward weight cast, norms and the residual stream keep fp32.
+  on the bf16 units with no per-forward weight cast and the masked norm weights keep fp32 resolution
+  (activations, the residual stream included, are bf16).
 * ``autocast``: fp32 weights under ``torch.autocast(bfloat16)``: exact weights, but every forward
   casts every matrix weight again (slower than ``bf16-mixed``).
 
@@ -26,7 +27,6 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterator
 from typing import ContextManager
 
 import torch
@@ -134,15 +134,3 @@ def model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def forward_precision(meerkat_model, precision: str) -> Iterator[Callable[[], ContextManager]]:
-    """Run `meerkat_model`'s forwards at `precision` inside the block (a study helper); yields the
-    model's `forward_context`. On exit the forward precision is fp32 again (unmasked weights keep
-    whatever rounding the cast gave them: load a fresh model for an exact fp32 comparison)."""
-    meerkat_model.set_forward_precision(precision)
-    try:
-        yield meerkat_model.forward_context
-    finally:
-        meerkat_model.set_forward_precision("fp32")

@@ -252,8 +252,7 @@ def step_scalars(target: SparseTarget, loss_fn: Callable[[], torch.Tensor | floa
     perturbed = torch.empty_like(w)
     losses = []
     try:
-        target.write(w)
-        base = float(loss_fn())
+        base = float(loss_fn())  # the weights hold w on entry, as for projected_gradient
         for z in directions:
             torch.mul(z, eps, out=perturbed).add_(w)
             target.write(perturbed)
