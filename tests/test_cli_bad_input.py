@@ -5,6 +5,8 @@ table stays fast."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -22,6 +24,9 @@ def job(tmp_path_factory):
     (root / "empty.yaml").write_text("")
     (root / "latin1.yaml").write_bytes("lr: 1e-3 # d\xe9j\xe0\n".encode("latin-1"))
     (root / "calib.txt").write_text("some calibration text\n" * 10)
+    (root / "deep.yaml").write_text("a: " + "[" * 20000 + "]" * 20000 + "\n")
+    (root / "dup.yaml").write_text(yaml.safe_dump(cfg) + "lr: 0.5\n")
+    (root / "random.csv").write_bytes(bytes(range(256)) * 40)
     return root, model_dir, path
 
 
@@ -70,6 +75,17 @@ FEDERATE = [  # (--set overrides or extra args, what the one line must say)
     (["--config", "{root}/empty.yaml"], "empty.yaml is empty"),
     (["--config", "{root}/latin1.yaml"], "latin1.yaml is not UTF-8"),
     (["--model", "/nonexistent/model"], "/nonexistent/model"),
+    # issue 29's malformed invocations
+    (["--set", "lr=[1"], "--set lr=[1: is not valid YAML"),
+    (["--config", "{root}/deep.yaml"], "deep.yaml nests deeper than YAML can be read"),
+    (["--config", "{root}/dup.yaml"], "the key 'lr' is given twice"),
+    (["--set", "device=cuda:abc"], "device must be auto, cpu, cuda or cuda:N (got 'cuda:abc')"),
+    (["--set", "torch_threads=100000"], "torch_threads=100000 is more than 4 per core"),
+    (["--set", "max_length=4.5"], "max_length must be an integer >= 4 (got 4.5)"),
+    (["--set", "lr=1e30"], "is above validation.max_lr=10.0"),
+    (["--set", "eps=1e300"], "eps=1e+300 is above 1.0"),
+    (["--set", "partition.num_single_label_clients=1.5"], "num_single_label_clients must be an integer"),
+    (["--set", "validation.max_update_median_ratio=0.5"], "max_update_median_ratio must be >= 1"),
 ]
 
 
@@ -143,3 +159,33 @@ def test_argparse_errors_exit_2_without_traceback(argv, capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("meerkat-hf")
+
+
+def test_device_cuda_without_cuda_is_one_line(job, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    root, _, path = job
+    code, err = _run(["federate", "--config", str(path), "--set", "device=cuda"], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "device=cuda but torch" in lines[0] and "sees no CUDA device" in lines[0]
+    assert not (root / "run").exists()
+
+
+def test_a_run_whose_every_uplink_was_rejected_exits_non_zero_with_the_reason(job, capsys, tmp_path):
+    _, _, path = job
+    summary = tmp_path / "summary.json"
+    code, err = _run(["federate", "--config", str(path), "--set", "validation.max_examples=1", "--set", "rounds=1",
+                      "--set", f"output_dir={tmp_path / 'run'}", "--summary-json", str(summary)], capsys)
+    assert code == 1
+    line = [x for x in err.splitlines() if x.startswith("meerkat-hf: error:")]
+    assert line and "rejected every uplink of the run" in line[0] and "bad-example-count x" in line[0]
+    assert "rejected every uplink" in json.loads(summary.read_text())["error"]
+
+
+def test_a_train_file_of_random_bytes_is_one_error_line_naming_it(job, capsys, tmp_path):
+    root, _, path = job  # read after the model loads (the file is the sites' data), so logs may come first
+    code, err = _run(["federate", "--config", str(path), "--set", f"task.data_files.train={root}/random.csv",
+                      "--set", f"output_dir={tmp_path / 'run'}"], capsys)
+    assert code == 2  # (datasets logs its own reader's failure first; the CLI's verdict is the last line)
+    assert err.strip().splitlines()[-1].startswith(f"meerkat-hf: error: cannot read '{root}/random.csv' as csv")

@@ -10,8 +10,9 @@ import argparse
 import json
 import logging
 import sys
+from collections import Counter
 
-from .federation_config import DEFAULT_CONFIG, FederationConfig
+from .federation_config import DEFAULT_CONFIG, ConfigError, FederationConfig
 from .driver import run_federation
 from .reporting import format_report
 from .run_dir import check_output_dir, lock_output_dir, move_aside, unlock_output_dir
@@ -43,6 +44,32 @@ def add_federate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--summary-json", default=None, help="also write the final summary to this file")
 
 
+def all_rejected(rows: list[dict]) -> str | None:
+    """Why a finished run learned nothing because the server refused every uplink (None if any was used)."""
+    if not rows or any(row.get("accepted") for row in rows):
+        return None
+    reasons = Counter(rej.get("reason", "?") for row in rows for rej in row.get("rejected", []))
+    if not reasons:
+        return None
+    listed = ", ".join(f"{reason} x{n}" for reason, n in reasons.most_common())
+    return (f"the server rejected every uplink of the run ({sum(reasons.values())}: {listed}), so the model is the "
+            "base model; see 'rejected' in metrics.jsonl and the validation.* bounds")
+
+
+def check_device(device: str) -> None:
+    """A CUDA device this torch cannot use: one line before anything loads (torch says it with an AssertionError)."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device={device} but torch {torch.__version__} sees no CUDA device "
+                          f"({'a CPU-only build' if torch.version.cuda is None else 'no GPU visible'}): use device=cpu or auto")
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"device={device} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+
+
 def federate(args) -> int:
     overrides = list(args.overrides or [])
     if args.model:
@@ -55,6 +82,7 @@ def federate(args) -> int:
         overrides.append("resume=true")
     config = FederationConfig.from_yaml(args.config or DEFAULT_CONFIG, overrides)
     config.check_files()  # a missing data file: one line now, not after the model has loaded
+    check_device(config.device)
     runtime = make_runtime(config.device)
     if not runtime.is_main:  # one copy of the logs is enough
         logging.getLogger().setLevel(logging.WARNING)
@@ -103,6 +131,13 @@ def _federate_locked(args, config, runtime) -> int:
                 summary["auc_gain"] = {"value": auc["gain"], "ci95": auc["gain_ci"], "excludes_zero": auc["excludes_zero"],
                                        "n": result.gain["n"], "method": result.gain["method"]}
         print(format_report(result))
+        failure = all_rejected(result.metrics)
+        if failure is not None:  # the run finished, but nothing any client sent was used: not a success
+            if args.summary_json:
+                with open(args.summary_json, "w") as fh:
+                    json.dump({**summary, "error": failure}, fh, indent=2)
+            print(f"meerkat-hf: error: {failure}", file=sys.stderr)
+            return 1
         if args.push_to_hub:
             summary["pushed"] = result.model.push_to_hub(args.push_to_hub, training_summary=result.training_summary)
             print(f"pushed the sparse delta to {summary['pushed']}")

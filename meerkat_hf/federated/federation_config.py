@@ -27,18 +27,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..masks.config import DEFAULT_EXCLUDE, METHODS, SparseMaskConfig
 from ..privacy import check_dp_settings, epsilon_floor
 from ..zo.spsa import ESTIMATORS
 from .protocol.server import ValidationConfig
 from .protocol.gradip import VPConfig
 from .protocol.virtual_path import LR_SCHEDULES
+from .yaml_input import load_yaml
 
 ALGORITHMS = ("meerkat", "meerkat-vp", "random-early-stop", "full-fedzo", "lora-fedzo", "magnitude", "random", "fo-fedavg")
 PARTITION_SCHEMES = ("iid", "dirichlet", "shard", "shards", "single_label")
 TASK_TYPES = ("classification", "lm")
+MAX_EPS = 1.0  # a ZO perturbation radius beyond this is not a finite difference of anything
+MAX_THREADS_PER_CORE = 4  # more torch threads than this per core only thrashes (and 100,000 cannot start)
 CLASSIFICATION_LOSSES = ("candidates", "balanced")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -275,6 +276,10 @@ class FederationConfig:
         for name in ("lr", "eps"):
             v = getattr(self, name)
             need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"{name} must be a finite number > 0 (got {v!r})")
+        need(self.lr <= self.validation.max_lr, f"lr={self.lr!r} is above validation.max_lr={self.validation.max_lr!r}: "
+                                                "the server would reject every uplink")
+        need(self.eps <= MAX_EPS, f"eps={self.eps!r} is above {MAX_EPS}: a finite difference that wide measures no "
+                                  "gradient (the recipe uses 1e-3)")
         need(isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay) and self.weight_decay >= 0,
              f"weight_decay must be a finite number >= 0 (got {self.weight_decay!r})")
         need(self.lr * self.weight_decay < 1, f"lr * weight_decay must be < 1 so that 1 - lr*wd stays in (0, 1] "
@@ -290,8 +295,12 @@ class FederationConfig:
              f"max_consecutive_skips must be an integer >= 0 (got {self.max_consecutive_skips!r})")
         need(self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {', '.join(LR_SCHEDULES)} (got {self.lr_schedule!r})")
         need(_num(self.lr_min_ratio) and 0 <= self.lr_min_ratio <= 1, "lr_min_ratio must be in [0, 1]")
-        need(self.max_length >= 4, "max_length must be >= 4")
-        need(self.eval_examples is None or self.eval_examples >= 1, "eval_examples must be >= 1 or null (all)")
+        need(_int(self.max_length) and self.max_length >= 4, f"max_length must be an integer >= 4 (got {self.max_length!r})")
+        need(self.eval_examples is None or (_int(self.eval_examples) and self.eval_examples >= 1),
+             f"eval_examples must be an integer >= 1 or null (all) (got {self.eval_examples!r})")
+        cores = os.cpu_count() or 1
+        need(self.torch_threads is None or self.torch_threads <= MAX_THREADS_PER_CORE * cores,
+             f"torch_threads={self.torch_threads} is more than {MAX_THREADS_PER_CORE} per core ({cores} cores here)")
         need(self.model.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}")
         need(bool(self.model.model_name_or_path), "model.model_name_or_path is required")
         need(self.task.type in TASK_TYPES, f"task.type must be one of {', '.join(TASK_TYPES)}")
@@ -307,8 +316,9 @@ class FederationConfig:
         scheme = self.partition.scheme.strip().lower().replace("-", "_")
         need(scheme in PARTITION_SCHEMES, f"partition.scheme must be one of iid, dirichlet, shard, single_label (got {self.partition.scheme!r})")
         need(_num(self.partition.alpha) and self.partition.alpha > 0, f"partition.alpha must be > 0 (got {self.partition.alpha!r})")
-        need(0 <= self.partition.num_single_label_clients <= self.num_clients,
-             "partition.num_single_label_clients must be in 0..num_clients")
+        need(_int(self.partition.num_single_label_clients) and 0 <= self.partition.num_single_label_clients <= self.num_clients,
+             f"partition.num_single_label_clients must be an integer in 0..num_clients "
+             f"(got {self.partition.num_single_label_clients!r})")
         need(self.task.type == "classification" or (scheme == "iid" and self.partition.num_single_label_clients == 0),
              "lm tasks have no labels: only partition.scheme 'iid' works")
         need(_num(self.mask.density) and 0 < self.mask.density <= 1, f"mask.density must be in (0, 1] (got {self.mask.density!r})")
@@ -323,7 +333,8 @@ class FederationConfig:
             need(self.mask.path is not None or self.mask.calibration is not None,
                  f"{self.algorithm} needs the masked pre-training gradient g_p: give mask.calibration or a saved mask with g_p")
             need(not self.uses_lora and self.mask_method != "full", "Meerkat-VP needs g_p, which full/LoRA masks do not have")
-        need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), f"device {self.device!r}")
+        need(isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+             f"device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
         need(self.validation.max_client_weight * self.num_clients >= 1,
              f"validation.max_client_weight={self.validation.max_client_weight!r} is below 1/num_clients "
              f"(1/{self.num_clients}): no round could meet it")
@@ -400,9 +411,9 @@ class FederationConfig:
         except UnicodeDecodeError as err:
             raise ConfigError(f"{p} is not UTF-8 text ({err.reason} at byte {err.start})") from err
         try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{p} is not valid YAML: {' '.join(str(err).split())}") from err
+            data = load_yaml(text, str(p))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if data is None:  # not the default job: an empty file is a mistake
             raise ConfigError(f"{p} is empty (give at least the keys you change, or no --config for the default job)")
         return cls.from_dict(apply_overrides(data, overrides or []))
@@ -435,7 +446,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw)
+        try:
+            value = load_yaml(raw, f"--set {item}:")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         parts = key.strip().split(".")
         target = data
         for part in parts[:-1]:
@@ -443,6 +457,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             target = target[part]
         target[parts[-1]] = value
     return data
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _num(v: Any) -> bool:

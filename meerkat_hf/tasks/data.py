@@ -189,7 +189,12 @@ def _load_files(data_files: DataFiles, split: str, task: TaskTemplate):
         key = "train"  # a single file set is whatever split the caller asked for
         files = {key: data_files}
     files = {k: ([os.fspath(f) for f in v] if isinstance(v, (list, tuple)) else os.fspath(v)) for k, v in files.items()}
-    return datasets.load_dataset(_BUILDERS[suffix], data_files=files, split=key, **kwargs)
+    try:
+        return datasets.load_dataset(_BUILDERS[suffix], data_files=files, split=key, **kwargs)
+    except datasets.exceptions.DatasetGenerationError as err:  # not a table of that format: one line, the file named
+        cause = err.__cause__ or err
+        raise ValueError(f"cannot read {files[key]!r} as {_BUILDERS[suffix]}: {type(cause).__name__}: "
+                         f"{' '.join(str(cause).split())[:200]}") from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,9 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..federation_config import ConfigError, FederationConfig
+from ..yaml_input import load_yaml
 
 CONFIG_FILE_KEY = "config-file"
 OPTIONS_PREFIX = "flower."
@@ -104,7 +103,7 @@ def _value(path: tuple[str, ...], v: Any) -> Any:
     if v == "" and ("None" in kind or kind == "Any"):
         return None
     if v.lstrip()[:1] in ("[", "{") and ("list" in kind or "dict" in kind or kind == "Any"):
-        return yaml.safe_load(v)
+        return load_yaml(v, f"run config {path}")
     return v
 
 
@@ -159,7 +158,7 @@ def federation_config_from_run_config(run_config: Mapping[str, Any],
             path = Path(app_dir) / path
         if not path.is_file():
             raise FileNotFoundError(f"run config {CONFIG_FILE_KEY}={config_file!r}: {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
     flat = {k: v for k, v in run_config.items() if k != CONFIG_FILE_KEY and not k.startswith(OPTIONS_PREFIX)}
     return FederationConfig.from_dict(_merge(data, _nest(flat)))
 

@@ -7,16 +7,19 @@ order, replicas reach the same bits (see `virtual_path` for the arithmetic).
 
 Validation: every uplink is checked (decodable, right type, round, known participant, not a
 duplicate, mask checksum, start-state digest, q and number of scalars, finite, magnitude,
-learning rates, example count). A bad one becomes a `Rejection` with a reason, is logged, and
+learning rates, example count, not a replay of the client's last accepted scalars). A bad one becomes a `Rejection` with a reason, is logged, and
 the round goes on with the others; if every uplink is rejected the global state is unchanged.
 
 Bounded influence (the server decides, clients report): the learning rate is the federation's
 (an uplink may echo it; any other value is rejected), a client's example count (its FedAvg
 weight) may not exceed what the server knows of it (`example_caps`: the partition size it
 assigned, or the size declared at enrolment) nor `max_examples`; the replayed update of one
-client in one round is bounded in L2 norm (`max_update_ratio` x the norm of the round-0 w_S):
-a longer one is scaled down by scaling that client's scalars, identically on every replica and
-in the records clients replay (reported in `RoundSummary.clipped`); no client's FedAvg share
+client in one round is bounded in L2 norm, by the smaller of `max_update_median_ratio` x the
+round's median replayed update norm (robust aggregation, on by default: the honest clients calibrate
+the bound, so one hostile client cannot move the model much further than an honest one does) and
+`max_update_ratio` x the norm of the round-0 w_S (an absolute ceiling, the DP sensitivity): a longer
+update is scaled down by scaling that client's scalars, identically on every replica and in the
+records clients replay (reported in `RoundSummary.clipped`); no client's FedAvg share
 exceeds `max_client_weight` (its count is lowered in the records, the excess goes to the others:
 `virtual_path.cap_example_counts`, reported in `RoundSummary.weight_capped`); a client whose replayed
 path is not finite is rejected, and a round whose new state would not be finite is refused
@@ -57,13 +60,16 @@ from .virtual_path import (
     aggregate_zo_round,
     cap_example_counts,
     client_steps,
+    exact_norm,
     fp32,
+    update_bound,
     replay_client,
 )
 
 logger = logging.getLogger(__name__)
 
 MODES = ("zo", "dense")
+MIN_CLIENTS_FOR_MEDIAN = 3  # the median bound needs an honest majority to exist: 2 clients give none
 
 
 @dataclass
@@ -78,17 +84,28 @@ class ValidationConfig:
     # (None: unbounded); a longer update is scaled down to it. 10: far above any honest round (a client moving w_S
     # by 10x its whole pre-trained norm in one round has diverged), far below what |g| <= max_abs_grad allows
     max_update_ratio: float | None = 10.0
+    # robust aggregation: one client's replayed update is also bounded by this multiple of the round's median
+    # client update norm (the lower median over the round's accepted finite clients, applied from 3 of them: with
+    # fewer no majority says what honest is; None: off). The honest clients set the scale, so a hostile one moves
+    # the model at most this many honest updates per round; 3 leaves a typical honest ZO update (whose norm follows
+    # its few |g| draws) unclipped. Not applied under central DP, whose sensitivity argument needs a bound that does
+    # not depend on the other clients.
+    max_update_median_ratio: float | None = 3.0
     # the largest FedAvg share one client may hold in a round (1: no cap); a larger one is lowered to it and the
     # excess shared among the others (water-filling on the example counts the records carry)
     max_client_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("max_abs_grad", "max_abs_delta", "max_lr", "max_examples", "max_update_ratio"):
+        for name in ("max_abs_grad", "max_abs_delta", "max_lr", "max_examples", "max_update_ratio",
+                     "max_update_median_ratio"):
             v = getattr(self, name)
-            if v is None and name == "max_update_ratio":
+            if v is None and name in ("max_update_ratio", "max_update_median_ratio"):
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
                 raise ValueError(f"validation bound {name} must be a finite number > 0 (got {v!r})")
+        if self.max_update_median_ratio is not None and self.max_update_median_ratio < 1:
+            raise ValueError(f"validation bound max_update_median_ratio must be >= 1 (below 1 it would shrink the median "
+                             f"client's honest update too; null turns it off), got {self.max_update_median_ratio!r}")
         v = self.max_client_weight
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0 < v <= 1):
             raise ValueError(f"validation bound max_client_weight must be a finite number in (0, 1] (got {v!r})")
@@ -150,7 +167,7 @@ class FederatedServer:
         # the most examples each client may claim (FedAvg weight): what the server assigned or was told at enrolment
         self.example_caps: dict[int, int] = {}
         ratio = self.validation.max_update_ratio
-        self.max_update_norm = None if ratio is None else float(ratio) * max(float(self.values.double().norm()), 1e-12)
+        self.max_update_norm = None if ratio is None else update_bound(self.values, ratio)
         self.gp64 = None if pretrain_grad is None else pretrain_grad.detach().double().cpu().numpy()
         if self.gp64 is not None and self.gp64.size != self.k:
             raise ValueError(f"pretrain_grad has {self.gp64.size} values for k={self.k}")
@@ -159,6 +176,8 @@ class FederatedServer:
         # Every client holds the base model, hence the round-0 state; None = holds nothing usable.
         self.synced: dict[int, int | None] = {c: 0 for c in range(num_clients)}
         self.history: list[RoundRecords] = []
+        # per client: the scalars of its last accepted uplink, so a replay re-stamped with a later round is refused
+        self.last_scalars: dict[int, tuple[float, ...]] = {}
         self.budgets: dict[int, int] = {}
         self._accepted: dict[int, Uplink | DenseUplink] = {}
         self._rejected: list[Rejection] = []
@@ -247,6 +266,10 @@ class FederatedServer:
         if not 0 <= nan_steps <= zeros:  # a skipped (NaN/inf) step is sent as g = 0: it cannot claim more
             return "bad-counter", (f"nan_steps={nan_steps}, but only {zeros} of the {len(msg.grads)} scalars are the "
                                    "g = 0 a skipped step sends")
+        if any(msg.grads) and self.last_scalars.get(msg.client_id) == tuple(msg.grads):
+            # fresh directions every round give fresh scalars: an exact repeat is a replayed message
+            return "replayed-scalars", (f"the {len(msg.grads)} scalars repeat client {msg.client_id}'s last accepted "
+                                        "uplink bit for bit (a replay re-stamped with this round)")
         worst = max((abs(g) for g in msg.grads), default=0.0)
         if worst > self.validation.max_abs_grad:
             return "absurd-magnitude", f"|g| = {worst:.3g} > max_abs_grad={self.validation.max_abs_grad:g}"
@@ -276,8 +299,10 @@ class FederatedServer:
         clipped: dict[int, float] = {}
         refused = None
         if self.mode == "dense":
+            norms = {c: exact_norm(self._accepted[c].delta.double()) for c in sorted(self._accepted)}
+            bound = self._round_bound(list(norms.values()))
             for c in sorted(self._accepted):
-                scale = self._clip_factor(self._accepted[c].delta.double().norm())
+                scale = self._clip_factor(norms[c], bound)
                 if scale is not None:
                     u = self._accepted[c]
                     self._accepted[c] = DenseUplink(**{**u.__dict__, "delta": (u.delta.double() * scale).float()})
@@ -314,6 +339,9 @@ class FederatedServer:
         if accepted:
             self.values = new_values
             self.digest = state_digest(self.values)
+            for u in accepted:
+                if isinstance(u, Uplink):
+                    self.last_scalars[u.client_id] = tuple(u.grads)
         self.round += 1
         self._open = False
         summary.state_digest = self.digest
@@ -330,12 +358,26 @@ class FederatedServer:
                            ", ".join(f"client {c} {a} -> {b} examples" for c, (a, b) in lowered.items()))
         return counted, lowered
 
-    def _clip_factor(self, norm: torch.Tensor | float) -> float | None:
-        """The factor bringing an update of this norm down to the bound; None if within it."""
-        norm = float(norm)
-        if self.max_update_norm is None or not norm > self.max_update_norm:
+    def _round_bound(self, norms: list[float]) -> float | None:
+        """This round's bound on one client's update norm: the smaller of `max_update_median_ratio` x the
+        lower median of the round's update norms and the absolute `max_update_ratio` bound (None: unbounded).
+
+        The lower median (not the mean of the middle two) is one of the honest-side values whenever fewer than
+        half the clients are hostile, and the same float on every replica: exact norms, a sort, an index."""
+        bound = self.max_update_norm
+        ratio = self.validation.max_update_median_ratio
+        if ratio is not None and len(norms) >= MIN_CLIENTS_FOR_MEDIAN and not self.params.central_noise:
+            median = sorted(norms)[(len(norms) - 1) // 2]
+            robust = float(ratio) * median
+            bound = robust if bound is None else min(bound, robust)
+        return bound
+
+    @staticmethod
+    def _clip_factor(norm: float, bound: float | None) -> float | None:
+        """The factor bringing an update of this norm down to `bound`; None if within it."""
+        if bound is None or not norm > bound:
             return None
-        return self.max_update_norm / norm
+        return bound / norm
 
     def _replay_accepted(self, ids: list[int]):
         """Replay each accepted client's path; reject non-finite ones, scale over-long ones down; FedAvg.
@@ -345,58 +387,55 @@ class FederatedServer:
         paths (digest of the path the client itself computed, GradIP), the finals (only with
         `keep_client_finals`), the factors, and the new global state.
 
-        Streaming: each client's delta is added to the FedAvg accumulator as soon as it is replayed,
-        so memory is a few k-vectors whatever the number of clients (keeping every client's final
-        state until the end cost clients x k x 4 bytes: 4.8 GB for 1,000 clients at k = 1.2M). The
-        weights n_c / N need N over the clients finally aggregated; if a non-finite path removes a
-        client, the survivors are replayed once more with the right N (rare: a broken or hostile
-        client), so the bits are those of `fedavg_finals` either way.
+        Two passes: the first replays every path for its digest, GradIP and exact update norm (the
+        round's bound is a multiple of their median, so it needs them all); the second replays the
+        records as aggregated (a clipped client's scaled scalars) and streams each delta into FedAvg,
+        so memory stays a few k-vectors whatever the number of clients (keeping every client's final
+        state cost clients x k x 4 bytes: 4.8 GB for 1,000 clients at k = 1.2M). The bits are those
+        of `aggregate_zo_round` over the returned records, which is what replicas and clients compute.
         """
         records: list[Record] = []
         paths: list[ClientPath] = []
         finals: dict[int, torch.Tensor] = {}
         clipped: dict[int, float] = {}
-        # FedAvg's counts with max_client_weight applied; the records carry them, so replicas and
-        # replaying clients weight exactly as the server does
-        counted, weight_capped = self._cap_weights([self._accepted[c] for c in ids])
-        avg = FedAvg(self.values, counted)
-        streaming = True
         work = None if self.keep_client_finals else torch.empty_like(self.values)  # reused replay target
         buffers: list[torch.Tensor] = []  # reused directions
+        base64 = self.values.double()
+        # Pass 1: replay every path once for its digest, GradIP and update norm (the round's bound needs them all);
+        # a non-finite path is rejected here, before any weight is computed
+        norms: dict[int, float] = {}
         for c in ids:
-            u = self._accepted[c]
-            rec = u.record
-            steps = client_steps(self.params, self.round, c, rec.grads, rec.q, rec.lrs)
-            final, gips = replay_client(self.values, steps, self.gp64, out=work, buffers=buffers)
-            own_digest = state_digest(final)
+            rec = self._accepted[c].record
+            final, gips = replay_client(self.values, client_steps(self.params, self.round, c, rec.grads, rec.q, rec.lrs),
+                                        self.gp64, out=work, buffers=buffers)
             if not all_finite(final):
                 self._accepted.pop(c)
                 self._reject(c, "non-finite-path", "the replayed virtual path leaves finite values", 0)
-                streaming = False
                 continue
-            delta = avg.delta(final)
-            scale = self._clip_factor(delta.norm())
+            norms[c] = exact_norm(final.double().sub_(base64))
+            paths.append(ClientPath(c, rec.num_examples, gips, state_digest(final)))
+        bound = self._round_bound(list(norms.values()))
+        # FedAvg's counts with max_client_weight applied; the records carry them, so replicas and
+        # replaying clients weight exactly as the server does
+        counted, weight_capped = self._cap_weights([self._accepted[c] for c in norms])
+        avg = FedAvg(self.values, counted)
+        # Pass 2: the records as aggregated (an over-long client's scalars scaled to the bound), streamed into FedAvg
+        for c in norms:
+            rec = self._accepted[c].record
+            scale = self._clip_factor(norms[c], bound)
             if scale is not None:
                 rec = Record(c, rec.num_examples, rec.q, tuple(fp32(g * scale) for g in rec.grads), rec.lrs)
-                final, _ = replay_client(self.values, client_steps(self.params, self.round, c, rec.grads, rec.q, rec.lrs),
-                                         out=work, buffers=buffers)
-                delta = avg.delta(final)
                 clipped[c] = scale
-                logger.warning("round %d: client %d's update scaled by %.3g to the bound %.3g (max_update_ratio)",
-                               self.round, c, scale, self.max_update_norm)
-            paths.append(ClientPath(c, rec.num_examples, gips, own_digest))
-            records.append(rec)
+                logger.warning("round %d: client %d's update (norm %.3g) scaled by %.3g to the round's bound %.3g",
+                               self.round, c, norms[c], scale, bound)
+            final, _ = replay_client(self.values, client_steps(self.params, self.round, c, rec.grads, rec.q, rec.lrs),
+                                     out=work, buffers=buffers)
+            records.append(replace(rec, num_examples=counted[c]))
             if self.keep_client_finals:
                 finals[c] = final
-            if streaming:
-                avg.add(c, delta, consume=True)
-        if not streaming:  # a client was removed: the caps are over the survivors
-            counted, weight_capped = self._cap_weights([self._accepted[c] for c in sorted(self._accepted)])
-        records = [replace(r, num_examples=counted[r.client_id]) for r in records]
-        if streaming:  # user-level DP: the round's central noise, the same bits as aggregate_zo_round's
-            new_values = add_central_noise(avg.result(), self.params, self.round, avg.counts)
-        else:  # N changed: FedAvg the survivors' records again (same arithmetic, right weights)
-            new_values, _, _ = aggregate_zo_round(self.values, records, self.params, self.round, with_paths=False)
+            avg.add(c, avg.delta(final), consume=True)
+        # user-level DP: the round's central noise, the same bits as aggregate_zo_round's
+        new_values = add_central_noise(avg.result(), self.params, self.round, avg.counts)
         return records, paths, finals, clipped, new_values, weight_capped
 
     def _prune_history(self) -> None:
@@ -455,6 +494,7 @@ class FederatedServer:
             "round": self.round,
             "synced": dict(self.synced),
             "example_caps": dict(self.example_caps),
+            "last_scalars": {c: list(g) for c, g in self.last_scalars.items()},
             "history": [(rr.round, [(r.client_id, r.num_examples, r.q, list(r.grads), list(r.lrs)) for r in rr.records])
                         for rr in self.history],
         }
@@ -469,6 +509,7 @@ class FederatedServer:
         self.synced = {int(c): (None if s is None else int(s)) for c, s in state["synced"].items()}
         if "example_caps" in state:
             self.example_caps = {int(c): int(n) for c, n in state["example_caps"].items()}
+        self.last_scalars = {int(c): tuple(float(x) for x in g) for c, g in state.get("last_scalars", {}).items()}
         self.history = [RoundRecords(r, tuple(Record(c, n, q, tuple(g), tuple(lr)) for c, n, q, g, lr in recs))
                         for r, recs in state["history"]]
         self._open = False

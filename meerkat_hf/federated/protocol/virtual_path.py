@@ -97,11 +97,17 @@ class ProtocolParams:
 _CENTRAL_TAG = 0x43454E54  # "CENT"
 
 
-def update_bound(values: torch.Tensor, ratio: float) -> float:
-    """`ratio` x ||values||_2 in exact-order float64 (numpy's single-threaded pairwise sum), so every
-    node derives the same bound, hence the same central noise scale, from the round-0 state."""
+def exact_norm(values: torch.Tensor) -> float:
+    """||values||_2 in exact-order float64 (numpy's single-threaded pairwise sum, not torch's thread-count
+    dependent reduction), so every node derives the same float from the same tensor."""
     v64 = values.detach().to("cpu", torch.float64).numpy()
-    return float(ratio) * max(math.sqrt(float(np.add.reduce(v64 * v64))), 1e-12)
+    return math.sqrt(float(np.add.reduce(v64 * v64)))
+
+
+def update_bound(values: torch.Tensor, ratio: float) -> float:
+    """`ratio` x ||values||_2 (`exact_norm`), so every node derives the same bound, hence the same
+    central noise scale, from the round-0 state."""
+    return float(ratio) * max(exact_norm(values), 1e-12)
 
 
 def central_noise_std(params: ProtocolParams, counts: dict[int, int]) -> float:
