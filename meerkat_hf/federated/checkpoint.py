@@ -59,6 +59,8 @@ def save_checkpoint(output_dir: str | os.PathLike, round_id: int, state: dict, k
     folder = checkpoint_dir(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"round_{round_id:06d}.pt"
+    for stale in folder.glob("round_*.pt.tmp"):  # left by a killed save (the run's lock makes us the only writer)
+        stale.unlink(missing_ok=True)
     tmp = path.with_suffix(".pt.tmp")
     with open(tmp, "wb") as f:
         # streamed: the payload is hashed as torch.save writes it, and the hash goes into its slot

@@ -372,7 +372,7 @@ class RoundEngine:
             ckpt = load_latest_checkpoint(self.out)
             if ckpt is not None:
                 check_resumable(ckpt["config"], config.to_dict(), ckpt["mask_checksum"], self.mask.checksum)
-                self.server.load_state_dict(ckpt["server"])
+                self.server.load_state_dict(ckpt["server"], source=ckpt.get("path", self.out))
                 self.scheduler.load_state_dict(ckpt["scheduler"])
                 self.counters.update(ckpt["counters"])
                 self.privacy.load_state_dict(ckpt.get("privacy"))

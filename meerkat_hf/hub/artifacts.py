@@ -24,9 +24,12 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import shutil
+import time
 import uuid
 from collections.abc import Mapping
+from glob import escape as glob_escape
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -116,6 +119,25 @@ def _backup_existing(target: Path, backup: Path) -> bool:
     return True
 
 
+STALE_STAGING_SECONDS = 600  # a staging file this old belongs to a save that was killed, not to one in progress
+
+
+def _remove_stale_staging(directory: Path, finals: list[Path]) -> None:
+    """Remove `.NAME.<token>.tmp/.bak` files that killed saves of these names left behind.
+
+    A kill between staging and cleanup leaves them; nothing reads them (the final names are always
+    complete), so they would only pile up. Recent ones are left alone: another process may be saving."""
+    now = time.time()
+    for final in finals:
+        for leftover in final.parent.glob(f".{glob_escape(final.name)}.*"):
+            if re.fullmatch(rf"\.{re.escape(final.name)}\.[0-9a-f]{{12}}\.(tmp|bak)", leftover.name) is None:
+                continue
+            with contextlib.suppress(OSError):
+                if now - leftover.stat().st_mtime > STALE_STAGING_SECONDS:
+                    leftover.unlink()
+                    logger.info("removed %s, left by an interrupted save", leftover)
+
+
 def write_files_atomically(directory: str | os.PathLike[str], files: Mapping[str, _BytesLike]) -> None:
     """Write several files into `directory` so that readers never see a half-written file.
 
@@ -139,6 +161,7 @@ def write_files_atomically(directory: str | os.PathLike[str], files: Mapping[str
     directory = Path(directory)
     names = {name: _check_relative_name(name) for name in files}  # validate everything before writing
     directory.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(directory, [directory.joinpath(*names[n].parts) for n in files])
 
     token = uuid.uuid4().hex[:12]
     staged: list[tuple[Path, Path]] = []  # (temporary, final) in commit order

@@ -22,9 +22,11 @@ from torch import nn
 
 from .config import CONFIG_NAME, SparseMaskConfig
 from ..hub.artifacts import push_folder, render_card, resolve_folder, sha256_bytes, write_files_atomically
+from ..hub.integrity import check_finite, read_verified, safetensors_bound
 from ..hub.safetensors_bytes import save_safetensors
 
 logger = logging.getLogger(__name__)
+MAX_JSON_CONFIG_BYTES = 4 << 20
 
 MASK_WEIGHTS_NAME = "mask.safetensors"
 FORMAT_VERSION = 1
@@ -178,15 +180,17 @@ class SparseMask:
         missing = [k for k in ("weights_sha256", "parameters", "parameter_shapes", "checksum") if k not in meta]
         if missing:
             raise ValueError(f"{cfg_path} is damaged: the 'meerkat_mask' section lacks {', '.join(missing)}")
-        if "config_sha256" in meta and config_content_sha256(raw) != meta["config_sha256"]:
+        _check_meta_shapes(meta, cfg_path)
+        if "config_sha256" not in meta:  # files written before the hash existed still load, visibly
+            logger.warning("%s has no config_sha256: its density, method and statistics cannot be checked against "
+                           "edits; re-save the mask (SparseMask.from_pretrained(...).save_pretrained(...)) to add it",
+                           cfg_path)
+        elif config_content_sha256(raw) != meta["config_sha256"]:
             raise ValueError(f"{cfg_path} was edited or damaged (content hash mismatch): re-save the mask "
                              "instead of editing its config")
-        blob = weights_path.read_bytes()
-        if sha256_bytes(blob) != meta["weights_sha256"]:
-            raise ValueError(
-                f"{weights_path} does not match {cfg_path.name} (hash mismatch): the file is truncated, "
-                "corrupted, or from another save"
-            )
+        selected = sum(int(count) for _, _, count, whole in meta["parameters"] if not whole)
+        bound = safetensors_bound(8 * selected + 4 * int(meta.get("num_selected", selected)), len(meta["parameters"]) + 1)
+        blob = read_verified(weights_path, meta["weights_sha256"], bound, "Meerkat mask")
         try:
             tensors = load_safetensors(blob)
         except Exception as err:  # safetensors raises its own error types
@@ -200,6 +204,8 @@ class SparseMask:
             if idx is None or idx.numel() != count:
                 raise ValueError(f"{weights_path} lacks the {count} indices of {name!r}")
             indices[name] = idx.to(torch.long)
+        if tensors.get("pretrain_grad") is not None:  # NaN g_p would silently switch Meerkat-VP off (GradIP None)
+            check_finite(tensors["pretrain_grad"], "the pre-training gradient g_p", weights_path)
         mask = cls(
             config=SparseMaskConfig.from_dict(raw),
             indices=indices,
@@ -250,6 +256,17 @@ class SparseMask:
         )
 
 
+def _check_meta_shapes(meta: dict, cfg_path: Path) -> None:
+    """The 'meerkat_mask' section has the types the loader relies on (one line, not an AttributeError)."""
+    params, shapes = meta["parameters"], meta["parameter_shapes"]
+    ok = isinstance(shapes, dict) and isinstance(params, list) and all(
+        isinstance(e, list) and len(e) == 4 and isinstance(e[0], str) and isinstance(e[2], int)
+        and not isinstance(e[2], bool) and e[2] >= 0 and isinstance(e[3], bool) for e in params)
+    if not ok:
+        raise ValueError(f"{cfg_path} is damaged: 'parameters' must be a list of [name, shape, count, whole] and "
+                         "'parameter_shapes' a mapping of name to shape")
+
+
 def config_content_sha256(raw: dict) -> str:
     """SHA-256 of a JSON config's content, without the `config_sha256` entries that record it."""
     def strip(value):
@@ -261,9 +278,16 @@ def config_content_sha256(raw: dict) -> str:
 
 
 def read_json_config(path: Path, what: str) -> dict:
-    """Parse a JSON config file; any damage is a one-line `ValueError` naming the file."""
+    """Parse a JSON config file; any damage is a one-line `ValueError` naming the file.
+
+    Bounded: a config is a few KB (4 MiB allowed), and JSON nested past Python's recursion limit
+    (which `json` meets as a RecursionError) is refused like any other damage."""
+    if path.stat().st_size > MAX_JSON_CONFIG_BYTES:
+        raise ValueError(f"{path} is {path.stat().st_size:,} bytes: not a {what} (at most {MAX_JSON_CONFIG_BYTES:,})")
     try:
         raw = json.loads(path.read_bytes().decode("utf-8"))
+    except RecursionError:
+        raise ValueError(f"{path} is damaged or hostile: JSON nested too deeply to be a {what}") from None
     except UnicodeDecodeError as err:
         raise ValueError(f"{path} is damaged: not UTF-8 text ({err.reason} at byte {err.start})") from err
     except json.JSONDecodeError as err:

@@ -30,6 +30,7 @@ from ..hub.artifacts import (
     write_directory_atomically,
 )
 from ..masks.mask import MASK_WEIGHTS_NAME, SparseMask, config_content_sha256, read_json_config
+from ..hub.integrity import MAX_ABS_WEIGHT, check_finite, read_verified, safetensors_bound
 from ..hub.safetensors_bytes import save_safetensors
 from .sparse_view import SparseView
 
@@ -217,10 +218,8 @@ class MeerkatModel(nn.Module):
         if cfg["mask_checksum"] != self.mask.checksum:
             raise ValueError(f"{name} was trained with another mask (checksum {cfg['mask_checksum']})")
         weights_path = folder / DELTA_WEIGHTS_NAME
-        blob = weights_path.read_bytes()
-        if sha256_bytes(blob) != cfg["weights_sha256"]:
-            raise ValueError(f"{weights_path} is truncated, corrupted or from another save "
-                             f"(hash mismatch with {DELTA_CONFIG_NAME})")
+        # values + delta, fp32: the honest size is known from k before a byte is read
+        blob = read_verified(weights_path, cfg["weights_sha256"], safetensors_bound(8 * self.sparse.k, 2), "sparse delta")
         try:
             tensors = load_safetensors(blob)
             values = tensors["values"]
@@ -228,6 +227,7 @@ class MeerkatModel(nn.Module):
             raise ValueError(f"{weights_path} is not a readable sparse delta: {err}") from err
         if values.numel() != self.sparse.k:
             raise ValueError(f"{weights_path} holds {values.numel()} values for a mask of k={self.sparse.k}")
+        check_finite(values, "the trained values", weights_path, max_abs=MAX_ABS_WEIGHT)
         self.set_values(values)
         if "delta" in tensors and tensors["delta"].numel() == values.numel():
             trained_on = values - tensors["delta"]
@@ -240,7 +240,7 @@ class MeerkatModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module | str | os.PathLike, path_or_repo_id: str | os.PathLike | None = None,
                         revision: str | None = None, *, base_model: str | None = None, dtype: str | None = None,
-                        **hub_kwargs) -> "MeerkatModel":
+                        allow_local_base: bool = False, **hub_kwargs) -> "MeerkatModel":
         """Load a saved delta: `from_pretrained(delta_dir)` or `from_pretrained(base_model, delta_dir)`.
 
         With one argument the base recorded in the delta is loaded too (the embedded SmolLM2 GGUF
@@ -248,6 +248,9 @@ class MeerkatModel(nn.Module):
         `load_model_and_tokenizer`) overrides it, `dtype=` overrides the recorded dtype. The tokenizer
         that came with a loaded base is `model.tokenizer` (None when you pass the base yourself).
         Every file is checked against the hashes in `meerkat_config.json` before the base is loaded.
+        A delta downloaded from the Hub that records a *local directory* as its base is refused unless
+        `allow_local_base=True` (its record would make this machine load whatever sits at that path);
+        no base ever runs code of its own (`trust_remote_code=False`).
         """
         if path_or_repo_id is None:
             if isinstance(model, nn.Module):
@@ -264,7 +267,9 @@ class MeerkatModel(nn.Module):
                 model, tokenizer = load_model_and_tokenizer(base_model, dtype=dtype)
             else:
                 source = cfg.get("base_model") or _legacy_source(cfg, mask)
-                logger.info("loading the delta's base model: %s", source.get("display_name") or source.get("name_or_path"))
+                check_base_record(source, folder / DELTA_CONFIG_NAME, downloaded=not _is_local(path_or_repo_id, folder),
+                                  allow_local_base=allow_local_base)
+                logger.info("loading the delta's base model: %s", source.get("path") or source.get("name_or_path"))
                 model, tokenizer = load_base_from_source(source, dtype)
         wrapped = cls(model, mask)
         wrapped._load_checked(folder, cfg, path_or_repo_id)
@@ -347,6 +352,32 @@ def read_delta_config(folder: Path) -> dict:
             raise ValueError(f"{path} is truncated, corrupted or from another save "
                              f"(hash mismatch with {DELTA_CONFIG_NAME})")
     return cfg
+
+
+def _is_local(path_or_repo_id, folder: Path) -> bool:
+    """The delta is the user's own folder (or the previous version a killed save left beside it), not a download."""
+    given = Path(os.fspath(path_or_repo_id)).expanduser()
+    return given.exists() or given.parent.resolve() == folder.parent.resolve()
+
+
+_BASE_KINDS = ("embedded", "local", "hub", "unknown")
+_BASE_DTYPES = (None, "float32", "bfloat16", "float16", "auto")
+
+
+def check_base_record(source, config_path: Path, *, downloaded: bool, allow_local_base: bool) -> None:
+    """A delta's base-model record is untrusted input: well-formed, and a local path only from a local delta."""
+    ok = (isinstance(source, dict) and source.get("kind", "unknown") in _BASE_KINDS
+          and isinstance(source.get("name_or_path", ""), str) and source.get("dtype") in _BASE_DTYPES
+          and all(source.get(k) is None or isinstance(source.get(k), str) for k in ("path", "gguf_file", "commit")))
+    if not ok:
+        raise ValueError(f"{config_path}: 'base_model' is not a valid base-model record (kind one of "
+                         f"{', '.join(_BASE_KINDS)}, dtype one of float32/bfloat16/float16): pass the base yourself, "
+                         "MeerkatModel.from_pretrained(base_model, delta_dir)")
+    if source.get("kind") == "local" and downloaded and not allow_local_base:
+        raise ValueError(f"{config_path}: the downloaded delta names the local directory "
+                         f"{source.get('path') or source.get('name_or_path')!r} as its base; it is not followed "
+                         "unless you pass allow_local_base=True or the base yourself: "
+                         "MeerkatModel.from_pretrained(base_model, delta_dir)")
 
 
 def _legacy_source(cfg: dict, mask: SparseMask) -> dict:

@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
 
+from ...hub.integrity import check_finite
 from ...zo.spsa import all_finite
 from .codec import (
     KIND_DENSE,
@@ -499,10 +501,12 @@ class FederatedServer:
                         for rr in self.history],
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, source: str | os.PathLike = "checkpoint") -> None:
         values = state["values"].to(torch.float32)
         if values.numel() != self.k:
-            raise ValueError(f"checkpoint holds {values.numel()} values, this mask has k={self.k}")
+            raise ValueError(f"{source} holds {values.numel()} values, this mask has k={self.k}")
+        # a hash-consistent checkpoint with NaN values would resume, drop every client and save a NaN delta
+        check_finite(values, "the server's global state", source)
         self.values = values.clone()
         self.digest = state_digest(self.values)
         self.round = int(state["round"])
