@@ -334,3 +334,16 @@ def test_a_superlink_error_reply_drops_its_addressee_at_once(bare_server):
     outcomes = {2: ClientOutcome(2)}
     s._take_replies(0, sent, replies, outcomes, {}, [], allow_fallback=True)
     assert outcomes[2].dropped == "SuperLink error: Error: Node Unavailable"
+
+
+def test_simulated_clients_get_a_gpu_share_where_cuda_is_visible(monkeypatch):
+    from meerkat_hf.federated.flower import default_backend_config
+
+    cpu_only = default_backend_config()
+    assert cpu_only["client_resources"]["num_gpus"] == (0.25 if torch.cuda.is_available() else 0.0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    two = default_backend_config()
+    assert two["client_resources"]["num_gpus"] == 0.25 and two["init_args"]["num_gpus"] == 2
+    assert default_backend_config(num_gpus_per_client=1)["client_resources"]["num_gpus"] == 1.0
+    assert default_backend_config(device="cpu")["client_resources"]["num_gpus"] == 0.0  # the user asked for CPU

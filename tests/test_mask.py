@@ -285,3 +285,31 @@ def test_interrupted_save_never_leaves_a_half_written_mask(tmp_path, tiny_llama,
         assert SparseMask.from_pretrained(tmp_path).checksum == old.checksum
     except ValueError as err:
         assert "mismatch" in str(err)
+
+
+class _DeviceTensor(torch.Tensor):
+    """Stands in for a CUDA tensor on this CPU-only machine: `.numpy()` refuses, as it does on CUDA, until the
+    tensor is moved to the CPU (the one place a mask hands its indices over)."""
+
+    def numpy(self, *args, **kwargs):
+        raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() first.")
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        if func is torch.Tensor.to and isinstance(out, torch.Tensor):
+            dev = (kwargs or {}).get("device", args[1] if len(args) > 1 else None)
+            if str(dev) == "cpu":
+                return out.as_subclass(torch.Tensor)
+        return out
+
+
+def test_mask_indices_from_another_device_live_on_the_cpu_and_hash_there(tiny_llama):
+    mask = compute_mask(tiny_llama, small_config(method="random"), progress=False)
+    moved = {n: (None if i is None else i.to(torch.int32).as_subclass(_DeviceTensor)) for n, i in mask.indices.items()}
+    with pytest.raises(TypeError, match="cuda"):
+        next(i for i in moved.values() if i is not None).numpy()
+    again = SparseMask(config=mask.config, indices=moved, shapes=mask.shapes)
+    for idx in again.indices.values():
+        assert type(idx) is torch.Tensor and idx.device.type == "cpu" and idx.dtype == torch.long
+    assert again.checksum == mask.checksum

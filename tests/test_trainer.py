@@ -215,6 +215,11 @@ def test_clear_errors_for_bad_inputs(tmp_path):
     adam = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
     with pytest.raises(TypeError, match="ZOSGD"):
         MeerkatZOTrainer(model=m, args=zo_args(tmp_path), train_dataset=data, optimizers=(adam, None))
+    two_gpus = zo_args(tmp_path)
+    _ = two_gpus.device  # Trainer reads n_gpu after the device set-up; a 2-GPU node would report 2
+    two_gpus._n_gpu = 2
+    with pytest.raises(ValueError, match="nn.DataParallel.*accelerate launch. or .torchrun"):
+        MeerkatZOTrainer(model=m, args=two_gpus, train_dataset=data)
 
 
 def test_arguments_parse_from_the_command_line(tmp_path):

@@ -63,7 +63,9 @@ class SparseMask:
                 raise MaskMismatchError(f"masked parameter {name!r} is not among the model's parameters")
             if idx is None:
                 continue
-            idx = idx.to(torch.long).reshape(-1)
+            # protocol objects live on the CPU in fixed dtypes whatever device the model is on (a mask computed on
+            # CUDA hands its indices over from there): the checksum, the files and every replay read these bits
+            idx = idx.to(device="cpu", dtype=torch.long).reshape(-1).contiguous()
             numel = _numel(self.shapes[name])
             if idx.numel() and (idx[0] < 0 or idx[-1] >= numel or bool((idx[1:] <= idx[:-1]).any())):
                 raise ValueError(f"indices of {name!r} must be strictly ascending and within [0, {numel})")

@@ -73,6 +73,11 @@ class MeerkatZOTrainer(Trainer):
         if model is not None:
             _check_model(model)
         args = MeerkatZOArguments.from_training_arguments(args)  # converted once, validated there
+        if args.n_gpu > 1:  # Trainer would wrap the model in nn.DataParallel, whose replicas ZO cannot perturb
+            raise ValueError(
+                f"{args.n_gpu} GPUs are visible to one process, so Trainer would use nn.DataParallel, which "
+                "MeerkatZOTrainer does not support: run one process per GPU with `accelerate launch` or `torchrun`, "
+                "or set CUDA_VISIBLE_DEVICES to one GPU")
         if args.zo_loss in ("candidates", "balanced") and candidate_ids is None:
             raise ValueError(
                 f"zo_loss={args.zo_loss!r} needs the label words' token ids: "
