@@ -383,3 +383,31 @@ def test_template_lookup_prefers_installed_location(tmp_path, monkeypatch):
     (pkg / "model_cards" / "mask_card.md").write_text("---\n{{ card_data }}\n---\ninstalled copy\n")
     monkeypatch.setattr(hub, "__file__", str(pkg / "hub" / "artifacts.py"))
     assert "installed copy" in render_card("mask_card", {}).text
+
+
+def test_trainer_push_to_hub_keeps_the_meerkat_card_with_its_evaluation(fake_hub: FakeHub, tmp_path):
+    from federated_support import make_model_dir
+
+    model_dir = make_model_dir(tmp_path)
+    run_with_hub(fake_hub, f"""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from meerkat_hf import MeerkatZOArguments, MeerkatZOTrainer, SparseMaskConfig, compute_mask, get_meerkat_model
+
+        model = AutoModelForCausalLM.from_pretrained({model_dir!r})
+        tok = AutoTokenizer.from_pretrained({model_dir!r})
+        mm = get_meerkat_model(model, compute_mask(model, SparseMaskConfig(method="random", density=0.05), progress=False))
+        rows = [{{"input_ids": [1, 5, 6, 7], "labels": [1, 5, 6, 7]}}] * 8
+        args = MeerkatZOArguments(output_dir={str(tmp_path / "out")!r}, max_steps=2, per_device_train_batch_size=4,
+                                  report_to="none", use_cpu=True, hub_model_id="me/zo-delta", save_strategy="no",
+                                  learning_rate=1e-3)
+        trainer = MeerkatZOTrainer(model=mm, args=args, train_dataset=rows, eval_dataset=rows, processing_class=tok)
+        trainer.train()
+        trainer.evaluate()
+        trainer.push_to_hub(license="mit", dataset="me/toy-data")
+        """)
+    card = fake_hub.files("me/zo-delta")["README.md"].decode()
+    assert "library_name: meerkat-hf" in card and "generated_from_trainer" not in card
+    assert "Rendered by meerkat-hf" in card and "license: mit" in card and "pipeline_tag: text-generation" in card
+    assert "me/toy-data" in card and "| Eval loss |" in card  # Trainer's evaluation, in the Meerkat card
+    assert "sparse_delta.safetensors" in fake_hub.files("me/zo-delta")

@@ -102,3 +102,29 @@ def test_delta_card_carries_hub_metadata_and_results(tmp_path, tiny_llama):
     metadata = card.split("---")[1]
     assert "library_name: meerkat-hf" in metadata and "- nyu-mll/glue" in metadata and "- zeroth-order" in metadata
     assert "| Accuracy before | 0.5 |" in card and "| Accuracy after | 0.75 |" in card and "| Uplink bytes | 1,234 |" in card
+
+
+def test_peft_shaped_api(tiny_llama, capsys):
+    mm = get_meerkat_model(tiny_llama, random_mask(tiny_llama))
+    mm.set_values(mm.base_values + 0.5)
+    ids = torch.tensor([[1, 5, 9, 2]])
+    trained = mm(input_ids=ids).logits
+    assert mm.get_base_model() is tiny_llama
+    with mm.disable_adapter():
+        base = mm(input_ids=ids).logits
+        assert torch.equal(mm.sparse.gather(), mm.base_values)
+    assert not torch.equal(base, trained) and torch.equal(mm(input_ids=ids).logits, trained)  # restored on exit
+    with pytest.raises(RuntimeError), mm.disable_adapter():
+        raise RuntimeError("inside the block")
+    assert torch.equal(mm.sparse.gather(), mm.values)  # restored on an exception too
+    k, total = mm.get_nb_trainable_parameters()
+    assert k == mm.num_selected == mm.num_parameters(only_trainable=True) and total == tiny_llama.num_parameters()
+    assert mm.num_parameters() == tiny_llama.num_parameters()
+    mm.print_trainable_parameters()
+    assert f"trainable params: {k:,}" in capsys.readouterr().out
+    for name in ("set_adapter", "load_adapter", "active_adapters", "disable_adapters"):
+        with pytest.raises(AttributeError, match=f"MeerkatModel has no {name}\\(\\): a Meerkat delta is not a PEFT adapter"):
+            getattr(mm, name)
+    assert not hasattr(mm, "active_adapters")
+    plain = mm.unload()
+    assert plain is tiny_llama and torch.equal(plain(input_ids=ids).logits, base)

@@ -241,6 +241,18 @@ def load_base_from_source(source: dict, dtype: str | None = None):
     return load_model_and_tokenizer(name, source.get("gguf_file"), dtype)
 
 
+# Licenses of the bases this library can load offline; a Hub base's license is on its own card, which may not be
+# reachable from here, so it is not guessed.
+_KNOWN_LICENSES = {EMBEDDED_NAME: "apache-2.0"}
+
+
+def base_license(source: dict) -> str | None:
+    """The base model's license where known without the network (the embedded SmolLM2), else None."""
+    if source.get("kind") == "embedded":
+        return _KNOWN_LICENSES[EMBEDDED_NAME]
+    return _KNOWN_LICENSES.get(source.get("name_or_path") or "")
+
+
 def describe_base(source: dict) -> str:
     """One line naming the exact base, for model cards and logs."""
     kind, name = source.get("kind"), source.get("display_name") or source.get("name_or_path")

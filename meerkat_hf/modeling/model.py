@@ -8,6 +8,7 @@ are written from it (never incremented), which keeps bf16/fp16 models drift-free
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -41,6 +42,20 @@ DELTA_CONFIG_NAME = "meerkat_config.json"
 DELTA_WEIGHTS_NAME = "sparse_delta.safetensors"
 DELTA_FORMAT_VERSION = 2
 _CARD_MARKER = b"Rendered by meerkat-hf from model_cards/delta_card.md"
+
+
+_LOAD = "load another delta with MeerkatModel.from_pretrained(base, delta_dir) or model.load_delta(delta_dir)"
+_PEFT_ONLY = {  # PEFT/transformers adapter methods -> what to do with a Meerkat delta instead
+    "set_adapter": _LOAD,
+    "add_adapter": _LOAD,
+    "load_adapter": _LOAD,
+    "delete_adapter": "one delta lives in the model; unload() restores the pre-trained values",
+    "active_adapters": "one delta is active, the one in model.values",
+    "active_adapter": "one delta is active, the one in model.values",
+    "disable_adapters": "use the context manager `with model.disable_adapter():`",
+    "enable_adapters": "leave the `with model.disable_adapter():` block",
+    "get_adapter_state_dict": "model.delta is the trained change (k values); save_pretrained writes it",
+}
 
 
 class MeerkatModel(nn.Module):
@@ -137,11 +152,44 @@ class MeerkatModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
+            if name in _PEFT_ONLY:  # transformers' PEFT integration would answer with a misleading error
+                raise AttributeError(f"MeerkatModel has no {name}(): a Meerkat delta is not a PEFT adapter; "
+                                     f"{_PEFT_ONLY[name]}") from None
             return getattr(self.base_model, name)
 
+    # -- PEFT-shaped API -----------------------------------------------------------------
+    def get_base_model(self) -> nn.Module:
+        """The wrapped transformers model (its masked weights hold the current values), as PEFT's `get_base_model`."""
+        return self.base_model
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Run the pre-trained model inside the block (base values in the masked coordinates); the trained values
+        come back on exit, whatever happens inside. The master `values` is never touched."""
+        self.sparse.write(self.base_values)
+        try:
+            yield self
+        finally:
+            self.sparse.write(self.values)
+
+    def unload(self) -> nn.Module:
+        """The base model with its pre-trained values restored (the delta dropped), as PEFT's `unload`."""
+        self.sparse.write(self.base_values)
+        return self.base_model
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """As transformers' `num_parameters`, with `only_trainable=True` counting the k trained coordinates
+        (no nn.Parameter requires grad under ZO, so the plain count would say 0)."""
+        if only_trainable:
+            return self.sparse.k
+        return self.base_model.num_parameters(exclude_embeddings=exclude_embeddings)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all), as PEFT's."""
+        return self.sparse.k, sum(p.numel() for p in self.base_model.parameters())
+
     def print_trainable_parameters(self) -> None:
-        total = sum(p.numel() for p in self.base_model.parameters())
-        k = self.sparse.k
+        k, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {k:,} || all params: {total:,} || trainable%: {100 * k / total:.4f}")
 
     # -- files -------------------------------------------------------------------------
@@ -191,16 +239,21 @@ class MeerkatModel(nn.Module):
         write_directory_atomically(save_directory, files, replace_names=tuple(replace))
 
     def model_card(self, load_path: str, training_summary: dict | None = None, datasets: list[str] | None = None,
-                   *, base: dict | None = None, push_repo: str | None = None):
-        """The delta's model card; its usage snippet loads `load_path` (a Hub id or a local folder)."""
-        from ..hub.loading import base_source, describe_base
+                   *, base: dict | None = None, push_repo: str | None = None, license: str | None = None,
+                   tags: list[str] | None = None, language: str | list[str] | None = None):
+        """The delta's model card; its usage snippet loads `load_path` (a Hub id or a local folder).
+
+        `license` defaults to the base model's where it is known (the embedded SmolLM2: apache-2.0); a delta
+        of a base whose license is unknown here says `license: other` until you pass one."""
+        from ..hub.loading import base_license, base_source, describe_base
 
         base = base or base_source(self.base_model, fallback_name=self.mask.config.base_model_name_or_path)
         display = base.get("display_name") or self.mask.config.base_model_name_or_path
         return render_card(
             "delta_card.md",
-            {"library_name": "meerkat-hf", "base_model": display,
-             "tags": ["meerkat", "zeroth-order", "federated-learning", "sparse"],
+            {"library_name": "meerkat-hf", "base_model": display, "pipeline_tag": "text-generation",
+             "license": license or base_license(base) or "other", "language": language,
+             "tags": ["meerkat", "zeroth-order", "federated-learning", "sparse", *(tags or [])],
              "datasets": datasets or (training_summary or {}).get("datasets") or None},
             repo_id=load_path, base_model=display, base_description=describe_base(base),
             base_load_call=_base_load_call(base), embedded_base=base.get("kind") == "embedded",

@@ -42,6 +42,7 @@ from .. import privacy
 from .. import zo
 from .dp_resume import NOISE_STREAM, EmptyAware, PoissonBatches, check_dp_resume, dp_state, save_dp_state
 from ..classification_metrics import accuracy, balanced_accuracy, macro_f1
+from ..hub.artifacts import write_files_atomically
 from ..modeling.model import DELTA_WEIGHTS_NAME, MeerkatModel, forward_module
 from ..modeling.precision import warn_if_eps_below_bf16_resolution
 from ..tasks import IGNORE_INDEX, balanced_class_weights, candidate_loss, prediction_positions
@@ -185,6 +186,11 @@ class MeerkatZOTrainer(Trainer):
             self._setup_dp(checkpoint)
         elif checkpoint is not None:
             check_dp_resume(checkpoint, None)
+        if self.meerkat_model is not None:  # Trainer's own count is of nn.Parameters with requires_grad: 0 under ZO
+            k, total = self.meerkat_model.get_nb_trainable_parameters()
+            logger.info("Meerkat: %s trainable coordinates of %s (%.4f%%); Trainer's 'Number of trainable parameters' "
+                        "counts nn.Parameters with requires_grad, which ZO never sets", f"{k:,}", f"{total:,}",
+                        100 * k / max(total, 1))
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _resume_folder(self, resume_from_checkpoint) -> str | None:
@@ -399,6 +405,15 @@ class MeerkatZOTrainer(Trainer):
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
+        summary = self.meerkat_training_summary()
+        self.meerkat_model.save_pretrained(output_dir, training_summary=summary)
+        if self._dp_record is not None:  # what a resume must not change (trainer_privacy)
+            save_dp_state(output_dir, self._dp_record)
+        logger.info("saved Meerkat sparse delta (k=%d) to %s", self.meerkat_model.num_selected, output_dir)
+        self._save_processing_class(output_dir)
+
+    def meerkat_training_summary(self) -> dict:
+        """What the delta's card and meerkat_config.json record about this run."""
         opt = self.zo_optimizer
         summary = {
             "trainer": "MeerkatZOTrainer",
@@ -417,10 +432,26 @@ class MeerkatZOTrainer(Trainer):
                                                     "private Gaussian noise; Opacus RDP accountant)",
                             "dp_clip": self.dp.clip, "dp_noise_multiplier": self.dp.noise_multiplier,
                             "dp_epsilon": self.dp_epsilon(), "dp_delta": self.args.dp_delta})
-        self.meerkat_model.save_pretrained(output_dir, training_summary=summary)
-        if self._dp_record is not None:  # what a resume must not change (trainer_privacy)
-            save_dp_state(output_dir, self._dp_record)
-        logger.info("saved Meerkat sparse delta (k=%d) to %s", self.meerkat_model.num_selected, output_dir)
+        return summary
+
+    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
+                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None) -> None:
+        """The Meerkat card (mask, base, training summary, license) with Trainer's last evaluation merged in.
+
+        Trainer's own `create_model_card` (called by `push_to_hub`) writes a generic transformers card over
+        README.md; the delta's card is what tells a reader how to load and trust this folder."""
+        if not self.is_world_process_zero():
+            return
+        summary = self.meerkat_training_summary()
+        for row in self.state.log_history:  # the last value of each evaluation metric
+            summary.update({k: v for k, v in row.items() if k.startswith("eval_") and isinstance(v, (int, float))})
+        datasets = [dataset] if isinstance(dataset, str) else (list(dataset) if dataset else None)
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        card = self.meerkat_model.model_card(self.args.hub_model_id or self.args.output_dir, summary, datasets,
+                                             license=license, tags=tags, language=language)
+        write_files_atomically(self.args.output_dir, {"README.md": str(card).encode()})
+
+    def _save_processing_class(self, output_dir: str) -> None:
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         elif getattr(self.data_collator, "tokenizer", None) is not None:
