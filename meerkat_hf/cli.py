@@ -182,6 +182,36 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _add_export_command(sub) -> None:
+    exp = sub.add_parser(
+        "export", help="write a trained delta in another library's format (--peft: a PEFT SHiRA adapter)",
+        description="Export RUN_OR_DELTA so that plain PEFT loads it: PeftModel.from_pretrained(base, OUT) gives the "
+                    "outputs of the Meerkat model, with no meerkat-hf installed.")
+    exp.add_argument("run_or_delta", metavar="RUN_OR_DELTA", help="a run folder (uses its final/), a delta folder or a Hub id")
+    exp.add_argument("out", metavar="OUT", help="the adapter folder to write")
+    exp.add_argument("--peft", action="store_true", required=True, help="write a PEFT SHiRA adapter (the only format)")
+    exp.add_argument("--max-padding", type=float, default=8.0,
+                     help="refuse when SHiRA's one-rank-for-all padding stores more than this many entries per trained "
+                          "weight (default 8)")
+    exp.add_argument("--force", action="store_true", help="write it whatever the padding")
+    exp.add_argument("--base", default=None, metavar="MODEL", help="load this base instead of the recorded one")
+    exp.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    from .modeling.model import MeerkatModel
+    from .predict import locate_delta
+
+    if not args.max_padding > 1:
+        raise ValueError(f"--max-padding must be > 1 (got {args.max_padding})")
+    location = locate_delta(args.run_or_delta)
+    model = MeerkatModel.from_pretrained(location.delta, base_model=args.base)
+    plan = model.export_peft(args.out, max_padding=args.max_padding, force=args.force)
+    print(f"wrote a PEFT SHiRA adapter to {args.out}: {plan.describe()}")
+    print(f"load it with: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), {args.out!r})")
+    return 0
+
+
 def _version() -> str:
     from .versions import versions_line
 
@@ -207,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mask_commands(sub)
     _add_federate_command(sub)
     _add_predict_command(sub)
+    _add_export_command(sub)
     return parser
 
 

@@ -336,6 +336,13 @@ class MeerkatModel(nn.Module):
             self.save_pretrained(tmp, training_summary=training_summary, repo_id=repo_id)
             return push_folder(tmp, repo_id, commit_message=commit_message, **hub_kwargs)
 
+    def export_peft(self, save_directory: str | os.PathLike, *, max_padding: float = 8.0, force: bool = False):
+        """Write the delta as a PEFT SHiRA adapter that `PeftModel.from_pretrained(base, dir)` loads with the outputs
+        of `merge_and_unload()`; returns the export's plan (rank, padding ratio, dense modules). See `peft_export`."""
+        from .peft_export import export_peft
+
+        return export_peft(self, save_directory, max_padding=max_padding, force=force)
+
     def merge_and_unload(self) -> nn.Module:
         """Return the plain transformers model with the trained values written in."""
         self.sync_weights()
