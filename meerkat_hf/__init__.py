@@ -5,7 +5,8 @@ The package's folders are its architecture:
 * `masks/`     the transferable sparse mask: its config, calibration, selection, cache and files;
 * `zo/`        seeded directions, the ZO estimators and `ZOSGD` (the arithmetic every node shares);
 * `modeling/`  `MeerkatModel` (a causal LM whose masked coordinates train) and its forward precision;
-* `trainer/`   `MeerkatZOTrainer`, a drop-in `transformers.Trainer`, and its arguments;
+* `trainer/`   `MeerkatZOTrainer`, a drop-in `transformers.Trainer`, its arguments, and
+                `MeerkatSFTTrainer` on TRL's `SFTTrainer` (the [trl] extra);
 * `hub/`       atomic saves, Hub upload/download, model cards, base-model loading;
 * `tasks/`     prompt classification and LM tasks (templates, data, verbalizers);
 * `federated/` the replayed protocol, the in-process engine, Accelerate and Flower.
@@ -24,7 +25,9 @@ from .modeling.model import MeerkatModel, get_meerkat_model
 __version__ = "0.1.0"
 
 _LAZY = {"MeerkatZOTrainer": "trainer", "MeerkatZOArguments": "trainer", "CandidateAccuracy": "trainer",
-         "ZOSGD": "zo.optimizer", "lora_mask": "masks.baselines", "full_mask": "masks.baselines"}
+         "ZOSGD": "zo.optimizer", "lora_mask": "masks.baselines", "full_mask": "masks.baselines",
+         # the [trl] extra: importing them without TRL says how to install it
+         "MeerkatSFTTrainer": "trainer.sft_trainer", "MeerkatSFTConfig": "trainer.sft_trainer"}
 
 
 def __getattr__(name: str):
@@ -39,6 +42,8 @@ __all__ = [
     "CandidateAccuracy",
     "MaskMismatchError",
     "MeerkatModel",
+    "MeerkatSFTConfig",
+    "MeerkatSFTTrainer",
     "MeerkatZOArguments",
     "MeerkatZOTrainer",
     "SelfGenerated",

@@ -104,3 +104,16 @@ def test_main_job_command_runs_the_packaged_default_on_any_model(tmp_path, capsy
     assert info["config"]["model"]["model_name_or_path"] == model_dir and info["config"]["model"]["gguf_file"] is None
     assert (out / "final" / "README.md").is_file() and (out / "plots" / "accuracy.png").is_file()
     assert yaml.safe_load(DEFAULT_CONFIG.read_text())["mask"]["cache"] is True  # the mask is computed once
+
+
+def test_sft_trainer_example_lowers_the_completion_loss_without_grad(tmp_path, capsys):
+    pytest.importorskip("trl")
+    model_dir = make_model_dir(tmp_path)
+    result = load_example("sft_trainer").main([
+        "--model", model_dir, "--density", "0.2", "--max-steps", "40", "--learning-rate", "0.1",
+        "--num-perturbations", "4", "--calibration-sequences", "2", "--max-length", "48",
+        "--output-dir", str(tmp_path / "sft")])
+    assert result["after"]["eval_loss"] < result["before"]["eval_loss"]
+    assert "eval_mean_token_accuracy" in result["after"]  # TRL's token metrics, under the eval prefix
+    assert "sparse delta saved" in capsys.readouterr().out
+    assert (tmp_path / "sft" / "final" / "sparse_delta.safetensors").is_file()
