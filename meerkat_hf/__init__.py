@@ -25,6 +25,7 @@ from .modeling.model import MeerkatModel, get_meerkat_model
 __version__ = "0.1.0"
 
 _LAZY = {"MeerkatZOTrainer": "trainer", "MeerkatZOArguments": "trainer", "CandidateAccuracy": "trainer",
+         "list_masks": "hub.discovery", "mask_repo_name": "hub.discovery",
          "ZOSGD": "zo.optimizer", "lora_mask": "masks.baselines", "full_mask": "masks.baselines",
          # the [trl] extra: importing them without TRL says how to install it
          "MeerkatSFTTrainer": "trainer.sft_trainer", "MeerkatSFTConfig": "trainer.sft_trainer"}
@@ -54,5 +55,7 @@ __all__ = [
     "full_mask",
     "get_meerkat_model",
     "get_or_compute_mask",
+    "list_masks",
     "lora_mask",
+    "mask_repo_name",
 ]

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from render_results import _t_interval  # research/: the docs' Student-t interval (standard library only, cheap)
+from render_results import t_interval  # research/: the docs' Student-t interval (standard library only, cheap)
 
 TASK = "tweets_binary"
 
@@ -358,11 +358,11 @@ def run_cell(method: str, lr: float, seed: int, out: Path, extra: list[str], lon
 
 def single_label_clients(config) -> list[int]:
     """The clients whose training data holds one label only (the partition redone from the seed, no model)."""
-    from meerkat_hf.federated.task_data import _partition
+    from meerkat_hf.federated.task_data import config_partition
     from meerkat_hf.tasks import load_task_dataset
 
     labels = np.asarray(load_task_dataset(TASK, "train")["label"], dtype=np.int64)
-    return [c for c, part in enumerate(_partition(config, labels, len(labels))) if len(set(labels[part].tolist())) == 1]
+    return [c for c, part in enumerate(config_partition(config, labels, len(labels))) if len(set(labels[part].tolist())) == 1]
 
 
 def test_cell(method: str, lr: float, seed: int, out: Path, extra: list[str], long: bool = False) -> dict:
@@ -539,7 +539,7 @@ def _paired_lines(by_seed: dict[str, dict[int, float]]) -> list[str]:
         d = [by_seed[name][s] - by_seed[ref_][s] for s in seeds]
         if len(d) < 2:
             continue
-        mean, lo, hi = _t_interval(d)
+        mean, lo, hi = t_interval(d)
         out.append(f"| {name} - {ref_} | {len(d)} | {', '.join(f'{x:+.3f}' for x in d)} | {mean:+.3f} "
                    f"[{lo:+.3f}, {hi:+.3f}] |")
         used.append((name, ref_))
@@ -573,7 +573,7 @@ def _epsilon_lines(chosen: dict[str, tuple[float | None, list[dict]]], by_seed: 
         d = [by_seed[name][s] - by_seed[ref][s] for s in seeds]
         if len(d) < 2:
             return f"| {acc} | |"
-        mean, lo, hi = _t_interval(d)
+        mean, lo, hi = t_interval(d)
         return f"| {acc} | {mean:+.3f} [{lo:+.3f}, {hi:+.3f}] |"
 
     lines = ["", "Epsilon against accuracy (delta 1e-5, clip {:g}; test balanced accuracy, mean +- std over seeds; "

@@ -19,6 +19,7 @@ byte for byte as it is. The sources, all under research/results/:
     federated_curves curves/*.jsonl                (learning_curve.py federated)
     comparison     compare/table.md                (compare.py table, from compare/cells.jsonl + tests.jsonl)
     vp_detector    vp_detector/detector.md         (vp_detector.py tune, from vp_detector/traces.jsonl)
+    drift_grid     drift_grid/grid.md              (drift_grid.py: hostile clients, robust bound off and on)
     vp_separability vp_detector/separability.md    (vp_detector.py separability)
     vp_cal_separability vp_detector_cal/separability.md (the same, 20-step lr-3e-3 traces)
     vp_cal_detector vp_detector_cal/detector.md     (vp_detector.py tune on those traces)
@@ -448,6 +449,11 @@ def render_vp_detector(rec: Records) -> str:
     return rec.path("vp_detector/detector.md").read_text().rstrip("\n")
 
 
+def render_drift_grid(rec: Records) -> str:
+    """The hostile-client drift grid: `research/drift_grid.py`'s table, robust bound off and on."""
+    return rec.path("drift_grid/grid.md").read_text().strip("\n")
+
+
 def render_paper_summary(rec: Records) -> str:
     """README's three lines on issue 13/14: the comparison, the detector, DP, from their recorded summaries."""
     cmp_ = rec.json("compare/summary.json")
@@ -518,7 +524,7 @@ def _paired_verdict(methods: dict[str, dict]) -> str:
         diffs = [ba - base[s] for s, ba in zip(m.get("seed_ids", []), m["balanced_accuracy"]) if s in base]
         if name == "meerkat" or len(diffs) < 2:
             continue
-        mean, lo, hi = _t_interval(diffs)
+        mean, lo, hi = t_interval(diffs)
         (apart if lo > 0 or hi < 0 else close).append(f"{name} {mean:+.3f} [{lo:+.3f}, {hi:+.3f}]")
     if not apart and not close:
         return ""
@@ -530,7 +536,7 @@ def _paired_verdict(methods: dict[str, dict]) -> str:
     return text + "."
 
 
-def _t_interval(xs: list[float]) -> tuple[float, float, float]:
+def t_interval(xs: list[float]) -> tuple[float, float, float]:
     """mean and 95% Student-t interval of a few (>= 2) per-seed numbers."""
     mean = statistics.fmean(xs)
     half = T975[len(xs) - 1] * statistics.stdev(xs) / math.sqrt(len(xs))
@@ -541,7 +547,7 @@ def _mean_t(xs: list[float]) -> str:
     """mean [95% t-interval] of a few per-seed numbers (just the mean for one)."""
     if len(xs) < 2:
         return f"{statistics.fmean(xs):+.3f} (1 seed)"
-    return "{:+.3f} [{:+.3f}, {:+.3f}]".format(*_t_interval(xs))
+    return "{:+.3f} [{:+.3f}, {:+.3f}]".format(*t_interval(xs))
 
 
 def _vp_effect_sentence(rec: Records) -> str:
@@ -632,6 +638,7 @@ RENDERERS: dict[str, Callable[[Records], str]] = {
     "compare_movement": _recorded("compare/movement.md"),
     "comparison": render_comparison,
     "vp_detector": render_vp_detector,
+    "drift_grid": render_drift_grid,
     "cli_runs": render_cli_runs,
     "study_summary": render_study_summary,
     "baselines": render_baselines,

@@ -331,7 +331,8 @@ class _Capture(logging.Handler):
 
 def probe_checkpoints(tally: Tally, root: Path, flips: int, resumes: int) -> None:
     from federated_support import base_config, make_model_dir, make_task_files
-    from meerkat_hf.federated import FederationConfig, FederationHooks, SimulatedCrash, run_federation
+    from meerkat_hf.federated import FederationConfig, FederationHooks, run_federation
+    from meerkat_hf.federated.engine import SimulatedCrash
     from meerkat_hf.federated.checkpoint import list_checkpoints, load_latest_checkpoint, read_checkpoint
 
     model_dir, files = make_model_dir(root), make_task_files(root)

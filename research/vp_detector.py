@@ -218,7 +218,7 @@ def ceiling(args) -> None:
     """Upper bound on F1 of flagging exactly the single-label clients from a calibration window."""
     from meerkat_hf.federated import FederationConfig
     from meerkat_hf.federated.federation_config import DEFAULT_CONFIG
-    from meerkat_hf.federated.task_data import _partition
+    from meerkat_hf.federated.task_data import config_partition
     from meerkat_hf.tasks import load_task_dataset
 
     labels = np.asarray(load_task_dataset("tweets_binary", "train")["label"], dtype=np.int64)
@@ -229,7 +229,7 @@ def ceiling(args) -> None:
     mixed = 0
     for i in feds:
         config = FederationConfig.from_yaml(DEFAULT_CONFIG, federation_overrides(i, args))
-        parts = _partition(config, labels, len(labels))
+        parts = config_partition(config, labels, len(labels))
         for part in parts:
             counts = np.bincount(labels[part], minlength=2)
             n, minority = int(counts.sum()), int(counts.min())

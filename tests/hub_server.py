@@ -127,6 +127,7 @@ class FakeHub:
         self.user = user
         self.repos: dict[tuple[str, str], Repo] = {}
         self.requests: list[tuple[str, str]] = []
+        self.user_agents: list[str] = []  # the User-Agent of every request
         self.unknown_requests: list[str] = []
         self.errors: list[str] = []
         self._lock = threading.RLock()
@@ -251,6 +252,7 @@ _ROUTES: list[_Route] = [
     for m, p, h in [
         ("GET", r"^/api/whoami-v2$", "whoami"),
         ("GET", r"^/api/agent-harnesses$", "agent_harnesses"),
+        ("GET", r"^/api/models$", "list_models"),
         ("POST", r"^/api/repos/create$", "create_repo"),
         ("POST", r"^/api/validate-yaml$", "validate_yaml"),
         ("POST", rf"^/api/{_TYPES}/(?P<repo>.+?)/preupload/(?P<rev>[^/]+)$", "preupload"),
@@ -317,6 +319,7 @@ class _HubHandler(BaseHTTPRequestHandler):
         self.query = {k: v[-1] for k, v in parse_qs(split.query).items()}
         self.body = self._read_body()
         self.hub.requests.append((method, split.path))
+        self.hub.user_agents.append(self.headers.get("User-Agent", ""))
         for route_method, pattern, name in _ROUTES:
             match = pattern.match(split.path) if route_method == method else None
             if match is None:
@@ -507,6 +510,30 @@ class _HubHandler(BaseHTTPRequestHandler):
         start = self._json_body().get("startingPoint") or DEFAULT_BRANCH
         found.refs[rev] = self.hub._resolve(found, start)
         self._json({})
+
+    def route_list_models(self) -> None:
+        """`HfApi.list_models(filter=..., search=..., author=...)`: the model repos whose card tags (the Hub counts
+        `library_name` as one) hold every `filter` value, whose id contains `search`, by `author`."""
+        split = urlsplit(self.path)
+        params = parse_qs(split.query)
+        wanted = [t for v in params.get("filter", []) for t in v.split(",") if t]
+        search, author = self.query.get("search", ""), self.query.get("author")
+        found = []
+        for (repo_type, repo_id), repo in sorted(self.hub.repos.items()):
+            if repo_type != "model" or repo.private or search.lower() not in repo_id.lower():
+                continue
+            if author and repo_id.split("/")[0] != author:
+                continue
+            files = repo.commits[self.hub._resolve(repo, DEFAULT_BRANCH)].files
+            try:
+                card = _front_matter(files["README.md"].decode()) if "README.md" in files else {}
+            except Exception:
+                card = {}
+            tags = [*(card.get("tags") or []), *([card["library_name"]] if card.get("library_name") else [])]
+            if all(t in tags for t in wanted):
+                found.append({"id": repo_id, "modelId": repo_id, "tags": tags, "private": False,
+                              "library_name": card.get("library_name")})
+        self._json(found)
 
     def route_info(self, type: str, repo: str, rev: str | None = None) -> None:  # noqa: A002
         found = self._repo(type, repo)

@@ -86,6 +86,7 @@ FEDERATE = [  # (--set overrides or extra args, what the one line must say)
     (["--set", "eps=1e300"], "eps=1e+300 is above 1.0"),
     (["--set", "partition.num_single_label_clients=1.5"], "num_single_label_clients must be an integer"),
     (["--set", "validation.max_update_median_ratio=0.5"], "max_update_median_ratio must be >= 1"),
+    (["--set", "algorithm=magnitude", "--set", "mask.method=random"], "algorithm 'magnitude' uses a 'magnitude' mask"),
 ]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from conftest import tiny_model
@@ -59,3 +60,32 @@ def test_sparse_delta_push_and_load_on_a_fresh_base(fake_hub, tmp_path):  # noqa
         print("ok")
     """)
     assert {"sparse_delta.safetensors", "meerkat_config.json", "mask.safetensors"} <= set(fake_hub.files("school-a/smol-delta"))
+
+
+def test_masks_are_named_by_convention_and_listed_by_base_model(fake_hub, tmp_path):
+    from meerkat_hf import mask_repo_name
+
+    assert mask_repo_name("HuggingFaceTB/SmolLM2-135M-Instruct", 1e-5) == "SmolLM2-135M-Instruct-meerkat-mask-1e-05"
+    with pytest.raises(ValueError, match="density"):
+        mask_repo_name("org/base", 0)
+    result = run_with_hub(fake_hub, f"""
+        import json, torch
+        from meerkat_hf import SparseMask, SparseMaskConfig, list_masks, mask_repo_name
+        from meerkat_hf.hub import resolve_folder
+
+        def publish(base, density):
+            cfg = SparseMaskConfig(method="random", density=density, base_model_name_or_path=base)
+            mask = SparseMask(config=cfg, indices={{"w": torch.tensor([0, 3])}}, shapes={{"w": [4, 4]}})
+            repo = "me/" + mask_repo_name(base, density)
+            mask.push_to_hub(repo)
+            return repo
+
+        published = [publish("org/tiny-base", 1e-3), publish("org/tiny-base", 1e-2), publish("org/other-base", 1e-3)]
+        resolve_folder(published[0], cache_dir={str(tmp_path / "cache")!r})
+        print(json.dumps({{"published": published, "tiny": list_masks("org/tiny-base"), "all": list_masks(),
+                          "mine": list_masks(author="me"), "nobody": list_masks(author="nobody")}}))
+        """)
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert sorted(out["tiny"]) == sorted(out["published"][:2])
+    assert sorted(out["all"]) == sorted(out["mine"]) == sorted(out["published"]) and out["nobody"] == []
+    assert any("meerkat-hf/" in agent for agent in fake_hub.user_agents)  # downloads say which library asked

@@ -13,20 +13,56 @@
 
 from .federation_config import ALGORITHMS, ConfigError, FederationConfig
 from .driver import run_federation
-from .engine import FederationHooks, FederationResult, RoundEngine, SimulatedCrash, Transport, sample_clients
+from .engine import FederationHooks, FederationResult, RoundEngine, Transport, sample_clients
 from . import protocol
-from .protocol import *  # noqa: F403  (the protocol core's API: see protocol/__init__.py)
+from .protocol import (  # the protocol core's public API (protocol/__init__.py); fault-injection types stay in engine
+    FederatedClient,
+    FederatedServer,
+    GradIPDetector,
+    LRSchedule,
+    MessageError,
+    ProtocolParams,
+    Rejection,
+    RoundSummary,
+    StepScheduler,
+    Uplink,
+    ValidationConfig,
+    VPConfig,
+    aggregate_zo_round,
+    decode_downlink,
+    decode_uplink,
+    evaluate_trajectories,
+    replay_client,
+    state_digest,
+)
 
 __all__ = [
     "ALGORITHMS",
     "ConfigError",
+    "FederatedClient",
+    "FederatedServer",
     "FederationConfig",
     "FederationHooks",
     "FederationResult",
+    "GradIPDetector",
+    "LRSchedule",
+    "MessageError",
+    "ProtocolParams",
+    "Rejection",
     "RoundEngine",
-    "SimulatedCrash",
+    "RoundSummary",
+    "StepScheduler",
     "Transport",
+    "Uplink",
+    "VPConfig",
+    "ValidationConfig",
+    "aggregate_zo_round",
+    "decode_downlink",
+    "decode_uplink",
+    "evaluate_trajectories",
+    "protocol",
+    "replay_client",
     "run_federation",
     "sample_clients",
-    *protocol.__all__,
+    "state_digest",
 ]

@@ -324,6 +324,10 @@ class FederationConfig:
         need(_num(self.mask.density) and 0 < self.mask.density <= 1, f"mask.density must be in (0, 1] (got {self.mask.density!r})")
         need(self.mask.method in METHODS, f"mask.method must be {', '.join(METHODS[:-1])} or {METHODS[-1]} "
                                           f"(got {self.mask.method!r})")
+        implied = {"full-fedzo": "full", "magnitude": "magnitude", "random": "random"}.get(self.algorithm)
+        need(implied is None or self.mask.method in (implied, "sensitivity"),  # sensitivity: the section's default
+             f"algorithm {self.algorithm!r} uses a {implied!r} mask, but mask.method is {self.mask.method!r}: "
+             f"drop mask.method or set it to {implied!r}")
         if self.mask.path is not None:
             need(self.algorithm in ("meerkat", "meerkat-vp", "random-early-stop", "fo-fedavg"),
                  f"mask.path cannot be combined with algorithm {self.algorithm!r}, which builds its own mask")

@@ -60,7 +60,8 @@ class FederatedData:
         return label_count_table(self.labels, self.parts, self.label_names)
 
 
-def _partition(config: FederationConfig, labels: np.ndarray | None, n: int) -> list[list[int]]:
+def config_partition(config: FederationConfig, labels: np.ndarray | None, n: int) -> list[list[int]]:
+    """The clients' row indices as `config.partition` deals them (seeded): the one split every study replays."""
     p = config.partition
     seed = config.seed if p.seed is None else p.seed
     return partition(labels if labels is not None else np.zeros(n, dtype=np.int64), config.num_clients, p.scheme, seed,
@@ -82,7 +83,7 @@ def build_classification_data(config: FederationConfig, tokenizer) -> FederatedD
     train = load_task_dataset(template, "train", max_examples=t.max_train_examples, **kw)
     evalset = load_task_dataset(template, t.eval_split, max_examples=config.eval_examples, **kw)
     labels = np.asarray(train[template.label_column], dtype=np.int64)
-    parts = _partition(config, labels, len(train))
+    parts = config_partition(config, labels, len(train))
     encoded = encode_classification(tokenizer, template, train, config.max_length).with_format(None)
     rows = encoded.to_list()
     eval_encoded = encode_classification(tokenizer, template, evalset, config.max_length, include_label_word=False)
@@ -183,7 +184,7 @@ def build_lm_data(config: FederationConfig, tokenizer) -> FederatedData:
         return [{"input_ids": list(x)} for x in ids if len(x) >= 2]
 
     rows, eval_rows = encode(train_texts), encode(eval_texts)
-    parts = _partition(config, None, len(rows))
+    parts = config_partition(config, None, len(rows))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     collate = LMCollator(int(pad))
 

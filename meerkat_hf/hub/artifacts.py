@@ -319,6 +319,13 @@ def find_interrupted_save(directory: str | os.PathLike[str]) -> Path | None:
 # --------------------------------------------------------------------------------------------------
 
 
+def _client_id() -> dict[str, str]:
+    """`library_name`/`library_version` for the Hub client's user agent (downloads are counted per library)."""
+    from .. import __version__
+
+    return {"library_name": LIBRARY_NAME, "library_version": __version__}
+
+
 def _is_repo_id(name: str) -> bool:
     """True if `name` is a syntactically valid Hub repo id (`name` or `namespace/name`)."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -430,7 +437,8 @@ def resolve_folder(
             try:  # a repo downloaded before still loads from the cache
                 return Path(huggingface_hub.snapshot_download(repo_id=repo_id, revision=revision,
                                                               allow_patterns=allow_patterns, cache_dir=cache_dir,
-                                                              repo_type="model", local_files_only=True))
+                                                              repo_type="model", local_files_only=True,
+                                                              **_client_id()))
             except Exception:  # noqa: BLE001
                 raise OSError(
                     f"{where} is not a local directory and is not in the local Hub cache, and the Hub did not "
@@ -445,6 +453,7 @@ def resolve_folder(
             token=token,
             cache_dir=cache_dir,
             repo_type="model",
+            **_client_id(),
         )
     except RevisionNotFoundError as err:
         raise OSError(f"Revision '{revision or 'main'}' does not exist in Hub repo '{repo_id}'.") from err

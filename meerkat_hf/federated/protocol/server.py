@@ -59,7 +59,6 @@ from .virtual_path import (
     ProtocolParams,
     add_central_noise,
     aggregate_dense_round,
-    aggregate_zo_round,
     cap_example_counts,
     client_steps,
     exact_norm,
