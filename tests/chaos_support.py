@@ -14,6 +14,7 @@ the server: each accepted uplink is in its round's aggregate exactly once, nothi
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from meerkat_hf.federated import FederationConfig
 from meerkat_hf.federated.assets import protocol_params
 from meerkat_hf.federated.engine import FederationHooks, SimulatedCrash, sample_clients
 from meerkat_hf.federated.protocol.codec import decode_uplink, state_digest
-from meerkat_hf.federated.protocol.virtual_path import aggregate_zo_round
+from meerkat_hf.federated.protocol.virtual_path import aggregate_zo_round, fp32
 
 DROPOUT, LATE, NEVER, DUPLICATE, REPLAY = "dropout", "late", "never", "duplicate", "replay"
 FAULTS = (DROPOUT, LATE, NEVER, DUPLICATE, REPLAY)
@@ -146,6 +147,13 @@ def expected_row(faults: SeededFaults, rows: list[dict], r: int) -> dict:
     }
 
 
+def _scaled(record, factor):
+    """A record with its scalars scaled as the server scales a clipped client's (fp32(g * factor))."""
+    if factor is None:
+        return record
+    return dataclasses.replace(record, grads=tuple(fp32(g * factor) for g in record.grads))
+
+
 def audit(faults: SeededFaults, rows: list[dict], config: FederationConfig,
           initial: torch.Tensor) -> tuple[dict, list[str]]:
     """Check every row against the seeded sampling and the injected faults, and recompute every
@@ -172,9 +180,12 @@ def audit(faults: SeededFaults, rows: list[dict], config: FederationConfig,
         for x in row["rejected"]:
             if x["round"] != r:
                 problems.append(f"round {r}: a rejection is dated round {x['round']}")
-        if row["clipped"] or row["refused"] or row["weight_capped"] or row["replay_mismatches"]:
-            problems.append(f"round {r}: clipped/refused/capped/mismatch: {row['clipped']} {row['refused']} "
+        if row["refused"] or row["weight_capped"] or row["replay_mismatches"]:
+            problems.append(f"round {r}: refused/capped/mismatch: {row['refused']} "
                             f"{row['weight_capped']} {row['replay_mismatches']}")
+        unknown = sorted(set(row["clipped"]) - {str(c) for c in row["accepted"]})
+        if unknown:
+            problems.append(f"round {r}: clipped clients {unknown} were not accepted")
         unexplained = sorted(int(c) for c in row["downlink_fallbacks"] if int(c) not in stragglers_so_far)
         if unexplained:
             problems.append(f"round {r}: dense fallbacks of clients that never straggled: {unexplained}")
@@ -182,8 +193,9 @@ def audit(faults: SeededFaults, rows: list[dict], config: FederationConfig,
         nbytes = sum(len(faults.sent[(r, c)]) for c in row["accepted"]) + sum(x["nbytes"] for x in row["rejected"])
         if nbytes != row["uplink_bytes"]:
             problems.append(f"round {r}: uplink_bytes {row['uplink_bytes']} != accepted + refused {nbytes}")
-        if accepted:
-            values, _, _ = aggregate_zo_round(values, [u.record for u in accepted], params, r, with_paths=False)
+        if accepted:  # the robust bound scales an over-long client's scalars; the row says by how much
+            records = [_scaled(u.record, row["clipped"].get(str(u.client_id))) for u in accepted]
+            values, _, _ = aggregate_zo_round(values, records, params, r, with_paths=False)
         if state_digest(values).hex() != row["state_digest"]:
             problems.append(f"round {r}: recomputed digest {state_digest(values).hex()} != row {row['state_digest']}")
         stragglers_so_far |= {int(c) for c in want["late_uplinks"]}
