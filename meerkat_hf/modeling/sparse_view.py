@@ -69,12 +69,19 @@ class SparseView:
         """Load an fp32 k-vector into the weights (cast to each weight's dtype)."""
         if values.numel() != self.k:
             raise ValueError(f"expected {self.k} values, got {values.numel()}")
+        # One host-to-device copy per device and one cast per (device, dtype) per write, not one per tensor: a
+        # bf16-mixed model has ~100 masked tensors in two dtypes, and a kernel launch per tensor per write is what
+        # keeps a GPU waiting. (The master is fp32 on the CPU; the same fp32 values cast once give the same bits.)
         on_device: dict[torch.device, torch.Tensor] = {}
+        cast: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         for s in self.slices:
-            dev = s.param.device
-            if dev not in on_device:
-                on_device[dev] = values.to(dev, non_blocking=True)
-            chunk = on_device[dev][s.start : s.stop].to(s.param.dtype)
+            dev, dtype = s.param.device, s.param.dtype
+            key = (dev, dtype)
+            if key not in cast:
+                if dev not in on_device:
+                    on_device[dev] = values if values.device == dev else values.to(dev)
+                cast[key] = on_device[dev].to(dtype)
+            chunk = cast[key][s.start : s.stop]
             flat = s.param.data.view(-1)
             index = self._index(s)
             if index is None:
