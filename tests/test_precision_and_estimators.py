@@ -277,3 +277,17 @@ def test_bf16_with_an_eps_below_its_resolution_warns(tmp_path, caplog):
         MeerkatZOTrainer(model=_meerkat(), args=zo_args(tmp_path, bf16=True, zo_eps=1e-2), train_dataset=cyclic_dataset())
         assert not precision.warn_if_eps_below_bf16_resolution("fp32", 1e-4)
     assert "bf16 forwards with eps" not in caplog.text
+
+
+def test_fp32_forwards_on_cuda_without_tf32_get_one_warning(monkeypatch, caplog):
+    mm = _meerkat()
+    assert not precision.warn_if_fp32_on_cuda(mm.base_model, "fp32")  # a CPU model: nothing to say
+    monkeypatch.setattr(precision, "model_device", lambda model: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(precision, "tf32_enabled", lambda: False)
+    with caplog.at_level(logging.WARNING):
+        assert precision.warn_if_fp32_on_cuda(mm.base_model, "fp32")
+    assert "NVIDIA H100" in caplog.text and "tensor cores idle" in caplog.text and "bf16=True" in caplog.text
+    assert not precision.warn_if_fp32_on_cuda(mm.base_model, "bf16-mixed")  # the user already chose bf16
+    monkeypatch.setattr(precision, "tf32_enabled", lambda: True)
+    assert not precision.warn_if_fp32_on_cuda(mm.base_model, "fp32")  # TF32 uses the tensor cores

@@ -20,7 +20,7 @@ from ..hub.loading import load_model_and_tokenizer
 from ..masks.mask import SparseMask
 from ..masks.cache import get_or_compute_mask
 from ..modeling.model import get_meerkat_model
-from ..modeling.precision import warn_if_eps_below_bf16_resolution
+from ..modeling.precision import warn_if_eps_below_bf16_resolution, warn_if_fp32_on_cuda
 from ..privacy import ExampleDP, solve_noise_multiplier
 from ..zo.spsa import derive_seed
 from .federation_config import ConfigError, FederationConfig
@@ -43,6 +43,8 @@ def meerkat_model(config: FederationConfig, model, mask: SparseMask):
     if config.model.dtype == "bfloat16":
         wrapped.set_forward_precision("bf16-mixed")
         warn_if_eps_below_bf16_resolution("bf16-mixed", config.eps)
+    else:
+        warn_if_fp32_on_cuda(model, wrapped.forward_precision)
     return wrapped
 
 

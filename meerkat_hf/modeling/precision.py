@@ -114,6 +114,25 @@ def warn_if_slow_bf16(device: torch.device | str) -> float:
     return speedup
 
 
+def tf32_enabled() -> bool:
+    """Whether fp32 matmuls may use TF32 (`torch.set_float32_matmul_precision("high")` or the cuBLAS flag)."""
+    return torch.get_float32_matmul_precision() != "highest" or bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def warn_if_fp32_on_cuda(model: nn.Module, precision: str) -> bool:
+    """Warn once when fp32 forwards run on CUDA with TF32 off: the GPU's matrix units then sit idle (an H100's dense
+    bf16 rate is ~15x its plain fp32 rate; TF32 ~7x). True if it warned."""
+    device = model_device(model)
+    if device.type != "cuda" or normalize_precision(precision) != "fp32" or tf32_enabled():
+        return False
+    if any(p.dtype == torch.float32 and p.dim() >= 2 for p in model.parameters()):
+        logger.warning("fp32 forwards on %s with TF32 off leave the GPU's tensor cores idle (bf16 runs matmuls ~15x "
+                       "faster on an H100): pass bf16=True / model.dtype: bfloat16 (with eps >= %g), or "
+                       "torch.backends.cuda.matmul.allow_tf32 = True", torch.cuda.get_device_name(device), BF16_MIN_EPS)
+        return True
+    return False
+
+
 # Below this eps a bf16 finite difference is dominated by rounding: on SmolLM2's density-1e-5 mask its
 # correlation with the exact directional derivative was 0.56 at eps 1e-3 and 0.84 at 3e-3 (fp32: 1.00, 0.995;
 # research/bf16_precision.py, research/RESULTS.md "Learning per CPU-minute").

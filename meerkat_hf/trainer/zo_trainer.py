@@ -44,7 +44,7 @@ from .dp_resume import NOISE_STREAM, EmptyAware, PoissonBatches, check_dp_resume
 from ..classification_metrics import accuracy, balanced_accuracy, macro_f1
 from ..hub.artifacts import write_files_atomically
 from ..modeling.model import DELTA_WEIGHTS_NAME, MeerkatModel, forward_module
-from ..modeling.precision import warn_if_eps_below_bf16_resolution
+from ..modeling.precision import warn_if_eps_below_bf16_resolution, warn_if_fp32_on_cuda
 from ..tasks import IGNORE_INDEX, balanced_class_weights, candidate_loss, prediction_positions
 from .arguments import ZO_LOSSES, MeerkatZOArguments
 from ..zo.optimizer import ZOSGD
@@ -155,6 +155,8 @@ class MeerkatZOTrainer(Trainer):
         if self.meerkat_model is not None and getattr(self.args, "bf16", False):
             self.meerkat_model.set_forward_precision("bf16-mixed")
             warn_if_eps_below_bf16_resolution("bf16-mixed", float(self.args.zo_eps))
+        elif self.meerkat_model is not None:
+            warn_if_fp32_on_cuda(self.meerkat_model.base_model, self.meerkat_model.forward_precision)
 
     def _inner_model(self):
         """The transformers model under the MeerkatModel (and under PEFT, if any)."""
