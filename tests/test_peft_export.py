@@ -27,12 +27,13 @@ def trained_delta(tmp_path_factory):
     mm = get_meerkat_model(model, compute_mask(model, SparseMaskConfig(method="random", density=0.05), progress=False))
     mm.set_values(mm.base_values + 0.01 * torch.randn(mm.num_selected, generator=torch.Generator().manual_seed(0)))
     mm.save_pretrained(root / "delta")
+    mm.merge_and_unload().save_pretrained(root / "merged")  # the reference, computed beside PEFT in one process
     ids = torch.tensor([[1, 5, 9, 2, 7, 3]])
-    reference = mm.merge_and_unload()(input_ids=ids).logits
-    return root, model_dir, mm, ids, reference
+    return root, model_dir, mm, ids, root / "merged"
 
 
-def _load_with_plain_peft(model_dir, adapter, ids, out):
+def _load_with_plain_peft(model_dir, adapter, ids, merged, out):
+    """PEFT's outputs and the merged model's, in a process that never imports meerkat_hf (same threads, same bits)."""
     script = textwrap.dedent(f"""
         import sys, torch
         from transformers import AutoModelForCausalLM
@@ -40,32 +41,33 @@ def _load_with_plain_peft(model_dir, adapter, ids, out):
         ids = torch.tensor({ids.tolist()})
         a = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({model_dir!r}), {str(adapter)!r})(input_ids=ids).logits
         b = AutoPeftModelForCausalLM.from_pretrained({str(adapter)!r})(input_ids=ids).logits
-        torch.save({{"peft": a, "auto": b, "meerkat_imported": "meerkat_hf" in sys.modules}}, {str(out)!r})
+        ref = AutoModelForCausalLM.from_pretrained({str(merged)!r})(input_ids=ids).logits
+        torch.save({{"peft": a, "auto": b, "merged": ref, "meerkat_imported": "meerkat_hf" in sys.modules}}, {str(out)!r})
     """)
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, timeout=300)
     return torch.load(out)
 
 
 def test_export_loads_in_plain_peft_bit_equal_to_merge_and_unload(trained_delta, tmp_path):
-    root, model_dir, mm, ids, reference = trained_delta
+    root, model_dir, mm, ids, merged = trained_delta
     plan = mm.export_peft(tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "SHIRA" and config["r"] == plan.r
     assert plan.real_entries + sum(mm.mask.counts()[f"{m}.weight"] for m in plan.dense_modules
                                    if f"{m}.weight" in mm.mask.counts()) == mm.num_selected
-    got = _load_with_plain_peft(model_dir, tmp_path / "adapter", ids, tmp_path / "out.pt")
+    got = _load_with_plain_peft(model_dir, tmp_path / "adapter", ids, merged, tmp_path / "out.pt")
     assert not got["meerkat_imported"]
-    assert torch.equal(got["peft"], reference) and torch.equal(got["auto"], reference)
+    assert torch.equal(got["peft"], got["merged"]) and torch.equal(got["auto"], got["merged"])
     assert "peft >= 0.21.0" in (tmp_path / "adapter" / "README.md").read_text()
 
 
 def test_export_refuses_heavy_padding_unless_forced_and_the_cli_writes_it(trained_delta, tmp_path, capsys):
-    root, model_dir, mm, ids, reference = trained_delta
+    root, model_dir, mm, ids, merged = trained_delta
     with pytest.raises(ValueError, match="padding ratio .* above max_padding=1.01"):
         mm.export_peft(tmp_path / "refused", max_padding=1.01)
     assert not (tmp_path / "refused").exists()
     code = main(["export", str(root / "delta"), str(tmp_path / "cli"), "--peft", "--base", model_dir])
     assert code == 0 and "wrote a PEFT SHiRA adapter" in capsys.readouterr().out
-    got = _load_with_plain_peft(model_dir, tmp_path / "cli", ids, tmp_path / "cli.pt")
-    assert torch.equal(got["peft"], reference)
+    got = _load_with_plain_peft(model_dir, tmp_path / "cli", ids, merged, tmp_path / "cli.pt")
+    assert torch.equal(got["peft"], got["merged"])
     assert MeerkatModel.from_pretrained(root / "delta", base_model=model_dir).num_selected == mm.num_selected

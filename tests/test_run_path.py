@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from federated_support import base_config, make_model_dir, make_task_files
@@ -94,29 +95,43 @@ def test_gain_is_the_paired_bootstrap_of_the_same_examples(tmp_path, assets):
     assert "gain" in report and "paired bootstrap" in report
 
 
-def test_every_loss_nan_stops_the_run_with_one_line(tmp_path, assets, capsys):
+def _nan_losses(monkeypatch):
+    """Every client's training loss NaN (a diverged model; eps and lr are bounded, so they cannot do it)."""
+    from meerkat_hf.federated.protocol import client as client_mod
+
+    real_init = client_mod.FederatedClient.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.loss_fn = lambda model, batch: torch.tensor(float("nan"))
+
+    monkeypatch.setattr(client_mod.FederatedClient, "__init__", init)
+
+
+def test_every_loss_nan_stops_the_run_with_one_line(tmp_path, assets, capsys, monkeypatch):
     from meerkat_hf.cli import main
 
-    # eps so large that w +- eps z overflows: every loss is NaN/inf
-    path = _yaml(tmp_path, assets, rounds=5, eps=1e38, max_consecutive_skips=20)
+    _nan_losses(monkeypatch)
+    path = _yaml(tmp_path, assets, rounds=5, max_consecutive_skips=20)
     assert main(["federate", "--config", str(path)]) == 2
     err = [l for l in capsys.readouterr().err.splitlines() if "error" in l]  # (stderr also has loading bars)
     assert len(err) == 1 and err[0].startswith("meerkat-hf: error: ")
-    assert "NaN/inf" in err[0] and "lr=0.001" in err[0] and "eps=1e+38" in err[0] and "lower lr or eps" in err[0]
+    assert "NaN/inf" in err[0] and "lr=0.001" in err[0] and "eps=0.001" in err[0] and "lower lr or eps" in err[0]
     rows = _rows(tmp_path / "run")
     assert len(rows) == 2  # 4 clients x 3 steps = 12 per round: the 20th skipped step falls in round 2
     assert all(r["skipped_steps"] == 12 for r in rows) and rows[-1]["cumulative_skipped_steps"] == 24
     assert rows[0]["nan_steps"] == {str(c): 3 for c in range(4)}
 
 
-def test_some_nan_steps_are_counted_but_do_not_stop(tmp_path, assets):
+def test_some_nan_steps_are_counted_but_do_not_stop(tmp_path, assets, monkeypatch):
     _, model_dir, files = assets
-    config = FederationConfig.from_dict(base_config(tmp_path, model_dir, files, rounds=2, eps=1e38,
+    _nan_losses(monkeypatch)
+    config = FederationConfig.from_dict(base_config(tmp_path, model_dir, files, rounds=2,
                                                     max_consecutive_skips=0))
     result = run_federation(config)  # 0: never stop
     assert [r["skipped_steps"] for r in result.metrics] == [12, 12]
     with pytest.raises(DivergedError, match="lr=0.001"):
-        config = FederationConfig.from_dict(base_config(tmp_path, model_dir, files, rounds=2, eps=1e38,
+        config = FederationConfig.from_dict(base_config(tmp_path, model_dir, files, rounds=2,
                                                         max_consecutive_skips=12, output_dir=str(tmp_path / "b")))
         run_federation(config)
 

@@ -48,6 +48,15 @@ def read_verified(path: str | os.PathLike, sha256: str, max_bytes: int, what: st
     return bytes(buf)
 
 
+def stream_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file read in 1 MiB chunks (never whole in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def safetensors_bound(payload_bytes: int, num_tensors: int) -> int:
     """The largest honest size of a safetensors file holding `payload_bytes` of data in `num_tensors` tensors."""
     return int(payload_bytes) + HEADER_ALLOWANCE + HEADER_PER_TENSOR * int(num_tensors)

@@ -156,17 +156,13 @@ _FILE_HASHES: dict[tuple[str, int, int], str] = {}
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a (large) file, streamed and memoised per (path, size, mtime)."""
-    import hashlib
+    """SHA-256 of a (large) file, streamed and memoised per (path, size, mtime) (the embedded GGUF: ~100 MB)."""
+    from .integrity import stream_sha256
 
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     if key not in _FILE_HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-        _FILE_HASHES[key] = h.hexdigest()
+        _FILE_HASHES[key] = stream_sha256(path)
     return _FILE_HASHES[key]
 
 

@@ -31,7 +31,7 @@ from ..hub.artifacts import (
     write_directory_atomically,
 )
 from ..masks.mask import MASK_WEIGHTS_NAME, SparseMask, config_content_sha256, read_json_config
-from ..hub.integrity import MAX_ABS_WEIGHT, check_finite, read_verified, safetensors_bound
+from ..hub.integrity import MAX_ABS_WEIGHT, check_finite, read_verified, safetensors_bound, stream_sha256
 from ..hub.safetensors_bytes import save_safetensors
 from .sparse_view import SparseView
 
@@ -395,7 +395,10 @@ def read_delta_config(folder: Path) -> dict:
         raise ValueError(f"{cfg_path} uses delta format {cfg['format_version']}; upgrade meerkat-hf")
     if "config_sha256" not in cfg and ("files_sha256" in cfg or "base_model" in cfg or "format_version" in cfg):
         raise ValueError(f"{cfg_path} is damaged: its content hash (config_sha256) is missing")
-    if "config_sha256" in cfg and config_content_sha256(cfg) != cfg["config_sha256"]:
+    if "config_sha256" not in cfg:  # a delta saved before the hashes existed loads, and says so
+        logger.warning("%s has no config_sha256 or files_sha256 (saved by an older meerkat-hf): its files are checked "
+                       "by weights_sha256 only; re-save it to add them", cfg_path)
+    elif config_content_sha256(cfg) != cfg["config_sha256"]:
         raise ValueError(f"{cfg_path} was edited or damaged (content hash mismatch); "
                          "pass the base model explicitly instead of editing the file")
     files = cfg.get("files_sha256") or {}
@@ -408,7 +411,7 @@ def read_delta_config(folder: Path) -> dict:
         path = folder / name
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing ({DELTA_CONFIG_NAME} lists it)")
-        if sha256_bytes(path.read_bytes()) != digest:
+        if stream_sha256(path) != digest:  # chunk by chunk: a listed file is never read whole to be checked
             raise ValueError(f"{path} is truncated, corrupted or from another save "
                              f"(hash mismatch with {DELTA_CONFIG_NAME})")
     return cfg
