@@ -61,11 +61,17 @@ def test_export_loads_in_plain_peft_bit_equal_to_merge_and_unload(trained_delta,
     assert "peft >= 0.21.0" in (tmp_path / "adapter" / "README.md").read_text()
 
 
-def test_export_refuses_heavy_padding_unless_forced_and_the_cli_writes_it(trained_delta, tmp_path, capsys):
+def test_export_refuses_heavy_padding_unless_forced_and_the_cli_writes_it(trained_delta, tmp_path, capsys,
+                                                                          monkeypatch):
+    from meerkat_hf.modeling import peft_export
+
     root, model_dir, mm, ids, merged = trained_delta
+    assert mm.export_peft(tmp_path / "small", max_padding=1.01).padding_ratio > 1.01  # tiny: written anyway
+    monkeypatch.setattr(peft_export, "PADDING_FREE_BYTES", 0)  # as if the adapter were large
     with pytest.raises(ValueError, match="padding ratio .* above max_padding=1.01"):
         mm.export_peft(tmp_path / "refused", max_padding=1.01)
     assert not (tmp_path / "refused").exists()
+    monkeypatch.undo()
     code = main(["export", str(root / "delta"), str(tmp_path / "cli"), "--peft", "--base", model_dir])
     assert code == 0 and "wrote a PEFT SHiRA adapter" in capsys.readouterr().out
     got = _load_with_plain_peft(model_dir, tmp_path / "cli", ids, merged, tmp_path / "cli.pt")

@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 # `model.load_adapter(dir)` needs peft >= 0.22 for SHiRA and with older peft keeps random indices silently.
 MIN_PEFT_VERSION = "0.21.0"
 DEFAULT_MAX_PADDING = 8.0
+# Below this size padding is not worth refusing: SmolLM2's default density-1e-5 mask pads 26x, to 0.26 MB in all
+PADDING_FREE_BYTES = 1 << 20
 
 
 @dataclass
@@ -44,13 +46,19 @@ class PeftExportPlan:
     dense_bytes: int
 
     @property
+    def stored_bytes(self) -> int:
+        """The adapter's size: SHiRA's values (fp32) and (row, col) indices, plus the dense modules."""
+        return self.stored_entries * (4 + 2 * 4) + self.dense_bytes
+
+    @property
     def padding_ratio(self) -> float:
         return self.stored_entries / max(self.real_entries, 1)
 
     def describe(self) -> str:
         return (f"SHiRA r={self.r} over {len(self.targets)} Linear layers: {self.stored_entries:,} stored entries for "
                 f"{self.real_entries:,} trained weights (padding ratio {self.padding_ratio:.1f}x); "
-                f"{len(self.dense_modules)} module(s) saved dense ({self.dense_bytes / 2**20:.2f} MiB)")
+                f"{len(self.dense_modules)} module(s) saved dense ({self.dense_bytes / 2**20:.2f} MiB); "
+                f"adapter ~{self.stored_bytes / 2**20:.2f} MiB")
 
 
 def plan_peft_export(model) -> PeftExportPlan:
@@ -87,7 +95,7 @@ def export_peft(model, save_directory: str | os.PathLike, *, max_padding: float 
 
     `PeftModel.from_pretrained(base, save_directory)` then gives the outputs of `model.merge_and_unload()`.
     A padding ratio above `max_padding` is refused unless `force=True` (the adapter would be that many
-    times larger than the trained weights it carries)."""
+    times larger than the trained weights it carries), when the adapter is over 1 MiB (below, it is small anyway)."""
     try:
         import peft
         from peft import ShiraConfig, get_peft_model
@@ -97,7 +105,7 @@ def export_peft(model, save_directory: str | os.PathLike, *, max_padding: float 
     logger.info("PEFT export: %s", plan.describe())
     if not plan.targets:
         raise ValueError("the mask selects no Linear weight: a SHiRA adapter would carry nothing but dense modules")
-    if plan.padding_ratio > max_padding and not force:
+    if plan.padding_ratio > max_padding and plan.stored_bytes > PADDING_FREE_BYTES and not force:
         raise ValueError(f"{plan.describe()}: above max_padding={max_padding:g}; pass force=True to write it anyway, "
                          "or train on a Linear-only mask (SparseMaskConfig(include_patterns=[...proj...]))")
     base = model.base_model
