@@ -223,7 +223,10 @@ def warnings_off():
 # -- (b) malicious well-formed uplinks in a real federation -----------------------------------------
 ATTACKS = ("huge scalars (|g| = max_abs_grad)", "absurd scalars (|g| = 1e6)", "NaN scalars", "client-chosen lr 10",
            "client-chosen lr per step", "inflated examples (2^31-1)", "examples one above the partition",
-           "forged sender id (ahead of the genuine)", "replay of last round's uplink", "wrong start state")
+           "forged sender id (ahead of the genuine)", "replay of last round's uplink", "wrong start state",
+           # issue 29: last round's scalars re-stamped with this round (and its start state), a counter beyond T*q
+           "re-stamped replay of last round's scalars", "nan_steps beyond the zero scalars")
+MUST_REFUSE = ("forged", "re-stamped", "nan_steps")  # accepting one of these is wrong whatever it moves
 
 
 def probe_federation(tally: Tally, root: Path, rounds: int) -> None:
@@ -268,6 +271,10 @@ def probe_federation(tally: Tally, root: Path, rounds: int) -> None:
             out = [prev, data]
         elif attack.startswith("wrong start"):
             out = [mod(state_digest=bytes(8))]
+        elif attack.startswith("re-stamped") and prev is not None:
+            out = [mod(grads=decode_uplink(prev).grads)]
+        elif attack.startswith("nan_steps"):
+            out = [mod(nan_steps=65535)]
         for m in out:
             if m != data:
                 sent[m] = (r, cid, attack)
@@ -303,7 +310,7 @@ def probe_federation(tally: Tally, root: Path, rounds: int) -> None:
         name = f"(b) {attack}"
         if what == "rejected":
             tally.add(name, "rejected cleanly")
-        elif attack.startswith("forged") or not finite or move > bound * (1 + 1e-6):
+        elif attack.startswith(MUST_REFUSE) or not finite or move > bound * (1 + 1e-6):
             tally.add(name, "wrongly accepted", f"round {r}: moved {move:.3g} (bound {bound:.3g}), finite={finite}")
         else:
             tally.add(name, "accepted within bounds")
@@ -397,8 +404,6 @@ def probe_checkpoints(tally: Tally, root: Path, flips: int, resumes: int) -> Non
 
 # -- (d) bad CLI inputs -----------------------------------------------------------------------------
 def probe_cli(tally: Tally, root: Path) -> None:
-    import yaml
-
     import test_cli_bad_input as table
     from federated_support import base_config, make_model_dir, make_task_files
     from meerkat_hf.cli import main
@@ -406,11 +411,7 @@ def probe_cli(tally: Tally, root: Path) -> None:
     model_dir, files = make_model_dir(root), make_task_files(root)
     cli = root / "cli"
     cli.mkdir()
-    path = cli / "fed.yaml"
-    path.write_text(yaml.safe_dump(base_config(cli, model_dir, files)))
-    (cli / "empty.yaml").write_text("")
-    (cli / "latin1.yaml").write_bytes("lr: 1e-3 # d\xe9j\xe0\n".encode("latin-1"))
-    (cli / "calib.txt").write_text("some calibration text\n" * 10)
+    path = table.write_bad_inputs(cli, base_config(cli, model_dir, files))
 
     def run(argv, message, written):
         err = io.StringIO()

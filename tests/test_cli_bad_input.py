@@ -18,7 +18,13 @@ from meerkat_hf.cli import main
 def job(tmp_path_factory):
     root = tmp_path_factory.mktemp("badcli")
     model_dir, files = make_model_dir(root), make_task_files(root)
-    cfg = base_config(root, model_dir, files)
+    path = write_bad_inputs(root, base_config(root, model_dir, files))
+    return root, model_dir, path
+
+
+def write_bad_inputs(root, cfg: dict):
+    """The files the tables below name (`{root}/...`), beside a valid config `fed.yaml`; returns its path.
+    (research/trust_probe.py replays these tables, so it builds them with this function too.)"""
     path = root / "fed.yaml"
     path.write_text(yaml.safe_dump(cfg))
     (root / "empty.yaml").write_text("")
@@ -27,7 +33,7 @@ def job(tmp_path_factory):
     (root / "deep.yaml").write_text("a: " + "[" * 20000 + "]" * 20000 + "\n")
     (root / "dup.yaml").write_text(yaml.safe_dump(cfg) + "lr: 0.5\n")
     (root / "random.csv").write_bytes(bytes(range(256)) * 40)
-    return root, model_dir, path
+    return path
 
 
 FEDERATE = [  # (--set overrides or extra args, what the one line must say)

@@ -195,15 +195,20 @@ def store_client_state(context: Context, state: ClientState, held: torch.Tensor)
 
 
 # -- the app ----------------------------------------------------------------------------------
-def build_client_app(config: FederationConfig | None = None, *, app_dir: str | os.PathLike | None = None,
-                     hooks: Any = None) -> ClientApp:
+def build_client_app(config: FederationConfig | None = None, *, app_dir: str | os.PathLike | None = None) -> ClientApp:
     """A Flower `ClientApp` running Meerkat clients.
 
     `config`: the federation (None: read from the run config, see `run_config`). `app_dir`:
-    where a run config's ``config-file`` is resolved. `hooks`: an `engine.FederationHooks` whose
-    `before_client` / `tamper_uplink` are applied exactly as the in-process driver applies them
-    (fault injection for tests).
+    where a run config's ``config-file`` is resolved.
     """
+    return fault_injecting_client_app(config, app_dir=app_dir, hooks=None)
+
+
+def fault_injecting_client_app(config: FederationConfig | None, *, app_dir: str | os.PathLike | None = None,
+                               hooks: Any = None) -> ClientApp:
+    """`build_client_app` with an `engine.FederationHooks` whose `before_client` / `tamper_uplink` are applied
+    exactly as the in-process driver applies them: fault injection for tests and chaos runs of the simulation
+    (`run_flower_simulation(hooks=...)`), kept out of the deployable app's signature."""
     app = ClientApp()
 
     def setup(message: Message, context: Context) -> tuple[FederationConfig, LoadedClient]:

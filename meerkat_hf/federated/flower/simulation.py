@@ -13,7 +13,7 @@ import warnings
 from typing import Any
 
 from ..federation_config import FederationConfig
-from .client_app import build_client_app
+from .client_app import fault_injecting_client_app
 from .run_config import FlowerOptions
 from .server_app import FlowerFederationResult, build_server_app
 
@@ -52,7 +52,7 @@ def run_flower_simulation(config: FederationConfig, *, num_supernodes: int | Non
     results: list[FlowerFederationResult] = []
     server_app = build_server_app(config, options=options or FlowerOptions(), model=model, tokenizer=tokenizer,
                                   on_result=results.append)
-    client_app = build_client_app(config, hooks=hooks)
+    client_app = fault_injecting_client_app(config, hooks=hooks)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # Ray's accelerator env-var notice
         run_simulation(server_app=server_app, client_app=client_app,
