@@ -58,9 +58,11 @@ def test_every_forward_path_runs_under_bf16_autocast():
     classify = {"input_ids": batch["input_ids"], "attention_mask": torch.ones_like(batch["input_ids"]),
                 "label": torch.tensor([0, 1, 0, 1])}
     candidate_loss(forward_module(mm), classify, torch.tensor([5, 6]))
+    candidate_loss(forward_module(mm), classify, torch.tensor([5, 6]), torch.tensor([0.7, 1.3]))  # balanced
+    candidate_loss(forward_module(mm), classify, torch.tensor([5, 6]), reduction="none")  # DP's per-example losses
     mm.base_model.generate(batch["input_ids"][:1, :4], max_new_tokens=2, do_sample=False)
     handle.remove()
-    assert len(seen) >= 3 and all(s == (torch.bfloat16, True) for s in seen), seen
+    assert len(seen) >= 5 and all(s == (torch.bfloat16, True) for s in seen), seen
     mm.set_forward_precision("fp32")
     out = mm(**batch)
     assert out.logits.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
