@@ -10,7 +10,7 @@ import os
 import sys
 
 from .masks.calibration import PYTHON_DOCS, SELF_GENERATED
-from .masks.config import DEFAULT_EXCLUDE, METHODS, SCOPES, SparseMaskConfig
+from .masks.config import DEFAULT_EXCLUDE, METHODS, SCOPES, TARGETS, SparseMaskConfig
 from .federated.__main__ import add_federate_arguments, federate
 from .hub.loading import check_model_source, load_model_and_tokenizer, model_display_name
 from .masks.mask import SparseMask
@@ -49,6 +49,7 @@ def _add_mask_commands(sub) -> None:
     _spec_argument(compute, "--density", "density", type=float)
     _spec_argument(compute, "--method", "method", choices=METHODS)
     _spec_argument(compute, "--scope", "scope", choices=SCOPES)
+    _spec_argument(compute, "--target", "target", choices=TARGETS)
     _spec_argument(compute, "--num-sequences", "calibration_num_sequences", type=int)
     _spec_argument(compute, "--seq-len", "calibration_seq_len", type=int)
     _spec_argument(compute, "--batch-size", "calibration_batch_size", type=int)

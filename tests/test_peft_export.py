@@ -77,3 +77,19 @@ def test_export_refuses_heavy_padding_unless_forced_and_the_cli_writes_it(traine
     got = _load_with_plain_peft(model_dir, tmp_path / "cli", ids, merged, tmp_path / "cli.pt")
     assert torch.equal(got["peft"], got["merged"])
     assert MeerkatModel.from_pretrained(root / "delta", base_model=model_dir).num_selected == mm.num_selected
+
+
+def test_a_linear_only_mask_exports_without_dense_modules(trained_delta, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    root, model_dir, *_ = trained_delta
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    mask = compute_mask(model, SparseMaskConfig(method="random", density=0.05, target="linear"), progress=False)
+    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(mask.indices) <= linear and mask.num_selected > 0
+    mm = get_meerkat_model(model, mask)
+    mm.set_values(mm.base_values + 0.01)
+    plan = mm.export_peft(tmp_path / "linear")
+    assert plan.dense_modules == [] and plan.real_entries == mask.num_selected
+    with pytest.raises(ValueError, match="unknown mask target 'conv'"):
+        SparseMaskConfig(target="conv")

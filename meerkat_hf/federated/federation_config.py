@@ -64,7 +64,7 @@ class ModelSection:
 _SPEC_FIELDS = {f.name: f for f in dataclasses.fields(SparseMaskConfig)}
 # The selection settings a federation config may set; everything else of a SparseMaskConfig is
 # recorded by compute_mask (calibration_source, base model).
-MASK_SPEC_KEYS = ("method", "density", "scope", "calibration_num_sequences", "calibration_seq_len",
+MASK_SPEC_KEYS = ("method", "density", "scope", "target", "calibration_num_sequences", "calibration_seq_len",
                   "calibration_batch_size", "seed", "exclude_patterns", "include_patterns")
 
 
@@ -87,6 +87,7 @@ class MaskSection:
     method: str = _spec_default("method")
     density: float = _spec_default("density")
     scope: str = _spec_default("scope")
+    target: str = _spec_default("target")
     calibration: str | None = "python_docs"  # "python_docs" | "self" | "task" | a .txt/.jsonl path | None
     calibration_num_sequences: int = _spec_default("calibration_num_sequences")
     calibration_seq_len: int = _spec_default("calibration_seq_len")

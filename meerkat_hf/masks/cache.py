@@ -53,7 +53,8 @@ def mask_cache_key(model: nn.Module, spec: SparseMaskConfig, calibration_id: str
     """A stable key for `compute_mask(model, spec, <calibration>)`."""
     # The base model's name is recorded in the mask: part of the key when given (CLI), not when None (runs).
     spec_dict = {k: v for k, v in spec.to_dict().items()
-                 if not (k in ("base_model_name_or_path", "revision") and v is None)}
+                 if not (k in ("base_model_name_or_path", "revision") and v is None)
+                 and not (k == "target" and v == "all")}  # masks cached before `target` existed keep their key
     payload = {
         "fingerprint": fingerprint(parameter_shapes(model)),
         "weights": weights_sample_digest(model),

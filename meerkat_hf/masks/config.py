@@ -23,6 +23,7 @@ CONFIG_NAME = "mask_config.json"
 
 METHODS = ("sensitivity", "magnitude", "random", "full")
 SCOPES = ("global", "per_layer")
+TARGETS = ("all", "linear")  # linear: nn.Linear weights only (a delta then exports to PEFT SHiRA compactly)
 
 # Default exclusions, measured on SmolLM2-135M (see README "Choosing what may be selected"):
 # the input embedding/lm_head rows that dominate calibration gradients are the rows of tokens
@@ -51,6 +52,11 @@ class SparseMaskConfig:
     )
     scope: str = field(
         default="global", metadata={"help": "global = one top-k over all tensors; per_layer = density within each tensor."}
+    )
+    target: str = field(
+        default="all",
+        metadata={"help": "all: every parameter the patterns allow; linear: only the weights of nn.Linear layers, "
+                          "so that a trained delta exports to a compact PEFT SHiRA adapter (no dense norm modules)"},
     )
     include_patterns: list[str] | None = field(
         default=None, metadata={"help": "Regexes (re.search) on parameter names; only matching ones may be selected."}
@@ -81,6 +87,8 @@ class SparseMaskConfig:
             raise ValueError(f"unknown mask method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.scope not in SCOPES:
             raise ValueError(f"unknown scope {self.scope!r}; choose one of {', '.join(SCOPES)}")
+        if self.target not in TARGETS:
+            raise ValueError(f"unknown mask target {self.target!r}; choose one of {', '.join(TARGETS)}")
         if self.calibration_seq_len < 2:
             raise ValueError(f"calibration_seq_len must be >= 2 (a next-token loss needs two tokens), got {self.calibration_seq_len}")
         if self.calibration_num_sequences < 1:

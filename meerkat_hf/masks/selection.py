@@ -24,8 +24,13 @@ def selectable_parameters(model: nn.Module, config: SparseMaskConfig) -> list[tu
     """Parameters that may be selected, in canonical `named_parameters()` order (tied weights once)."""
     include = [re.compile(p) for p in config.include_patterns] if config.include_patterns is not None else None
     exclude = [re.compile(p) for p in config.exclude_patterns]
+    linear = None
+    if config.target == "linear":  # the weights of nn.Linear layers only (not biases, norms, embeddings)
+        linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     chosen = []
     for name, param in model.named_parameters():
+        if linear is not None and name not in linear:
+            continue
         if include is not None and not any(p.search(name) for p in include):
             continue
         if any(p.search(name) for p in exclude):
@@ -33,8 +38,8 @@ def selectable_parameters(model: nn.Module, config: SparseMaskConfig) -> list[tu
         chosen.append((name, param))
     if not chosen:
         raise ValueError(
-            "no parameter of the model matches the mask's include/exclude patterns "
-            f"(include={config.include_patterns}, exclude={config.exclude_patterns})"
+            "no parameter of the model matches the mask's target and include/exclude patterns "
+            f"(target={config.target}, include={config.include_patterns}, exclude={config.exclude_patterns})"
         )
     return chosen
 
