@@ -371,3 +371,23 @@ def test_balanced_class_weights_make_every_class_count_the_same(tiny_tokenizer, 
                                       reduction="none")
         wy = w[train_batch["label"]]
         torch.testing.assert_close(candidate_loss(tiny_llama, train_batch, cand, w), (wy * per_example).sum() / wy.sum())
+
+
+def test_a_batch_is_checked_once_however_many_perturbed_forwards_see_it(monkeypatch):
+    """Each check is a host sync on a GPU: ZO's 2q forwards of one batch run them once, a new batch again."""
+    from conftest import tiny_model
+    from meerkat_hf.tasks import verbalizer
+
+    model = tiny_model("llama")
+    ids = torch.randint(4, 300, (4, 12))
+    labels = torch.full_like(ids, -100)
+    labels[:, 10] = ids[:, 10] = torch.tensor([5, 6, 5, 6])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    calls = []
+    real = verbalizer.prediction_positions
+    monkeypatch.setattr(verbalizer, "prediction_positions", lambda b: calls.append(1) or real(b))
+    losses = [verbalizer.candidate_loss(model, batch, torch.tensor([5, 6])) for _ in range(4)]
+    assert len(calls) == 2 and all(torch.equal(loss, losses[0]) for loss in losses)  # positions + targets, once
+    bad = {**batch, "input_ids": ids.clone(), "labels": torch.full_like(ids, -100)}
+    with pytest.raises(ValueError, match="no supervised position"):
+        verbalizer.candidate_loss(model, bad, torch.tensor([5, 6]))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -335,7 +336,7 @@ def candidate_logits(model: Any, batch: Mapping[str, torch.Tensor], candidate_id
     input_ids = batch["input_ids"].to(device)
     attention_mask = batch.get("attention_mask")
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
-    positions = prediction_positions({k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)})
+    positions = _batch_positions(batch, device)
     rows = torch.arange(input_ids.shape[0], device=device)
     mode = _logits_to_keep_mode(model)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
@@ -355,7 +356,43 @@ def candidate_logits(model: Any, batch: Mapping[str, torch.Tensor], candidate_id
     return picked[:, candidate_ids.to(picked.device)]
 
 
+# A ZO step evaluates the same batch 2q (+1) times at perturbed weights. What the batch alone decides (each row's
+# predicting position, its target class) is checked and computed once per batch, not per forward: each check
+# is a host sync (`bool(tensor)`) that on a GPU stalls the queue of the next forward. Keyed on the batch's
+# `input_ids` tensor (weakly: the entry dies with the batch), so a new batch is always checked afresh.
+_BATCH_CACHE: dict[int, tuple[weakref.ref, dict]] = {}  # id(input_ids) -> (weak ref to it, entry); by identity
+
+
+def _batch_entry(batch: Mapping[str, torch.Tensor]) -> dict:
+    key = batch["input_ids"]
+    found = _BATCH_CACHE.get(id(key))
+    entry = found[1] if found is not None and found[0]() is key else None
+    if entry is None or entry["labels"] is not batch.get("labels") or entry["mask"] is not batch.get("attention_mask"):
+        entry = {"labels": batch.get("labels"), "mask": batch.get("attention_mask")}
+        ident = id(key)
+        _BATCH_CACHE[ident] = (weakref.ref(key, lambda _ref, ident=ident: _BATCH_CACHE.pop(ident, None)), entry)
+    return entry
+
+
+def _batch_positions(batch: Mapping[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    entry = _batch_entry(batch)
+    cached = entry.get(("positions", device))
+    if cached is None:
+        cached = prediction_positions({k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)})
+        entry[("positions", device)] = cached
+    return cached
+
+
 def _targets(batch: Mapping[str, torch.Tensor], candidate_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    entry = _batch_entry(batch)
+    key = ("targets", device, tuple(candidate_ids.tolist()), batch.get("label") is not None and id(batch["label"]))
+    cached = entry.get(key)
+    if cached is None:
+        cached = entry[key] = _compute_targets(batch, candidate_ids, device)
+    return cached
+
+
+def _compute_targets(batch: Mapping[str, torch.Tensor], candidate_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
     if "label" in batch:
         return batch["label"].to(device).long()
     labels = batch.get("labels")
