@@ -70,9 +70,9 @@ def check_finite(tensor: torch.Tensor, what: str, source: str | os.PathLike, *, 
     finite = torch.isfinite(t)
     if not bool(finite.all()):
         bad = int((~finite).sum())
-        raise ValueError(f"{source}: {what} holds {bad} NaN/inf value(s) of {t.numel()}: a damaged or hostile file")
+        raise ValueError(f"{source}: {bad} of the {t.numel()} values of {what} are NaN/inf: a damaged or hostile file")
     if max_abs is not None:
         worst = float(t.abs().max())
         if worst > max_abs:
-            raise ValueError(f"{source}: {what} holds |value| = {worst:.3g}, beyond {max_abs:g}: a damaged or hostile "
-                             "file, not trained weights")
+            raise ValueError(f"{source}: {what} reach |value| = {worst:.3g}, beyond {max_abs:g}: a damaged or "
+                             "hostile file, not trained weights")

@@ -280,7 +280,7 @@ class MeerkatModel(nn.Module):
             raise ValueError(f"{weights_path} is not a readable sparse delta: {err}") from err
         if values.numel() != self.sparse.k:
             raise ValueError(f"{weights_path} holds {values.numel()} values for a mask of k={self.sparse.k}")
-        check_finite(values, "the trained values", weights_path, max_abs=MAX_ABS_WEIGHT)
+        check_finite(values, "the trained weights", weights_path, max_abs=MAX_ABS_WEIGHT)
         self.set_values(values)
         if "delta" in tensors and tensors["delta"].numel() == values.numel():
             trained_on = values - tensors["delta"]
