@@ -103,7 +103,7 @@ def _value(path: tuple[str, ...], v: Any) -> Any:
     if v == "" and ("None" in kind or kind == "Any"):
         return None
     if v.lstrip()[:1] in ("[", "{") and ("list" in kind or "dict" in kind or kind == "Any"):
-        return load_yaml(v, f"run config {path}")
+        return load_yaml(v, f"run config key {'.'.join(path)}")
     return v
 
 
