@@ -59,6 +59,7 @@ from .virtual_path import (
     ProtocolParams,
     add_central_noise,
     aggregate_dense_round,
+    aggregate_zo_round,
     cap_example_counts,
     client_steps,
     exact_norm,
@@ -388,22 +389,24 @@ class FederatedServer:
         paths (digest of the path the client itself computed, GradIP), the finals (only with
         `keep_client_finals`), the factors, and the new global state.
 
-        Two passes: the first replays every path for its digest, GradIP and exact update norm (the
-        round's bound is a multiple of their median, so it needs them all); the second replays the
-        records as aggregated (a clipped client's scaled scalars) and streams each delta into FedAvg,
-        so memory stays a few k-vectors whatever the number of clients (keeping every client's final
-        state cost clients x k x 4 bytes: 4.8 GB for 1,000 clients at k = 1.2M). The bits are those
-        of `aggregate_zo_round` over the returned records, which is what replicas and clients compute.
+        One pass in the honest case: each path is replayed once for its digest, GradIP and exact update
+        norm and streamed into FedAvg, so memory stays a few k-vectors whatever the number of clients. The
+        round's bound is a multiple of the median norm, so it is known only after the pass; if a client
+        exceeds it (or a non-finite path removed one), the round is aggregated again from the records as
+        aggregated (`aggregate_zo_round`: the scaled client's scalars, the survivors' weights). Either way the
+        bits are those of `aggregate_zo_round` over the returned records, which replicas and clients compute.
         """
-        records: list[Record] = []
         paths: list[ClientPath] = []
         finals: dict[int, torch.Tensor] = {}
         clipped: dict[int, float] = {}
         work = None if self.keep_client_finals else torch.empty_like(self.values)  # reused replay target
         buffers: list[torch.Tensor] = []  # reused directions
-        base64 = self.values.double()
-        # Pass 1: replay every path once for its digest, GradIP and update norm (the round's bound needs them all);
-        # a non-finite path is rejected here, before any weight is computed
+        # FedAvg's counts with max_client_weight applied; the records carry them, so replicas and
+        # replaying clients weight exactly as the server does
+        counted, weight_capped = self._cap_weights([self._accepted[c] for c in ids])
+        avg = FedAvg(self.values, counted)
+        streaming = True
+        # One pass: replay each path for its digest, GradIP and exact update norm, streaming it into FedAvg
         norms: dict[int, float] = {}
         for c in ids:
             rec = self._accepted[c].record
@@ -412,15 +415,18 @@ class FederatedServer:
             if not all_finite(final):
                 self._accepted.pop(c)
                 self._reject(c, "non-finite-path", "the replayed virtual path leaves finite values", 0)
+                streaming = False
                 continue
-            norms[c] = exact_norm(final.double().sub_(base64))
             paths.append(ClientPath(c, rec.num_examples, gips, state_digest(final)))
+            delta = avg.delta(final)
+            norms[c] = exact_norm(delta)
+            if self.keep_client_finals:
+                finals[c] = final
+            if streaming:
+                avg.add(c, delta, consume=True)
+        # The round's bound needs every norm; a client over it has its scalars scaled (the records carry them)
         bound = self._round_bound(list(norms.values()))
-        # FedAvg's counts with max_client_weight applied; the records carry them, so replicas and
-        # replaying clients weight exactly as the server does
-        counted, weight_capped = self._cap_weights([self._accepted[c] for c in norms])
-        avg = FedAvg(self.values, counted)
-        # Pass 2: the records as aggregated (an over-long client's scalars scaled to the bound), streamed into FedAvg
+        records: list[Record] = []
         for c in norms:
             rec = self._accepted[c].record
             scale = self._clip_factor(norms[c], bound)
@@ -429,14 +435,17 @@ class FederatedServer:
                 clipped[c] = scale
                 logger.warning("round %d: client %d's update (norm %.3g) scaled by %.3g to the round's bound %.3g",
                                self.round, c, norms[c], scale, bound)
-            final, _ = replay_client(self.values, client_steps(self.params, self.round, c, rec.grads, rec.q, rec.lrs),
-                                     out=work, buffers=buffers)
-            records.append(replace(rec, num_examples=counted[c]))
+            records.append(rec)
+        if not streaming:  # a client was removed: the caps are over the survivors
+            counted, weight_capped = self._cap_weights([self._accepted[c] for c in norms])
+        records = [replace(r, num_examples=counted[r.client_id]) for r in records]
+        if streaming and not clipped:  # the honest case: one replay per client (user-level DP noise as replicas add it)
+            new_values = add_central_noise(avg.result(), self.params, self.round, avg.counts)
+        else:  # a scaled client or other weights: FedAvg the records as aggregated (the bits replicas compute)
+            new_values, _, scaled_finals = aggregate_zo_round(self.values, records, self.params, self.round,
+                                                              keep_final=self.keep_client_finals, with_paths=False)
             if self.keep_client_finals:
-                finals[c] = final
-            avg.add(c, avg.delta(final), consume=True)
-        # user-level DP: the round's central noise, the same bits as aggregate_zo_round's
-        new_values = add_central_noise(avg.result(), self.params, self.round, avg.counts)
+                finals.update({c: scaled_finals[c] for c in clipped})
         return records, paths, finals, clipped, new_values, weight_capped
 
     def _prune_history(self) -> None:
