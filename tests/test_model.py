@@ -102,6 +102,9 @@ def test_delta_card_carries_hub_metadata_and_results(tmp_path, tiny_llama):
     metadata = card.split("---")[1]
     assert "library_name: meerkat-hf" in metadata and "- nyu-mll/glue" in metadata and "- zeroth-order" in metadata
     assert "| Accuracy before | 0.5 |" in card and "| Accuracy after | 0.75 |" in card and "| Uplink bytes | 1,234 |" in card
+    assert "license: other" in metadata and "pipeline_tag: text-generation" in metadata  # a base of unknown license
+    mm.save_pretrained(tmp_path / "mit", license="mit")
+    assert "license: mit" in (tmp_path / "mit" / "README.md").read_text().split("---")[1]
 
 
 def test_peft_shaped_api(tiny_llama, capsys):

@@ -194,7 +194,8 @@ class MeerkatModel(nn.Module):
 
     # -- files -------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, *, training_summary: dict | None = None,
-                        repo_id: str | None = None, model_card: bool = True, datasets: list[str] | None = None) -> None:
+                        repo_id: str | None = None, model_card: bool = True, datasets: list[str] | None = None,
+                        license: str | None = None) -> None:
         """Save the mask, the trained sparse values and the exact base model's record, as ONE unit.
 
         Everything is written into a new sibling folder and renamed into place in one step
@@ -230,7 +231,7 @@ class MeerkatModel(nn.Module):
         config["config_sha256"] = config_content_sha256(config)
         if model_card:
             files["README.md"] = str(self.model_card(repo_id or os.fspath(save_directory), training_summary, datasets,
-                                                     base=base, push_repo=repo_id)).encode()
+                                                     base=base, push_repo=repo_id, license=license)).encode()
         files[DELTA_CONFIG_NAME] = json.dumps(config, indent=2).encode()
         replace = [CONFIG_NAME, MASK_WEIGHTS_NAME, DELTA_WEIGHTS_NAME, DELTA_CONFIG_NAME]
         old_card = Path(save_directory) / "README.md"
@@ -249,6 +250,9 @@ class MeerkatModel(nn.Module):
 
         base = base or base_source(self.base_model, fallback_name=self.mask.config.base_model_name_or_path)
         display = base.get("display_name") or self.mask.config.base_model_name_or_path
+        if license is None and base_license(base) is None and push_repo is not None:
+            logger.warning("the license of base model %s is not known here, so the card of %s says 'license: other': "
+                           "pass license=... (the base model's license) to push_to_hub", display, push_repo)
         return render_card(
             "delta_card.md",
             {"library_name": "meerkat-hf", "base_model": display, "pipeline_tag": "text-generation",
@@ -330,10 +334,10 @@ class MeerkatModel(nn.Module):
         return wrapped
 
     def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload Meerkat sparse delta",
-                    training_summary: dict | None = None, **hub_kwargs) -> str:
+                    training_summary: dict | None = None, license: str | None = None, **hub_kwargs) -> str:
 
         with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, training_summary=training_summary, repo_id=repo_id)
+            self.save_pretrained(tmp, training_summary=training_summary, repo_id=repo_id, license=license)
             return push_folder(tmp, repo_id, commit_message=commit_message, **hub_kwargs)
 
     def export_peft(self, save_directory: str | os.PathLike, *, max_padding: float = 8.0, force: bool = False):
