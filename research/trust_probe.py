@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import io
 import logging
-import math
 import random
 import shutil
 import struct

@@ -148,9 +148,10 @@ def _padded_positions(idx: torch.Tensor, layer: nn.Linear, r: int) -> torch.Tens
     idx = idx.to(torch.long)
     if idx.numel() == want:
         return idx
-    taken = torch.zeros(layer.in_features * layer.out_features, dtype=torch.bool)
-    taken[idx] = True
-    pad = (~taken).nonzero().reshape(-1)[: want - idx.numel()]
+    # the first m unmasked positions all lie below m + n (n masked ones can push them up by at most n):
+    # look only there instead of building a dense in x out map
+    candidates = torch.arange(want, dtype=torch.long)  # want = m + n
+    pad = candidates[~torch.isin(candidates, idx)][: want - idx.numel()]
     return torch.sort(torch.cat([idx, pad])).values
 
 
