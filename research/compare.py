@@ -31,6 +31,7 @@ shared settings (a different grid: use another `--out`).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shlex
@@ -286,13 +287,14 @@ def zero_shot(out: Path) -> dict:
     """Zero-shot test scores (computed once per output folder, by `prepare` or the first cell)."""
     path = out / "zero_shot_test.npz"
     if not path.exists():
+        from meerkat_hf.hub import write_files_atomically
         from meerkat_hf.hub.loading import load_model_and_tokenizer
 
         model, tok = load_model_and_tokenizer("smollm2")
         scores, labels = score_test(model, tok)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, scores=scores, labels=labels)
-        os.replace(tmp, path)
+        buffer = io.BytesIO()
+        np.savez(buffer, scores=scores, labels=labels)
+        write_files_atomically(path.parent, {path.name: buffer.getvalue()})
     z = np.load(path)
     return {"scores": z["scores"], "labels": z["labels"]}
 

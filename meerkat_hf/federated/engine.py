@@ -613,7 +613,7 @@ class RoundEngine:
         if before is None or after is None or labels is None or len(before) != len(after) or not self.last_eval:
             return {}
         gain = paired_gain(before, after, labels, last.get("num_classes"))
-        out = {"metric": "balanced_accuracy", **gain, "n": int(len(labels)),
+        out = {"metric": "balanced_accuracy", **gain, "n": int(len(labels)), "num_classes": last.get("num_classes"),
                "method": "paired bootstrap over the same eval examples, 1000 resamples, 95%"}
         scores = last.get("scores")
         if self.initial_scores is not None and scores is not None and self.initial_scores.shape == np.shape(scores):

@@ -267,8 +267,9 @@ def format_report(result) -> str:
             lines.append(f"{key:<17} zero-shot (before): {show(before, result.initial_eval)}   "
                          f"after round {cfg.rounds}: {show(after, result.final_eval)}")
     if result.initial_eval.get("majority_rate") is not None:
-        lines.append(f"(always answering the majority class scores accuracy {result.initial_eval['majority_rate']:.4f}, "
-                     "balanced accuracy 0.5)")
+        classes = (getattr(result, "gain", None) or {}).get("num_classes")  # a constant answer's balanced accuracy: 1 / C
+        lines.append(f"(always answering the majority class scores accuracy {result.initial_eval['majority_rate']:.4f}"
+                     + (f", balanced accuracy {1 / classes:.3g})" if classes else ")"))
     sent = result.total_uplink_bytes + result.total_downlink_bytes
     full = result.total_fedavg_full_bytes
     lines.append(f"bytes sent: {format_bytes(sent)} (uplink {format_bytes(result.total_uplink_bytes)}, downlink "

