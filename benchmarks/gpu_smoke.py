@@ -235,7 +235,7 @@ def _federation(device: str, work: Path, tokenizer, tiny: bool) -> str:
         "task": {"name": "toy", "prompt": "{text}\nSentiment:", "verbalizer": [" bad", " good"],
                  "data_files": {"train": str(path), "test": str(path)}},
         "partition": {"scheme": "iid"}, "num_clients": 2, "rounds": 1, "local_steps": 3, "batch_size": 4,
-        "max_length": 32, "eval_examples": 8, "lr": 1e-3, "eps": 1e-3, "device": device,
+        "max_length": 32, "eval_examples": 8, "learning_rate": 1e-3, "zo_eps": 1e-3, "device": device,
         "output_dir": str(work / "fed"), "progress": False, "plots": False, "save_final": False,
     })
     result = run_federation(cfg)

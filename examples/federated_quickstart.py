@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None):
                      "calibration_num_sequences": 8, "calibration_seq_len": 32},
             "task": {"name": "toy", "prompt": "{text}\nSentiment:", "verbalizer": [" bad", " good"], "data_files": files},
             "partition": {"scheme": "dirichlet", "alpha": 0.5, "num_single_label_clients": 1},
-            "algorithm": "meerkat-vp", "num_clients": 5, "rounds": 5, "local_steps": 5, "lr": 1e-2, "batch_size": 8,
+            "algorithm": "meerkat-vp", "num_clients": 5, "rounds": 5, "local_steps": 5, "learning_rate": 1e-2, "batch_size": 8,
             "max_length": 48, "eval_every": 1, "eval_examples": 48, "device": "cpu", "torch_threads": 1, "seed": 0,
             "vp": {"min_steps": 2},
         }
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None):
         if args.task:
             cfg["task"] = {**cfg.get("task", {}), "name": args.task}
     for key, value in (("algorithm", args.algorithm), ("rounds", args.rounds), ("num_clients", args.clients),
-                       ("local_steps", args.local_steps), ("lr", args.lr)):
+                       ("local_steps", args.local_steps), ("learning_rate", args.lr)):
         if value is not None:
             cfg[key] = value
     cfg["output_dir"] = str(out / cfg.get("algorithm", "meerkat"))

@@ -252,7 +252,7 @@ def task_name(kind: str, method: str, lr: float, seed: int) -> str:
 
 def config_overrides(method: str, lr: float, seed: int, out: Path, extra: list[str], long: bool = False) -> list[str]:
     folder = long_name(method, lr, seed) if long and not ALL_METHODS[method].continues else cell_name(method, lr, seed)
-    return [*COMMON, *ALL_METHODS[method].overrides, f"lr={lr:g}", f"seed={seed}", *(long_overrides(extra) if long else extra),
+    return [*COMMON, *ALL_METHODS[method].overrides, f"learning_rate={lr:g}", f"seed={seed}", *(long_overrides(extra) if long else extra),
             f"output_dir={out / 'cells' / folder}"]
 
 
@@ -332,7 +332,7 @@ def run_cell(method: str, lr: float, seed: int, out: Path, extra: list[str], lon
     result = run_federation(config)
     train_seconds = time.perf_counter() - start
     rows = result.metrics
-    passes_per_step = 2 * config.batch_size * config.q
+    passes_per_step = 2 * config.batch_size * config.zo_num_perturbations
     curve, passes = [{"round": 0, "forward_passes": 0, **_val(result.initial_eval)}], 0
     for r in rows:
         passes += passes_per_step * sum(int(r["budgets"][str(c)]) for c in r["accepted"])
@@ -497,7 +497,7 @@ def dp_clip(args) -> None:
         batch = data.collate([pool[i] for i in pick[b:b + config.batch_size]])
         for j in range(32 // (len(pick) // config.batch_size) or 1):
             z = gaussian_direction(derive_seed(0xD9C119, b, j), model.num_selected)
-            per = projected_gradients_per_example(model, lambda: data.per_example_loss_fn(model, batch), z, config.eps)
+            per = projected_gradients_per_example(model, lambda: data.per_example_loss_fn(model, batch), z, config.zo_eps)
             values += per.abs().tolist()
     q = np.quantile(values, [0.25, 0.5, 0.75, 0.9, 0.99])
     _log(f"|g_i| over {len(values)} (example, direction) pairs: 25% {q[0]:.3g}, median {q[1]:.3g}, 75% {q[2]:.3g}, "

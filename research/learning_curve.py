@@ -3,7 +3,7 @@
     python research/learning_curve.py single --name single --mask runs/study/masks/docs64x256-1e-05 \\
         --lr 1e-3 --steps 1500 --eval-every 100
     python research/learning_curve.py federated --name fed-dirichlet --mask runs/study/masks/docs64x256-1e-05 \\
-        --set partition.scheme=dirichlet --set lr=1e-3 --set rounds=30 --set local_steps=5
+        --set partition.scheme=dirichlet --set learning_rate=1e-3 --set rounds=30 --set local_steps=5
     python research/learning_curve.py test --name single     # the test split, once, at the end
     python research/learning_curve.py plot                   # runs/curves/learning_curves.png
 
@@ -128,7 +128,7 @@ def federated(args, command: str) -> None:
     cfg = FederationConfig.from_dict(apply_overrides(raw, args.set))  # the CLI's own --set parser
     result = run_federation(cfg)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    per_step = 2 * cfg.batch_size * getattr(cfg, "q", 1)
+    per_step = 2 * cfg.batch_size * cfg.zo_num_perturbations
     log_path.write_text("")
     init = result.initial_eval
     _append(log_path, {"curve": args.name, "round": 0, "forward_passes": 0, "command": command, **init})

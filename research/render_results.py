@@ -316,7 +316,7 @@ def render_across_seeds(rec: Records) -> str:
 
 def _settings(command: str, defaults: dict) -> dict:
     """The --set key=value pairs of a recorded command over the default job's values (dotted keys)."""
-    flat = {"lr": defaults.get("lr"), "local_steps": defaults.get("local_steps"), "rounds": defaults.get("rounds"),
+    flat = {"lr": defaults.get("learning_rate", defaults.get("lr")), "local_steps": defaults.get("local_steps"), "rounds": defaults.get("rounds"),
             "partition.scheme": defaults.get("partition", {}).get("scheme"),
             "partition.alpha": defaults.get("partition", {}).get("alpha"), "task.loss": "candidates",
             "eval_examples": "1000"}  # learning_curve.py's --eval-examples default
@@ -324,7 +324,7 @@ def _settings(command: str, defaults: dict) -> dict:
     for a, b in zip(argv, argv[1:]):
         if a == "--set" and "=" in b:
             k, v = b.split("=", 1)
-            flat[k] = v
+            flat["lr" if k == "learning_rate" else k] = v  # recorded commands use either name
         if a == "--eval-examples":
             flat["eval_examples"] = b
     return flat

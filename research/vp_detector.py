@@ -68,7 +68,7 @@ def read_traces(out: Path) -> dict[int, dict]:
 
 def federation_overrides(i: int, args) -> list[str]:
     return [*COMMON, f"seed={1000 + i}", f"partition.num_single_label_clients={1 + i % 3}", f"rounds={args.rounds}",
-            f"local_steps={args.local_steps}", f"lr={args.lr:g}", *args.set,
+            f"local_steps={args.local_steps}", f"learning_rate={args.lr:g}", *args.set,
             f"output_dir={Path(args.out) / 'runs' / f'fed{i:03d}'}"]
 
 
@@ -96,7 +96,7 @@ def traces(args) -> None:
             "federation": i, "seed": config.seed, "single_label": single,
             "label_counts": {str(c): np.bincount(data.labels[p], minlength=2).tolist() for c, p in enumerate(data.parts)},
             "gradip": {str(c): [r["gradip_steps"].get(str(c), []) for r in rows] for c in range(config.num_clients)},
-            "seconds": round(time.perf_counter() - start, 1), "lr": config.lr, "local_steps": config.local_steps,
+            "seconds": round(time.perf_counter() - start, 1), "lr": config.learning_rate, "local_steps": config.local_steps,
             "command": "python research/vp_detector.py traces " + " ".join(sys.argv[2:]),
         }
         with (out / "traces.jsonl").open("a") as f:

@@ -63,8 +63,8 @@ def base_config(root: Path, model_dir: str, data_files: dict, **overrides) -> di
         "max_length": 32,
         "eval_every": 1,
         "eval_examples": 32,
-        "lr": 1e-3,
-        "eps": 1e-3,
+        "learning_rate": 1e-3,
+        "zo_eps": 1e-3,
         "seed": 0,
         "output_dir": str(root / "run"),
         "torch_threads": 1,
@@ -73,7 +73,10 @@ def base_config(root: Path, model_dir: str, data_files: dict, **overrides) -> di
         "plots": False,
         "save_final": False,
     }
+    from meerkat_hf.federated.federation_config import DEPRECATED_KEYS
+
     for key, value in overrides.items():
+        key = DEPRECATED_KEYS.get(key, key)  # tests say lr=/eps=/q= for short; the config's names are the Trainer's
         if isinstance(value, dict) and isinstance(cfg.get(key), dict):
             cfg[key] = {**cfg[key], **value}
         else:

@@ -31,16 +31,16 @@ def write_bad_inputs(root, cfg: dict):
     (root / "latin1.yaml").write_bytes("lr: 1e-3 # d\xe9j\xe0\n".encode("latin-1"))
     (root / "calib.txt").write_text("some calibration text\n" * 10)
     (root / "deep.yaml").write_text("a: " + "[" * 20000 + "]" * 20000 + "\n")
-    (root / "dup.yaml").write_text(yaml.safe_dump(cfg) + "lr: 0.5\n")
+    (root / "dup.yaml").write_text(yaml.safe_dump(cfg) + "learning_rate: 0.5\n")
     (root / "random.csv").write_bytes(bytes(range(256)) * 40)
     return path
 
 
 FEDERATE = [  # (--set overrides or extra args, what the one line must say)
-    (["--set", "lr=-1"], "lr must be a finite number > 0"),
-    (["--set", "lr=abc"], "lr must be a finite number > 0"),
-    (["--set", "lr=.inf"], "lr must be a finite number > 0"),
-    (["--set", "lr=inf"], "lr must be a finite number > 0"),
+    (["--set", "learning_rate=-1"], "learning_rate must be a finite number > 0"),
+    (["--set", "learning_rate=abc"], "learning_rate must be a finite number > 0"),
+    (["--set", "learning_rate=.inf"], "learning_rate must be a finite number > 0"),
+    (["--set", "learning_rate=inf"], "learning_rate must be a finite number > 0"),
     (["--set", "eps=0"], "eps must be a finite number > 0"),
     (["--set", "eps=nan"], "eps must be a finite number > 0"),
     (["--set", "rounds=0"], "rounds must be an integer >= 1"),
@@ -53,7 +53,7 @@ FEDERATE = [  # (--set overrides or extra args, what the one line must say)
     (["--set", "mask.density=1.5"], "mask.density must be in (0, 1]"),
     (["--set", "mask.density=abc"], "mask.density must be in (0, 1]"),
     (["--set", "weight_decay=-1"], "weight_decay must be a finite number >= 0"),
-    (["--set", "weight_decay=5000"], "lr * weight_decay must be < 1"),
+    (["--set", "weight_decay=5000"], "learning_rate * weight_decay must be < 1"),
     (["--set", "validation.max_abs_grad=.inf"], "max_abs_grad must be a finite number > 0"),
     (["--set", "validation.max_abs_grad=inf"], "max_abs_grad must be a finite number > 0"),
     (["--set", "validation.max_update_ratio=0"], "max_update_ratio must be a finite number > 0"),
@@ -84,7 +84,7 @@ FEDERATE = [  # (--set overrides or extra args, what the one line must say)
     # issue 29's malformed invocations
     (["--set", "lr=[1"], "--set lr=[1: is not valid YAML"),
     (["--config", "{root}/deep.yaml"], "deep.yaml nests deeper than YAML can be read"),
-    (["--config", "{root}/dup.yaml"], "the key 'lr' is given twice"),
+    (["--config", "{root}/dup.yaml"], "the key 'learning_rate' is given twice"),
     (["--set", "device=cuda:abc"], "device must be auto, cpu, cuda or cuda:N (got 'cuda:abc')"),
     (["--set", "torch_threads=100000"], "torch_threads=100000 is more than 4 per core"),
     (["--set", "max_length=4.5"], "max_length must be an integer >= 4 (got 4.5)"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from federated_support import base_config, make_model_dir, make_task_files
 from meerkat_hf.federated import ConfigError, FederationConfig, decode_uplink
 from meerkat_hf.federated.protocol.codec import Uplink
 from meerkat_hf.federated.driver import FederationHooks, SimulatedCrash, run_federation
+from meerkat_hf.federated.federation_config import DEFAULT_CONFIG
 
 
 @pytest.fixture(scope="module")
@@ -205,15 +207,15 @@ def test_config_validation_and_yaml(tmp_path, assets):
     cfg = FederationConfig.from_yaml(path, ["rounds=7", "mask.density=0.5", "partition.scheme=shard"])
     assert cfg.rounds == 7 and cfg.mask.density == 0.5 and cfg.partition.scheme == "shard"
     # YAML 1.1 reads `1e-3` (no dot) as a string; on the command line and in files it means a number.
-    path.write_text(yaml.safe_dump(good).replace("lr: 0.001", "lr: 1e-3"))
-    assert "lr: 1e-3" in path.read_text()
-    cfg = FederationConfig.from_yaml(path, ["eps=2e-3", "mask.density=5E-2", "output_dir=run1e5"])
-    assert (cfg.lr, cfg.eps, cfg.mask.density, cfg.output_dir) == (1e-3, 2e-3, 5e-2, "run1e5")
+    path.write_text(yaml.safe_dump(good).replace("learning_rate: 0.001", "learning_rate: 1e-3"))
+    assert "learning_rate: 1e-3" in path.read_text()
+    cfg = FederationConfig.from_yaml(path, ["zo_eps=2e-3", "mask.density=5E-2", "output_dir=run1e5"])
+    assert (cfg.learning_rate, cfg.zo_eps, cfg.mask.density, cfg.output_dir) == (1e-3, 2e-3, 5e-2, "run1e5")
     bad = [
         ({"algorithm": "fedprox"}, "algorithm"),
         ({"rounds": 0}, "rounds"),
         ({"client_fraction": 1.5}, "client_fraction"),
-        ({"lr": -1}, "lr"),
+        ({"lr": -1}, "learning_rate"),
         ({"roundz": 3}, "unknown key"),
         ({"mask": {"densty": 0.1}}, "unknown key"),
         ({"partition": {"scheme": "zipf"}}, "partition.scheme"),
@@ -226,9 +228,49 @@ def test_config_validation_and_yaml(tmp_path, assets):
         data = base_config(tmp_path, model_dir, files, **override)
         with pytest.raises(ConfigError, match=needle):
             FederationConfig.from_dict(data)
+    with pytest.raises(ConfigError, match="'lr' and 'learning_rate' name the same setting"):
+        FederationConfig.from_dict({**good, "lr": 1e-3})
     with pytest.raises(FileNotFoundError):
         FederationConfig.from_yaml(tmp_path / "missing.yaml")
     assert FederationConfig().algorithm == "meerkat"  # defaults validate
+
+
+def test_old_setting_names_still_load_with_a_warning_for_one_release(tmp_path, assets):
+    """One name per setting, the Trainer's: lr/eps/q/estimator are read as learning_rate/zo_eps/
+    zo_num_perturbations/zo_estimator, with a FutureWarning naming the new key."""
+    _, model_dir, files = assets
+    data = base_config(tmp_path, model_dir, files)
+    for new in ("learning_rate", "zo_eps"):
+        data.pop(new)
+    data.update({"lr": 2e-3, "eps": 3e-3, "q": 2, "estimator": "fzoo"})
+    with pytest.warns(FutureWarning, match="'lr' is deprecated, use 'learning_rate'"):
+        cfg = FederationConfig.from_dict(data)
+    assert (cfg.learning_rate, cfg.zo_eps, cfg.zo_num_perturbations, cfg.zo_estimator) == (2e-3, 3e-3, 2, "fzoo")
+    with pytest.warns(FutureWarning, match="FederationConfig.lr"):
+        assert cfg.lr == 2e-3  # the old attribute reads the new field
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(base_config(tmp_path, model_dir, files)))
+    # an old --set name overrides the file's new one (no 'both given' error), with the warning
+    with pytest.warns(FutureWarning, match="--set lr="):
+        assert FederationConfig.from_yaml(path, ["lr=4e-3"]).learning_rate == 4e-3
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the packaged default job and examples use the current names
+        FederationConfig.from_yaml(DEFAULT_CONFIG, ["output_dir=" + str(tmp_path / "d")])
+        for example in sorted((Path(__file__).parents[1] / "examples" / "configs").glob("*.yaml")):
+            FederationConfig.from_yaml(example)
+
+
+def test_a_checkpoint_with_the_old_setting_names_still_resumes():
+    from meerkat_hf.federated.checkpoint import check_resumable
+
+    old = {"algorithm": "meerkat", "rounds": 3, "lr_schedule": "constant", "lr": 1e-3, "eps": 1e-3, "q": 1}
+    new = {"algorithm": "meerkat", "rounds": 3, "lr_schedule": "constant", "learning_rate": 1e-3, "zo_eps": 1e-3,
+           "zo_num_perturbations": 1, "zo_estimator": "spsa"}
+    check_resumable(old, new, "m", "m")
+    with pytest.raises(ValueError, match="learning_rate"):
+        check_resumable(old, {**new, "learning_rate": 2e-3}, "m", "m")
 
 
 def test_class_balanced_loss_uses_the_federation_label_prior(tmp_path, assets):

@@ -129,7 +129,7 @@ def test_claims_are_exclusive_and_stale_ones_are_taken_over(tmp_path, compare):
 def test_cell_commands_reproduce_the_cell_without_run_plumbing(tmp_path, compare):
     overrides = compare.config_overrides("full-fedzo", 3e-6, 2, tmp_path, ["rounds=4"])
     command = compare.reproduce_command(overrides)
-    assert "--set algorithm=full-fedzo" in command and "--set lr=3e-06" in command and "--set seed=2" in command
+    assert "--set algorithm=full-fedzo" in command and "--set learning_rate=3e-06" in command and "--set seed=2" in command
     assert "--set rounds=4" in command and "output_dir" not in command and "resume" not in command
     assert overrides.index("rounds=4") > overrides.index("rounds=3")  # --set wins over the shared settings
 

@@ -119,7 +119,7 @@ def test_every_loss_nan_stops_the_run_with_one_line(tmp_path, assets, capsys, mo
     assert main(["federate", "--config", str(path)]) == 2
     err = [l for l in capsys.readouterr().err.splitlines() if "error" in l]  # (stderr also has loading bars)
     assert len(err) == 1 and err[0].startswith("meerkat-hf: error: ")
-    assert "NaN/inf" in err[0] and "lr=0.001" in err[0] and "eps=0.001" in err[0] and "lower lr or eps" in err[0]
+    assert "NaN/inf" in err[0] and "learning_rate=0.001" in err[0] and "zo_eps=0.001" in err[0] and "lower them" in err[0]
     rows = _rows(tmp_path / "run")
     assert len(rows) == 2  # 4 clients x 3 steps = 12 per round: the 20th skipped step falls in round 2
     assert all(r["skipped_steps"] == 12 for r in rows) and rows[-1]["cumulative_skipped_steps"] == 24
@@ -133,7 +133,7 @@ def test_some_nan_steps_are_counted_but_do_not_stop(tmp_path, assets, monkeypatc
                                                     max_consecutive_skips=0))
     result = run_federation(config)  # 0: never stop
     assert [r["skipped_steps"] for r in result.metrics] == [12, 12]
-    with pytest.raises(DivergedError, match="lr=0.001"):
+    with pytest.raises(DivergedError, match="learning_rate=0.001"):
         config = FederationConfig.from_dict(base_config(tmp_path, model_dir, files, rounds=2,
                                                         max_consecutive_skips=12, output_dir=str(tmp_path / "b")))
         run_federation(config)

@@ -221,7 +221,7 @@ def test_validation_bounds_must_be_finite_and_weight_decay_bounded(tmp_path, ass
             ValidationConfig(**bad)
         with pytest.raises(ConfigError, match="validation"):
             _config(tmp_path, assets, validation=bad)
-    with pytest.raises(ConfigError, match="lr \\* weight_decay must be < 1"):
+    with pytest.raises(ConfigError, match="learning_rate \\* weight_decay must be < 1"):
         _config(tmp_path, assets, lr=1e-3, weight_decay=1000.0).validate()
     with pytest.raises(ValueError, match="weight_decay"):
         ProtocolParams(0, LRSchedule(0.5), weight_decay=2.0)

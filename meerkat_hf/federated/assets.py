@@ -42,7 +42,7 @@ def meerkat_model(config: FederationConfig, model, mask: SparseMask):
     wrapped = get_meerkat_model(model, mask)
     if config.model.dtype == "bfloat16":
         wrapped.set_forward_precision("bf16-mixed")
-        warn_if_eps_below_bf16_resolution("bf16-mixed", config.eps)
+        warn_if_eps_below_bf16_resolution("bf16-mixed", config.zo_eps)
     else:
         warn_if_fp32_on_cuda(model, wrapped.forward_precision)
     return wrapped
@@ -118,8 +118,8 @@ def protocol_params(config: FederationConfig, initial_values: torch.Tensor | Non
         if initial_values is None:
             raise ValueError("dp.central_noise_multiplier: protocol_params needs the round-0 values (the bound S)")
         central = config.dp.central_noise_multiplier * update_bound(initial_values, config.validation.max_update_ratio)
-    return ProtocolParams(config.seed, LRSchedule(config.lr, config.lr_schedule, config.rounds, config.lr_min_ratio),
-                          config.q, config.weight_decay, central)
+    return ProtocolParams(config.seed, LRSchedule(config.learning_rate, config.lr_schedule, config.rounds, config.lr_min_ratio),
+                          config.zo_num_perturbations, config.weight_decay, central)
 
 
 def planned_steps(config: FederationConfig) -> int:

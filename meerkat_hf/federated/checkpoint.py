@@ -47,8 +47,11 @@ _NAME = re.compile(r"round_(\d+)\.pt$")
 # every step under one clip, noise and delta.
 DP_KEYS = ("clip", "noise_multiplier", "target_epsilon", "delta", "central_noise_multiplier", "noise_seed")
 # Settings that must not change when a run is resumed (the rest, e.g. `rounds`, may).
-PROTOCOL_KEYS = ("algorithm", "num_clients", "client_fraction", "local_steps", "lr", "lr_schedule", "lr_min_ratio",
-                 "weight_decay", "eps", "q", "estimator", "batch_size", "max_length", "seed")
+PROTOCOL_KEYS = ("algorithm", "num_clients", "client_fraction", "local_steps", "learning_rate", "lr_schedule",
+                 "lr_min_ratio", "weight_decay", "zo_eps", "zo_num_perturbations", "zo_estimator", "batch_size",
+                 "max_length", "seed")
+# A checkpoint written before the ZO settings took MeerkatZOArguments' names stores the old ones.
+_OLD_NAMES = {"learning_rate": "lr", "zo_eps": "eps", "zo_num_perturbations": "q", "zo_estimator": "estimator"}
 
 
 def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
@@ -176,8 +179,12 @@ def check_resumable(saved_config: dict, config: dict, saved_checksum: str, check
     spans = config.get("lr_schedule") != "constant" or any(
         d.get("target_epsilon") is not None for d in (dp_saved, dp_now))
     keys = PROTOCOL_KEYS + (("rounds",) if spans else ())
-    defaults = {"estimator": "spsa"}  # checkpoints written before the setting existed ran its default
-    changed = [k for k in keys if saved_config.get(k, defaults.get(k)) != config.get(k, defaults.get(k))]
+    defaults = {"zo_estimator": "spsa"}  # checkpoints written before the setting existed ran its default
+
+    def saved(key):
+        return saved_config.get(key, saved_config.get(_OLD_NAMES.get(key, key), defaults.get(key)))
+
+    changed = [k for k in keys if saved(k) != config.get(k, defaults.get(k))]
     changed += [f"dp.{k}" for k in DP_KEYS if dp_saved.get(k) != dp_now.get(k)]  # the accountant's inputs
     if changed:
         raise ValueError(f"cannot resume: settings {changed} differ from the checkpointed run")

@@ -135,7 +135,7 @@ class InProcessTransport(Transport):
             if self.hooks.before_client is not None:
                 self.hooks.before_client(r, cid)
             res = client.train(config.local_optimizer, engine.model, values, r, budget, params, mask.checksum,
-                               eps=config.eps, estimator=config.estimator, device=engine.runtime.device,
+                               eps=config.zo_eps, estimator=config.zo_estimator, device=engine.runtime.device,
                                progress=progress)
             outcome.messages = [res.uplink]
             if self.hooks.tamper_uplink is not None:

@@ -227,8 +227,8 @@ def training_summary(config: FederationConfig, task: str, initial_eval: dict, fi
     summary: dict = {"algorithm": config.algorithm, "task": task, "num_clients": config.num_clients,
                      "partition": f"{config.partition.scheme} (alpha={config.partition.alpha:g}, "
                                   f"{config.partition.num_single_label_clients} single-label clients)",
-                     "rounds": config.rounds, "local_steps": config.local_steps, "learning_rate": config.lr,
-                     "zo_eps": config.eps, "zo_estimator": config.estimator, "forward_dtype": config.model.dtype}
+                     "rounds": config.rounds, "local_steps": config.local_steps, "learning_rate": config.learning_rate,
+                     "zo_eps": config.zo_eps, "zo_estimator": config.zo_estimator, "forward_dtype": config.model.dtype}
     if config.task.type == "classification":
         summary["loss"] = "class-balanced candidate cross-entropy" if config.task.loss == "balanced" \
             else "candidate cross-entropy"
@@ -601,8 +601,9 @@ class RoundEngine:
         if config.max_consecutive_skips and self.consecutive_skips >= config.max_consecutive_skips:
             raise DivergedError(
                 f"{self.consecutive_skips} ZO steps in a row (every client's, up to round {r + 1}) had a NaN/inf loss "
-                f"with lr={config.lr:g}, eps={config.eps:g}, q={config.q}, weight_decay={config.weight_decay:g}: "
-                f"the model diverged or eps is too large; lower lr or eps (--set lr=... --set eps=...); "
+                f"with learning_rate={config.learning_rate:g}, zo_eps={config.zo_eps:g}, "
+                f"zo_num_perturbations={config.zo_num_perturbations}, weight_decay={config.weight_decay:g}: "
+                f"the model diverged or eps is too large; lower them (--set learning_rate=... --set zo_eps=...); "
                 f"skipped steps per round are in {self.out / 'metrics.jsonl'}")
 
     def _gain(self) -> dict:

@@ -193,15 +193,15 @@ class FederationConfig:
     rounds: int = 10
     client_fraction: float = 1.0
     local_steps: int = 10
-    lr: float = 1e-4
+    learning_rate: float = 1e-4  # MeerkatZOArguments' names for the ZO settings: one name per setting
     lr_schedule: str = "constant"
     lr_min_ratio: float = 0.0
     weight_decay: float = 0.0
-    eps: float = 1e-3
-    q: int = 1
-    # spsa: two-point differences (the paper's); fzoo: one-sided differences over q >= 2 directions sharing
-    # the unperturbed loss, normalised by their spread (q + 1 forwards a step; zo.step_scalars)
-    estimator: str = "spsa"
+    zo_eps: float = 1e-3
+    zo_num_perturbations: int = 1
+    # spsa: two-point differences (the paper's); fzoo: one-sided differences over zo_num_perturbations >= 2
+    # directions sharing the unperturbed loss, normalised by their spread (N + 1 forwards a step; zo.step_scalars)
+    zo_estimator: str = "spsa"
     # stop the run when this many ZO steps in a row (every client's, rounds in order) had a NaN/inf
     # loss: lr/eps diverged the model; 0 never stops (the skipped steps are counted in metrics.jsonl)
     max_consecutive_skips: int = 20
@@ -232,6 +232,12 @@ class FederationConfig:
     def __post_init__(self) -> None:
         self.validate()
 
+    # -- the old names, for one release ---------------------------------------------------
+    lr = property(lambda self: _deprecated_read(self, "lr"), doc="Deprecated: `learning_rate`.")
+    eps = property(lambda self: _deprecated_read(self, "eps"), doc="Deprecated: `zo_eps`.")
+    q = property(lambda self: _deprecated_read(self, "q"), doc="Deprecated: `zo_num_perturbations`.")
+    estimator = property(lambda self: _deprecated_read(self, "estimator"), doc="Deprecated: `zo_estimator`.")
+
     # -- derived switches ------------------------------------------------------------------
     @property
     def mask_method(self) -> str:
@@ -256,7 +262,7 @@ class FederationConfig:
                 raise ConfigError(f"federation config: {msg}")
 
         need(self.algorithm in ALGORITHMS, f"algorithm {self.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
-        for name in ("num_clients", "rounds", "local_steps", "q", "batch_size", "eval_every", "eval_batch_size",
+        for name in ("num_clients", "rounds", "local_steps", "zo_num_perturbations", "batch_size", "eval_every", "eval_batch_size",
                      "checkpoint_every", "keep_checkpoints", "max_cached_states"):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be an integer >= 1 (got {v!r})")
@@ -265,26 +271,30 @@ class FederationConfig:
                                                      and self.catchup_max_directions >= 0),
              f"catchup_max_directions must be an integer >= 0 or null (got {self.catchup_max_directions!r})")
         need(self.local_steps <= 0xFFFF, "local_steps must be <= 65535 (a u16 on the wire)")
-        need(self.q <= 255, "q must be <= 255 (a u8 on the wire)")
+        need(self.zo_num_perturbations <= 255, "zo_num_perturbations must be <= 255 (a u8 on the wire)")
         need(isinstance(self.client_fraction, (int, float)) and not isinstance(self.client_fraction, bool)
              and 0 < self.client_fraction <= 1,
              f"client_fraction must be in (0, 1] (got {self.client_fraction!r})")
-        need(self.estimator in ESTIMATORS, f"estimator must be one of {', '.join(ESTIMATORS)} (got {self.estimator!r})")
-        need(self.estimator != "fzoo" or self.q >= 2,
-             f"estimator fzoo normalises by the spread of q >= 2 perturbed losses: set q >= 2 (got q={self.q})")
-        need(self.estimator == "spsa" or not self.dp.example_level,
-             "example-level DP clips per-example two-point scalars: use estimator spsa with dp.clip")
-        for name in ("lr", "eps"):
+        need(self.zo_estimator in ESTIMATORS,
+             f"zo_estimator must be one of {', '.join(ESTIMATORS)} (got {self.zo_estimator!r})")
+        need(self.zo_estimator != "fzoo" or self.zo_num_perturbations >= 2,
+             "zo_estimator fzoo normalises by the spread of >= 2 perturbed losses: set zo_num_perturbations >= 2 "
+             f"(got {self.zo_num_perturbations})")
+        need(self.zo_estimator == "spsa" or not self.dp.example_level,
+             "example-level DP clips per-example two-point scalars: use zo_estimator spsa with dp.clip")
+        for name in ("learning_rate", "zo_eps"):
             v = getattr(self, name)
             need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"{name} must be a finite number > 0 (got {v!r})")
-        need(self.lr <= self.validation.max_lr, f"lr={self.lr!r} is above validation.max_lr={self.validation.max_lr!r}: "
-                                                "the server would reject every uplink")
-        need(self.eps <= MAX_EPS, f"eps={self.eps!r} is above {MAX_EPS}: a finite difference that wide measures no "
-                                  "gradient (the recipe uses 1e-3)")
+        need(self.learning_rate <= self.validation.max_lr,
+             f"learning_rate={self.learning_rate!r} is above validation.max_lr={self.validation.max_lr!r}: "
+             "the server would reject every uplink")
+        need(self.zo_eps <= MAX_EPS, f"zo_eps={self.zo_eps!r} is above {MAX_EPS}: a finite difference that wide "
+                                     "measures no gradient (the recipe uses 1e-3)")
         need(isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay) and self.weight_decay >= 0,
              f"weight_decay must be a finite number >= 0 (got {self.weight_decay!r})")
-        need(self.lr * self.weight_decay < 1, f"lr * weight_decay must be < 1 so that 1 - lr*wd stays in (0, 1] "
-                                              f"(got lr={self.lr!r}, weight_decay={self.weight_decay!r})")
+        need(self.learning_rate * self.weight_decay < 1,
+             "learning_rate * weight_decay must be < 1 so that 1 - lr*wd stays in (0, 1] "
+             f"(got learning_rate={self.learning_rate!r}, weight_decay={self.weight_decay!r})")
         need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**63,
              f"seed must be an integer in 0..2**63-1 (got {self.seed!r})")
         need(self.torch_threads is None or (isinstance(self.torch_threads, int) and not isinstance(self.torch_threads, bool)
@@ -386,7 +396,7 @@ class FederationConfig:
     def from_dict(cls, data: dict[str, Any]) -> "FederationConfig":
         if not isinstance(data, dict):
             raise ConfigError(f"federation config must be a mapping, got {type(data).__name__}")
-        data = _numeric(data)  # YAML files, --set overrides and Flower run configs all come through here
+        data = _numeric(_canonical_keys(data))  # YAML files, --set overrides and Flower run configs all come through here
         sections = {"model": ModelSection, "mask": MaskSection, "task": TaskSection, "partition": PartitionSection,
                     "vp": VPConfig, "validation": ValidationConfig, "lora": LoRASection, "dp": DPSection}
         known = {f.name for f in dataclasses.fields(cls)}
@@ -456,12 +466,48 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         except ValueError as err:
             raise ConfigError(str(err)) from None
         parts = key.strip().split(".")
+        if len(parts) == 1:
+            parts = [DEPRECATED_KEYS.get(parts[0], parts[0])]
+            if parts[0] != key.strip():
+                _warn_renamed(key.strip(), f"--set {key.strip()}=")
+            for old, new in DEPRECATED_KEYS.items():  # the override replaces the file's value, whichever name it has
+                if new == parts[0]:
+                    data.pop(old, None)
         target = data
         for part in parts[:-1]:
             target[part] = dict(target.get(part) or {})
             target = target[part]
         target[parts[-1]] = value
     return data
+
+
+#: The federation config's old names of settings that MeerkatZOArguments names otherwise: one name per
+#: setting now (the Trainer's), the old ones are read with a FutureWarning for one release.
+DEPRECATED_KEYS = {"lr": "learning_rate", "eps": "zo_eps", "q": "zo_num_perturbations", "estimator": "zo_estimator"}
+
+
+def _warn_renamed(old: str, where: str = "") -> None:
+    import warnings
+
+    warnings.warn(f"federation config: {where or old!r} is deprecated, use {DEPRECATED_KEYS[old]!r} (the name "
+                  "MeerkatZOArguments uses); the old name goes in the next release", FutureWarning, stacklevel=4)
+
+
+def _canonical_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` with the deprecated top-level names replaced by the current ones (both given: an error)."""
+    out = dict(data)
+    for old, new in DEPRECATED_KEYS.items():
+        if old in out:
+            if new in out:
+                raise ConfigError(f"federation config: {old!r} and {new!r} name the same setting; keep {new!r}")
+            _warn_renamed(old)
+            out[new] = out.pop(old)
+    return out
+
+
+def _deprecated_read(config: "FederationConfig", old: str) -> Any:
+    _warn_renamed(old, f"FederationConfig.{old}")
+    return getattr(config, DEPRECATED_KEYS[old])
 
 
 def _int(v: Any) -> bool:

@@ -246,7 +246,7 @@ def fault_injecting_client_app(config: FederationConfig | None, *, app_dir: str 
         if hooks is not None and getattr(hooks, "before_client", None) is not None:
             hooks.before_client(round_id, client.client_id)
         res = client.train(cfg.local_optimizer, rt.model, values, round_id, budget, rt.params, rt.mask.checksum,
-                           eps=cfg.eps, estimator=cfg.estimator, device=rt.device)
+                           eps=cfg.zo_eps, estimator=cfg.zo_estimator, device=rt.device)
         uplinks = [res.uplink]
         if hooks is not None and getattr(hooks, "tamper_uplink", None) is not None:
             uplinks = list(hooks.tamper_uplink(round_id, client.client_id, res.uplink))
