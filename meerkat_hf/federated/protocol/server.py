@@ -78,10 +78,10 @@ MIN_CLIENTS_FOR_MEDIAN = 3  # the median bound needs an honest majority to exist
 class ValidationConfig:
     """Bounds beyond which an uplink is rejected as absurd."""
 
-    max_abs_grad: float = 1e4
-    max_abs_delta: float = 1e3
-    max_lr: float = 10.0
-    max_examples: int = 2**31 - 1
+    max_abs_grad: float = 1e4  # an uplink scalar |g| beyond this is refused
+    max_abs_delta: float = 1e3  # a dense (fo-fedavg) delta value beyond this is refused
+    max_lr: float = 10.0  # a step's learning rate beyond this is refused
+    max_examples: int = 2**31 - 1  # the largest example count (FedAvg weight) a client may declare
     # bound on one client's replayed update ||w_c - w||_2 in one round, as a multiple of ||w_S|| at round 0
     # (None: unbounded); a longer update is scaled down to it. 10: far above any honest round (a client moving w_S
     # by 10x its whole pre-trained norm in one round has diverged), far below what |g| <= max_abs_grad allows
