@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,3 +52,75 @@ def test_sft_trainer_refuses_other_arguments_and_losses(tmp_path):
     with pytest.raises(TypeError, match="MeerkatSFTConfig"):
         MeerkatSFTTrainer(model=mm, args=TrainingArguments(output_dir=str(tmp_path / "c")))
     assert torch.equal(mm.values, mm.base_values)
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ bos_token if loop.first else '' }}<{{ m['role'] }}> {{ m['content'] }}"
+                 "{% if not loop.last %} {% endif %}{% endfor %}{{ eos_token }}")
+
+
+def _chat_setup(tmp_path):
+    import json
+
+    from transformers import AutoTokenizer
+
+    model_dir = make_model_dir(tmp_path)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = CHAT_TEMPLATE
+    chat_dir = tmp_path / "chat-model"
+    if not chat_dir.exists():
+        import shutil
+
+        shutil.copytree(model_dir, chat_dir)
+        tok.save_pretrained(chat_dir)
+    rows = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": f"{w} {w}"}]}
+            for w in ("good", "bad", "sun", "sea") * 6]
+    files = {}
+    for split, part in (("train", rows), ("test", rows[:8])):
+        path = tmp_path / f"{split}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in part))
+        files[split] = str(path)
+    return str(chat_dir), AutoTokenizer.from_pretrained(chat_dir), rows, files
+
+
+def test_a_federation_on_chat_data_trains_on_trl_s_tokens(tmp_path):
+    """`task.type: lm` over a chat dataset: the same tokens (and so the same per-token LM loss) as TRL's SFTTrainer."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from federated_support import base_config
+    from meerkat_hf.federated import FederationConfig, run_federation
+    from meerkat_hf.federated.task_data import build_federated_data
+
+    chat_dir, tok, rows, files = _chat_setup(tmp_path)
+    raw = base_config(tmp_path, chat_dir, files, rounds=2, local_steps=3, learning_rate=0.05, max_length=64,
+                      task={"name": "chat", "type": "lm", "data_files": files, "prompt": None, "verbalizer": None},
+                      mask={"calibration": "task"}, partition={"scheme": "iid"})
+    config = FederationConfig.from_dict(raw)
+    data = build_federated_data(config, tok)
+    ours = sorted(tuple(r["input_ids"]) for client in data.client_examples for r in client)
+    model = AutoModelForCausalLM.from_pretrained(chat_dir)
+    mm = get_meerkat_model(model, compute_mask(model, SparseMaskConfig(method="random", density=0.2), progress=False))
+    args = MeerkatSFTConfig(output_dir=str(tmp_path / "sft"), max_length=64, report_to="none", use_cpu=True,
+                            save_strategy="no")
+    trl_rows = MeerkatSFTTrainer(model=mm, args=args, train_dataset=Dataset.from_list(rows),
+                                 processing_class=tok).train_dataset
+    assert ours == sorted(tuple(x) for x in trl_rows["input_ids"])
+    assert ours[0][0] == tok.bos_token_id and ours[0][-1] == tok.eos_token_id  # the template's, not doubled
+    result = run_federation(config)
+    assert "conversations (chat template)" in data.description
+    assert np.isfinite(result.final_eval["eval_loss"]) and result.final_eval["eval_loss"] < result.initial_eval["eval_loss"]
+
+
+def test_chat_data_with_a_tokenizer_without_template_is_refused_in_one_line(tmp_path):
+    from federated_support import base_config
+    from meerkat_hf.federated import FederationConfig
+    from meerkat_hf.federated.task_data import build_federated_data
+    from transformers import AutoTokenizer
+
+    chat_dir, _, _, files = _chat_setup(tmp_path)
+    config = FederationConfig.from_dict(base_config(tmp_path, chat_dir, files, task={
+        "name": "chat", "type": "lm", "data_files": files, "prompt": None, "verbalizer": None}, partition={"scheme": "iid"}))
+    plain = AutoTokenizer.from_pretrained(make_model_dir(tmp_path))
+    plain.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        build_federated_data(config, plain)

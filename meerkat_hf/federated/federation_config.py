@@ -122,7 +122,7 @@ class TaskSection:
     verbalizer: Any = None  # list (class id = position) or {id: word}
     text_columns: list[str] | None = None  # the prompt's columns (default: the fields the prompt names)
     label_column: str = "label"  # the column of integer class ids (or label names)
-    text_column: str = "text"  # lm tasks
+    text_column: str = "text"  # lm tasks (without it, a "messages" column of chat turns is rendered with the chat template, as TRL does)
     eval_split: str = "eval"  # the split scored before and after; "eval": the task's own (test for the built-in ones)
     max_train_examples: int | None = None  # a seeded random subset of the training split (null: all of it)
     # classification: candidates = cross-entropy over the label words (MeZO); balanced = the same,

@@ -138,8 +138,10 @@ class LMCollator:
         return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
 
 
-def _read_texts(files: Any, column: str, column_mapping: dict | None) -> list[str]:
-    """Texts of one split from local .txt/.jsonl/.json/.csv/.parquet files."""
+def _read_texts(files: Any, column: str, column_mapping: dict | None) -> list[Any]:
+    """Texts of one split from local .txt/.jsonl/.json/.csv/.parquet files; a chat dataset (a `messages`
+    column of {role, content} turns and no `column`) gives its conversations, which `build_lm_data`
+    renders with the tokenizer's chat template as TRL's SFTTrainer does."""
     import datasets  # lazy: ~0.6 s to import, needed only where data is read
 
     files = [files] if isinstance(files, (str, bytes)) or not isinstance(files, (list, tuple)) else list(files)
@@ -154,9 +156,24 @@ def _read_texts(files: Any, column: str, column_mapping: dict | None) -> list[st
         ds = ds.rename_columns(dict(column_mapping))
     if builder == "text" and column not in ds.column_names:
         column = "text"
+    if column not in ds.column_names and CHAT_COLUMN in ds.column_names:
+        return [list(m) for m in ds[CHAT_COLUMN] if m]
     if column not in ds.column_names:
         raise ValueError(f"lm task data lack the text column {column!r} (columns: {ds.column_names})")
     return [str(x) for x in ds[column] if x is not None and str(x).strip()]
+
+
+CHAT_COLUMN = "messages"  # TRL's conversational format
+
+
+def _chat_ids(tokenizer, messages: list) -> list[int]:
+    """A conversation's tokens as TRL's SFTTrainer makes them for its language-modelling loss: the chat
+    template applied and tokenized in one call (so the template's own special tokens are not doubled)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("the task data are conversations (a 'messages' column) but the tokenizer has no chat "
+                         "template: use a chat model's tokenizer or give plain texts in task.text_column")
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)
+    return list(out["input_ids"])
 
 
 def build_lm_data(config: FederationConfig, tokenizer) -> FederatedData:
@@ -179,8 +196,11 @@ def build_lm_data(config: FederationConfig, tokenizer) -> FederatedData:
     if config.eval_examples:
         eval_texts = eval_texts[: config.eval_examples]
 
-    def encode(batch: list[str]) -> list[dict]:
-        ids = tokenizer(batch, add_special_tokens=True, truncation=True, max_length=config.max_length)["input_ids"]
+    def encode(batch: list[Any]) -> list[dict]:
+        if batch and not isinstance(batch[0], str):  # conversations: TRL's chat tokenization, kept from the start
+            ids = [_chat_ids(tokenizer, m)[: config.max_length] for m in batch]
+        else:
+            ids = tokenizer(batch, add_special_tokens=True, truncation=True, max_length=config.max_length)["input_ids"]
         return [{"input_ids": list(x)} for x in ids if len(x) >= 2]
 
     rows, eval_rows = encode(train_texts), encode(eval_texts)
@@ -209,8 +229,11 @@ def build_lm_data(config: FederationConfig, tokenizer) -> FederatedData:
 
     return FederatedData(
         client_examples=[[rows[i] for i in p] for p in parts], collate=collate, loss_fn=loss_fn, evaluate=evaluate,
-        per_example_loss_fn=per_example_loss_fn, parts=parts, calibration_texts=train_texts[:256],
-        description=f"lm: {len(rows)} train / {len(eval_rows)} eval texts",
+        per_example_loss_fn=per_example_loss_fn, parts=parts,
+        calibration_texts=[t if isinstance(t, str) else tokenizer.apply_chat_template(t, tokenize=False)
+                           for t in train_texts[:256]],
+        description=f"lm: {len(rows)} train / {len(eval_rows)} eval "
+                    + ("conversations (chat template)" if train_texts and not isinstance(train_texts[0], str) else "texts"),
     )
 
 
