@@ -98,7 +98,7 @@ def render_reference() -> str:
            "config uses `MeerkatZOArguments`' names; a section key `dp.clip` is the Trainer's `dp_clip`. "
            "Old names still read, with a FutureWarning, for one release: "
            + ", ".join(f"`{old}` -> `{new}`" for old, new in DEPRECATED_KEYS.items()) + ".", "",
-           "## Federation config (`meerkat-hf federate --config FILE`, `--set key=value`)", "",
+           "## Federation config (the YAML file of `--config`, or `--set key=value` overrides)", "",
            "Top-level keys:", ""]
     out += _table(FederationConfig)
     for f in dataclasses.fields(FederationConfig):
