@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
 import torch  # noqa: E402
 
@@ -74,7 +74,7 @@ def _attack(name: str, params_seed: int, grad_bound: float, k_box: dict):
 
 
 def _run(root: Path, model_dir: str, files: dict, seed: int, attack: str | None, robust: bool, args) -> dict:
-    from federated_support import base_config
+    from meerkat_hf.testing.toy_federation import base_config
 
     from meerkat_hf.federated import FederationConfig, FederationHooks, run_federation
     from meerkat_hf.federated.protocol import server as server_mod
@@ -123,7 +123,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     logging.disable(logging.WARNING)
-    from federated_support import make_model_dir, make_task_files
+    from meerkat_hf.testing.toy_federation import make_model_dir, make_task_files
 
     rows: dict[tuple[str, str], list[dict]] = {}
     started = time.perf_counter()

@@ -36,13 +36,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # three runs x 6,000 rows encoded
 
 import torch  # noqa: E402
 
-from chaos_support import FaultRates, SeededFaults, audit, in_flight  # noqa: E402
-from federated_support import base_config, make_model_dir, toy_rows, write_csv  # noqa: E402
+from meerkat_hf.testing.faults import FaultRates, SeededFaults, audit, in_flight  # noqa: E402
+from meerkat_hf.testing.toy_federation import base_config, make_model_dir, toy_rows, write_csv  # noqa: E402
 from meerkat_hf.federated import FederationConfig  # noqa: E402
 from meerkat_hf.federated.checkpoint import list_checkpoints  # noqa: E402
 from meerkat_hf.federated.driver import SimulatedCrash, run_federation  # noqa: E402

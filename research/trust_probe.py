@@ -41,7 +41,7 @@ import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -229,7 +229,7 @@ MUST_REFUSE = ("forged", "re-stamped", "nan_steps")  # accepting one of these is
 
 
 def probe_federation(tally: Tally, root: Path, rounds: int) -> None:
-    from federated_support import base_config, make_model_dir, make_task_files
+    from meerkat_hf.testing.toy_federation import base_config, make_model_dir, make_task_files
     from meerkat_hf.federated import FederationConfig, FederationHooks, decode_uplink, run_federation
     from meerkat_hf.federated.protocol import server as server_mod
     from meerkat_hf.federated.protocol.codec import Uplink
@@ -336,7 +336,7 @@ class _Capture(logging.Handler):
 
 
 def probe_checkpoints(tally: Tally, root: Path, flips: int, resumes: int) -> None:
-    from federated_support import base_config, make_model_dir, make_task_files
+    from meerkat_hf.testing.toy_federation import base_config, make_model_dir, make_task_files
     from meerkat_hf.federated import FederationConfig, FederationHooks, run_federation
     from meerkat_hf.federated.engine import SimulatedCrash
     from meerkat_hf.federated.checkpoint import list_checkpoints, load_latest_checkpoint, read_checkpoint
@@ -404,7 +404,7 @@ def probe_checkpoints(tally: Tally, root: Path, flips: int, resumes: int) -> Non
 # -- (d) bad CLI inputs -----------------------------------------------------------------------------
 def probe_cli(tally: Tally, root: Path) -> None:
     import test_cli_bad_input as table
-    from federated_support import base_config, make_model_dir, make_task_files
+    from meerkat_hf.testing.toy_federation import base_config, make_model_dir, make_task_files
     from meerkat_hf.cli import main
 
     model_dir, files = make_model_dir(root), make_task_files(root)

@@ -374,3 +374,13 @@ def test_the_epsilon_table_pairs_each_dp_row_with_its_own_shape_without_dp(compa
     lines = compare._paired_lines({"meerkat": by_seed["meerkat"], "site": by_seed["site"], "site-dp-eps8": by_seed["site-dp-eps8"]})
     assert "(and site-dp-eps8 against site)" in lines[1]
     assert any(line.startswith("| site-dp-eps8 - site | 3 |") for line in lines)
+
+
+def test_no_study_or_benchmark_reaches_into_tests():
+    """research/ and benchmarks/ use the library's public API, its test utilities included, never tests/."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted([*root.glob("research/*.py"), *root.glob("benchmarks/*.py"), *root.glob("examples/**/*.py")]):
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"sys\.path.*tests|from (conftest|federated_support|chaos_support) import", text), path
