@@ -51,7 +51,7 @@ TASK = "tweets_binary"
 COMMON = [
     "num_clients=10", "client_fraction=1.0", "partition.scheme=dirichlet", "partition.alpha=0.5",
     "partition.num_single_label_clients=0", "local_steps=10", "rounds=3", "batch_size=8", "max_length=64",
-    "eps=1e-3", "task.loss=balanced", "task.max_train_examples=null", "task.eval_split=validation",
+    "zo_eps=1e-3", "task.loss=balanced", "task.max_train_examples=null", "task.eval_split=validation",
     "eval_examples=512", "eval_every=1", "vp.calibration_local_steps=null", "mask.density=1e-5",
     "mask.calibration=python_docs", "mask.calibration_num_sequences=64", "mask.calibration_seq_len=256",
     # simulated clients take the server's state instead of replaying the records themselves: the

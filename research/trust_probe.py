@@ -403,7 +403,7 @@ def probe_checkpoints(tally: Tally, root: Path, flips: int, resumes: int) -> Non
 
 # -- (d) bad CLI inputs -----------------------------------------------------------------------------
 def probe_cli(tally: Tally, root: Path) -> None:
-    import test_cli_bad_input as table
+    from meerkat_hf.testing import cli_inputs as table
     from meerkat_hf.testing.toy_federation import base_config, make_model_dir, make_task_files
     from meerkat_hf.cli import main
 

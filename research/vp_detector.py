@@ -40,7 +40,7 @@ import numpy as np
 
 COMMON = [
     "algorithm=meerkat", "num_clients=10", "client_fraction=1.0", "partition.scheme=dirichlet", "partition.alpha=0.5",
-    "batch_size=8", "max_length=64", "eps=1e-3", "task.loss=balanced", "task.max_train_examples=null",
+    "batch_size=8", "max_length=64", "zo_eps=1e-3", "task.loss=balanced", "task.max_train_examples=null",
     "mask.density=1e-5", "mask.calibration=python_docs", "mask.calibration_num_sequences=64",
     "mask.calibration_seq_len=256", "vp.calibration_local_steps=null", "simulate_downlink=false",
     "torch_threads=1", "progress=false", "plots=false", "save_final=false", "keep_checkpoints=1",

@@ -25,6 +25,7 @@ else:
     pytest.importorskip("flwr")
 
 import torch
+import yaml
 
 from federated_support import base_config, make_model_dir, make_task_files
 from meerkat_hf.federated import FederationConfig, run_federation
@@ -347,3 +348,18 @@ def test_simulated_clients_get_a_gpu_share_where_cuda_is_visible(monkeypatch):
     assert two["client_resources"]["num_gpus"] == 0.25 and two["init_args"]["num_gpus"] == 2
     assert default_backend_config(num_gpus_per_client=1)["client_resources"]["num_gpus"] == 1.0
     assert default_backend_config(device="cpu")["client_resources"]["num_gpus"] == 0.0  # the user asked for CPU
+
+
+def test_a_run_config_over_an_old_config_file_takes_either_name(tmp_path):
+    """The Flower app declares `learning-rate`; a config-file that still says `lr:` is read, not refused."""
+    model_dir, files = make_model_dir(tmp_path), make_task_files(tmp_path)
+    old = base_config(tmp_path, model_dir, files)
+    old["lr"] = old.pop("learning_rate")
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(old))
+    with pytest.warns(FutureWarning, match="'lr' is deprecated"):
+        cfg = federation_config_from_run_config({"config-file": str(path), "learning-rate": 2e-3, "zo-eps": 4e-3})
+    assert (cfg.learning_rate, cfg.zo_eps) == (2e-3, 4e-3)  # the run config wins, as declared keys always do
+    with pytest.warns(FutureWarning):
+        cfg = federation_config_from_run_config({"config-file": str(path), "lr": 3e-3})
+    assert cfg.learning_rate == 3e-3

@@ -383,4 +383,4 @@ def test_no_study_or_benchmark_reaches_into_tests():
     root = Path(__file__).resolve().parents[1]
     for path in sorted([*root.glob("research/*.py"), *root.glob("benchmarks/*.py"), *root.glob("examples/**/*.py")]):
         text = path.read_text(encoding="utf-8")
-        assert not re.search(r"sys\.path.*tests|from (conftest|federated_support|chaos_support) import", text), path
+        assert not re.search(r"sys\.path.*tests|from (conftest|federated_support|chaos_support) import|import test_\w+", text), path

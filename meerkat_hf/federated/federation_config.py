@@ -405,7 +405,7 @@ class FederationConfig:
     def from_dict(cls, data: dict[str, Any]) -> "FederationConfig":
         if not isinstance(data, dict):
             raise ConfigError(f"federation config must be a mapping, got {type(data).__name__}")
-        data = _numeric(_canonical_keys(data))  # YAML files, --set overrides and Flower run configs all come through here
+        data = _numeric(canonical_keys(data))  # YAML files, --set overrides and Flower run configs all come through here
         sections = {"model": ModelSection, "mask": MaskSection, "task": TaskSection, "partition": PartitionSection,
                     "vp": VPConfig, "validation": ValidationConfig, "lora": LoRASection, "dp": DPSection}
         known = {f.name for f in dataclasses.fields(cls)}
@@ -502,7 +502,7 @@ def _warn_renamed(old: str, where: str = "") -> None:
                   "MeerkatZOArguments uses); the old name goes in the next release", FutureWarning, stacklevel=4)
 
 
-def _canonical_keys(data: dict[str, Any]) -> dict[str, Any]:
+def canonical_keys(data: dict[str, Any]) -> dict[str, Any]:
     """`data` with the deprecated top-level names replaced by the current ones (both given: an error)."""
     out = dict(data)
     for old, new in DEPRECATED_KEYS.items():

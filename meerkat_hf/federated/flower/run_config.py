@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..federation_config import ConfigError, FederationConfig
+from ..federation_config import ConfigError, FederationConfig, canonical_keys
 from ..yaml_input import load_yaml
 
 CONFIG_FILE_KEY = "config-file"
@@ -160,7 +160,8 @@ def federation_config_from_run_config(run_config: Mapping[str, Any],
             raise FileNotFoundError(f"run config {CONFIG_FILE_KEY}={config_file!r}: {path} does not exist")
         data = load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
     flat = {k: v for k, v in run_config.items() if k != CONFIG_FILE_KEY and not k.startswith(OPTIONS_PREFIX)}
-    return FederationConfig.from_dict(_merge(data, _nest(flat)))
+    # the old setting names on either side (the file's `lr:`, an app's `lr = ...`) meet the new ones here
+    return FederationConfig.from_dict(_merge(canonical_keys(data), canonical_keys(_nest(flat))))
 
 
 def node_client_id(node_config: Mapping[str, Any]) -> int:
