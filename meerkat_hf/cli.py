@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 
 from .masks.calibration import PYTHON_DOCS, SELF_GENERATED
 from .masks.config import DEFAULT_EXCLUDE, METHODS, SCOPES, TARGETS, SparseMaskConfig
@@ -242,11 +243,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_deprecation(show):
+    """A deprecated setting name on the command line is one `meerkat-hf: warning:` line, not a source excerpt."""
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, FutureWarning) and str(message).startswith("federation config:"):
+            print(f"meerkat-hf: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_deprecation(warnings.showwarning)
+            return args.func(args)
     except (ValueError, FileNotFoundError, OSError, KeyError, TypeError, FloatingPointError) as err:
         print(f"meerkat-hf: error: {' '.join(str(err).split())}", file=sys.stderr)  # one line
         return 2

@@ -107,3 +107,17 @@ def test_a_train_file_of_random_bytes_is_one_error_line_naming_it(job, capsys, t
                       "--set", f"output_dir={tmp_path / 'run'}"], capsys)
     assert code == 2  # (datasets logs its own reader's failure first; the CLI's verdict is the last line)
     assert err.strip().splitlines()[-1].startswith(f"meerkat-hf: error: cannot read '{root}/random.csv' as csv")
+
+
+def test_an_old_setting_name_on_the_command_line_is_one_warning_line(job, capsys):
+    import warnings
+
+    root, _, path = job
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # as a fresh process would show it once
+        code, err = _run(["federate", "--config", str(path), "--set", "lr=-1"], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2
+    assert lines == ["meerkat-hf: warning: federation config: '--set lr=' is deprecated, use 'learning_rate' (the "
+                     "name MeerkatZOArguments uses); the old name goes in the next release",
+                     "meerkat-hf: error: federation config: learning_rate must be a finite number > 0 (got -1)"], lines
