@@ -15,59 +15,8 @@ Results land in `--output-dir`: metrics.jsonl, plots/*.png, checkpoints/, final/
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
-import random
 from pathlib import Path
-
-POSITIVE = "great good wonderful love happy fun win".split()
-NEGATIVE = "terrible bad awful hate sad angry lose".split()
-FILLER = "the movie film plot actor story news city car road school book".split()
-
-
-def _toy_rows(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label = i % 2
-        words = [rng.choice(FILLER) for _ in range(rng.randint(2, 5))]
-        words += [rng.choice(POSITIVE if label else NEGATIVE) for _ in range(2)]
-        rng.shuffle(words)
-        rows.append({"text": " ".join(words) + ".", "label": label})
-    return rows
-
-
-def _write_csv(path: Path, rows: list[dict]) -> str:
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["text", "label"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return str(path)
-
-
-def build_tiny_model(folder: Path) -> str:
-    """A 2-layer Llama with a 320-token BPE tokenizer, saved like a Hub checkpoint."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    if (folder / "config.json").exists():
-        return str(folder)
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = [r["text"] + " Sentiment: good bad" for r in _toy_rows(400, 7)]
-    tok.train_from_iterator(corpus, trainer=trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<unk>", "<s>", "</s>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                         bos_token_id=1, eos_token_id=2, pad_token_id=3))
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
 
 def main(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,9 +42,12 @@ def main(argv: list[str] | None = None):
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if args.tiny:
-        files = {"train": _write_csv(out / "train.csv", _toy_rows(160, 0)), "test": _write_csv(out / "test.csv", _toy_rows(48, 1))}
+        # the library's test utilities: a 2-layer Llama + BPE tokenizer saved like a Hub checkpoint, toy rows as CSV
+        from meerkat_hf.testing import make_model_dir, toy_rows, write_csv
+
+        files = {"train": write_csv(out / "train.csv", toy_rows(160, 0)), "test": write_csv(out / "test.csv", toy_rows(48, 1))}
         cfg = {
-            "model": {"model_name_or_path": build_tiny_model(out / "tiny-llama")},
+            "model": {"model_name_or_path": make_model_dir(out)},
             "mask": {"method": "sensitivity", "density": 0.02, "calibration": "task",
                      "calibration_num_sequences": 8, "calibration_seq_len": 32},
             "task": {"name": "toy", "prompt": "{text}\nSentiment:", "verbalizer": [" bad", " good"], "data_files": files},
