@@ -61,13 +61,21 @@ def _log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------- prepare
-def prepare(out: Path, calibrations=tuple(CALIBRATIONS), densities=DENSITIES) -> None:
+def prepare(out: Path, calibrations=tuple(CALIBRATIONS), densities=DENSITIES, top_layers=(), top_k=1062) -> None:
+    """Masks (global top-k of the calibration's mean squared gradient) and the zero-shot scores.
+
+    `top_layers` adds, for each L, the mask `{cal}-top{L}-k{top_k}`: the same scores' top `top_k`
+    among the last L decoder layers and the final norm (`SparseMaskConfig(layers_to_transform=...)`),
+    a mask whose ZO steps run the layers below it once (the frozen trunk).
+    """
     model, tok = load_model_and_tokenizer("smollm2")
     torch.manual_seed(0)
     masks = out / "masks"
+    num_layers = model.config.num_hidden_layers
     for cal in calibrations:
         n, length = CALIBRATIONS[cal]
-        if all((masks / f"{cal}-{d:g}" / "mask_config.json").is_file() for d in densities):
+        wanted = [f"{cal}-{d:g}" for d in densities] + [f"{cal}-top{L}-k{top_k}" for L in top_layers]
+        if all((masks / w / "mask_config.json").is_file() for w in wanted):
             continue
         spec = SparseMaskConfig(calibration_num_sequences=n, calibration_seq_len=length)
         params = selectable_parameters(model, spec)
@@ -77,6 +85,8 @@ def prepare(out: Path, calibrations=tuple(CALIBRATIONS), densities=DENSITIES) ->
         _log(f"{cal}: gradient statistics in {time.perf_counter() - t0:.0f}s")
         total = sum(p.numel() for _, p in params)
         for d in densities:
+            if (masks / f"{cal}-{d:g}" / "mask_config.json").is_file():
+                continue
             k = target_size(total, d)
             indices = select_global(stats.sq_mean, k)
             g_p = torch.cat([stats.mean[nm].reshape(-1)[i] for nm, i in indices.items()])
@@ -88,6 +98,20 @@ def prepare(out: Path, calibrations=tuple(CALIBRATIONS), densities=DENSITIES) ->
             mask.save_pretrained(target, model_card=False)
             torch.save(sq, target / "sq_grad.pt")
             _log(f"mask {target.name}: k={k}")
+        for L in top_layers:
+            cfg = SparseMaskConfig(density=1e-5, layers_to_transform=list(range(num_layers - L, num_layers)),
+                                   calibration_num_sequences=n, calibration_seq_len=length,
+                                   calibration_source="python_docs", base_model_name_or_path="smollm2")
+            allowed = {nm for nm, _ in selectable_parameters(model, cfg)}
+            cfg.density = top_k / sum(p.numel() for nm, p in params if nm in allowed)
+            indices = select_global({nm: v for nm, v in stats.sq_mean.items() if nm in allowed}, top_k)
+            g_p = torch.cat([stats.mean[nm].reshape(-1)[i] for nm, i in indices.items()])
+            sq = torch.cat([stats.sq_mean[nm].reshape(-1)[i] for nm, i in indices.items()])
+            mask = SparseMask(config=cfg, indices=indices, shapes=parameter_shapes(model), pretrain_grad=g_p)
+            target = masks / f"{cal}-top{L}-k{top_k}"
+            mask.save_pretrained(target, model_card=False)
+            torch.save(sq, target / "sq_grad.pt")
+            _log(f"mask {target.name}: k={top_k} in the last {L} layers and the final norm")
         del stats
     for split in ("validation", "test"):
         path = out / f"zeroshot_{split}.pt"
@@ -609,6 +633,8 @@ def main(argv: list[str] | None = None) -> None:
     pp.add_argument("--out", default="runs/study")
     pp.add_argument("--calibrations", nargs="+", default=list(CALIBRATIONS), choices=list(CALIBRATIONS))
     pp.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
+    pp.add_argument("--top-layers", nargs="*", type=int, default=[], help="also masks of the top k in the last L layers")
+    pp.add_argument("--top-k", type=int, default=1062)
     pr = sub.add_parser("run")
     pr.add_argument("--out", default="runs/study")
     pr.add_argument("--name", required=True)
@@ -638,7 +664,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.cmd == "prepare":
-        prepare(out, tuple(args.calibrations), tuple(args.densities))
+        prepare(out, tuple(args.calibrations), tuple(args.densities), tuple(args.top_layers), args.top_k)
     elif args.cmd == "plot":
         plot(Path(args.logs), Path(args.png), args.names)
     elif args.cmd == "curves":

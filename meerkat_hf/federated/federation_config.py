@@ -67,7 +67,7 @@ _SPEC_FIELDS = {f.name: f for f in dataclasses.fields(SparseMaskConfig)}
 # The selection settings a federation config may set; everything else of a SparseMaskConfig is
 # recorded by compute_mask (calibration_source, base model).
 MASK_SPEC_KEYS = ("method", "density", "scope", "target", "calibration_num_sequences", "calibration_seq_len",
-                  "calibration_batch_size", "seed", "exclude_patterns", "include_patterns")
+                  "calibration_batch_size", "seed", "exclude_patterns", "include_patterns", "layers_to_transform")
 
 
 def _spec_default(name: str, **overrides):
@@ -97,6 +97,7 @@ class MaskSection:
     seed: int = _spec_default("seed")
     exclude_patterns: list[str] | None = _spec_default("exclude_patterns", default=None)  # None: DEFAULT_EXCLUDE
     include_patterns: list[str] | None = _spec_default("include_patterns")
+    layers_to_transform: list[int] | None = _spec_default("layers_to_transform")
     cache: bool = True  # reuse a mask computed earlier for the same model, spec and calibration
 
     def spec(self, method: str | None = None) -> SparseMaskConfig:

@@ -54,7 +54,8 @@ def mask_cache_key(model: nn.Module, spec: SparseMaskConfig, calibration_id: str
     # The base model's name is recorded in the mask: part of the key when given (CLI), not when None (runs).
     spec_dict = {k: v for k, v in spec.to_dict().items()
                  if not (k in ("base_model_name_or_path", "revision") and v is None)
-                 and not (k == "target" and v == "all")}  # masks cached before `target` existed keep their key
+                 and not (k == "target" and v == "all")  # masks cached before `target` existed keep their key
+                 and not (k == "layers_to_transform" and v is None)}  # ... and before `layers_to_transform`
     payload = {
         "fingerprint": fingerprint(parameter_shapes(model)),
         "weights": weights_sample_digest(model),

@@ -61,6 +61,13 @@ class SparseMaskConfig:
     include_patterns: list[str] | None = field(
         default=None, metadata={"help": "Regexes (re.search) on parameter names; only matching ones may be selected."}
     )
+    layers_to_transform: list[int] | None = field(
+        default=None,
+        metadata={"help": "As in PEFT: only these decoder layers' parameters may be selected (negative = from the top: "
+                          "[-4, -3, -2, -1] is the last four); parameters outside the layer stack (the final norm) stay "
+                          "selectable. A mask that starts high lets each ZO step run the layers below it once "
+                          "(meerkat_hf.modeling.frozen_trunk), so several directions a step cost little more than one."},
+    )
     exclude_patterns: list[str] = field(
         default_factory=lambda: list(DEFAULT_EXCLUDE),
         metadata={"help": "Regexes on parameter names that may never be selected (default: embeddings, lm_head)."},
@@ -95,6 +102,13 @@ class SparseMaskConfig:
             raise ValueError("calibration_num_sequences must be >= 1")
         if self.calibration_batch_size < 1:
             raise ValueError("calibration_batch_size must be >= 1")
+        if self.layers_to_transform is not None:
+            layers = [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
+            if isinstance(layers, (str, bytes)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers) \
+                    or not layers:
+                raise ValueError(f"layers_to_transform must be a layer index or a non-empty list of them, got "
+                                 f"{self.layers_to_transform!r}")
+            self.layers_to_transform = list(layers)
         self.exclude_patterns = list(self.exclude_patterns or [])
         if self.include_patterns is not None:
             self.include_patterns = list(self.include_patterns)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .config import SparseMaskConfig
+from .layer_stack import decoder_layers, layer_index_of
 from ..zo.spsa import derive_seed
 
 
@@ -27,8 +28,13 @@ def selectable_parameters(model: nn.Module, config: SparseMaskConfig) -> list[tu
     linear = None
     if config.target == "linear":  # the weights of nn.Linear layers only (not biases, norms, embeddings)
         linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    layers = _layers_allowed(model, config.layers_to_transform)
     chosen = []
     for name, param in model.named_parameters():
+        if layers is not None:
+            index = layer_index_of(name, layers[0])
+            if index is not None and index not in layers[1]:
+                continue
         if linear is not None and name not in linear:
             continue
         if include is not None and not any(p.search(name) for p in include):
@@ -42,6 +48,20 @@ def selectable_parameters(model: nn.Module, config: SparseMaskConfig) -> list[tu
             f"(target={config.target}, include={config.include_patterns}, exclude={config.exclude_patterns})"
         )
     return chosen
+
+
+def _layers_allowed(model: nn.Module, wanted: list[int] | None) -> tuple[str, set[int]] | None:
+    """(stack name, allowed block indices) for `layers_to_transform`, negatives counted from the top."""
+    if wanted is None:
+        return None
+    stack = decoder_layers(model)
+    if stack is None:
+        raise ValueError("layers_to_transform is set but the model has no stack of decoder layers to index")
+    n = len(stack[1])
+    bad = [i for i in wanted if not -n <= i < n]
+    if bad:
+        raise ValueError(f"layers_to_transform {bad} out of range: the model has {n} decoder layers (0..{n - 1})")
+    return stack[0], {i % n for i in wanted}
 
 
 def target_size(num_selectable: int, density: float) -> int:

@@ -33,6 +33,7 @@ from ..hub.artifacts import (
 from ..masks.mask import MASK_WEIGHTS_NAME, SparseMask, config_content_sha256, read_json_config
 from ..hub.integrity import MAX_ABS_WEIGHT, check_finite, read_verified, safetensors_bound, stream_sha256
 from ..hub.safetensors_bytes import save_safetensors
+from .frozen_trunk import FrozenTrunk
 from .sparse_view import SparseView
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ class MeerkatModel(nn.Module):
         self.values = self.base_values.clone()  # fp32 CPU master of the current w_S
         self.tokenizer = None  # set by `from_pretrained(delta_dir)`, which loads the base and its tokenizer
         self.forward_precision = "fp32"
+        self.reuse_frozen_trunk = True  # False: every ZO forward runs every layer (the cache's bit-equality tests)
+        self._trunk: FrozenTrunk | None = None
 
     # -- forward precision (meerkat_hf.modeling.precision) ---------------------------------------------
     def set_forward_precision(self, precision: str) -> None:
@@ -105,6 +108,17 @@ class MeerkatModel(nn.Module):
 
             base._meerkat_original_forward = inner
             base.forward = forward_under_autocast
+
+    def frozen_trunk(self) -> contextlib.AbstractContextManager:
+        """Within it, forwards on the same inputs run the layers below the mask once (`modeling.frozen_trunk`).
+
+        The ZO estimators open it around the forwards of one step; the losses are the same bits.
+        """
+        if not self.reuse_frozen_trunk:
+            return contextlib.nullcontext()
+        if self._trunk is None:
+            self._trunk = FrozenTrunk(self.base_model, [s.param for s in self.sparse.slices])
+        return self._trunk()
 
     # -- the sparse state ----------------------------------------------------------------
     @property

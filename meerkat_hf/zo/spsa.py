@@ -13,6 +13,7 @@ This module knows nothing of Trainer or federation. Its contract is determinism:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -141,6 +142,16 @@ def check_eps(eps: float) -> float:
     return float(eps)
 
 
+def shared_trunk(target: SparseTarget):
+    """The target's `frozen_trunk()` context when it has one (a MeerkatModel), else nothing.
+
+    The forwards of one step share their batch, so the layers below the first masked coordinate
+    run once for all of them; nested calls reuse the outer context.
+    """
+    frozen_trunk = getattr(target, "frozen_trunk", None)
+    return frozen_trunk() if callable(frozen_trunk) else contextlib.nullcontext()
+
+
 def _two_point_losses(target: SparseTarget, loss_fn: Callable[[], Any], z: torch.Tensor, eps: float) -> tuple[Any, Any]:
     """L(w+eps z) and L(w-eps z), leaving the weights at w.
 
@@ -153,12 +164,13 @@ def _two_point_losses(target: SparseTarget, loss_fn: Callable[[], Any], z: torch
     # very bits of `w + eps * z` and `w - eps * z` (IEEE addition commutes).
     perturbed = torch.empty_like(w)
     try:
-        torch.mul(z, eps, out=perturbed).add_(w)
-        target.write(perturbed)
-        loss_plus = loss_fn()
-        torch.sub(w, torch.mul(z, eps, out=perturbed), out=perturbed)
-        target.write(perturbed)
-        loss_minus = loss_fn()
+        with shared_trunk(target):
+            torch.mul(z, eps, out=perturbed).add_(w)
+            target.write(perturbed)
+            loss_plus = loss_fn()
+            torch.sub(w, torch.mul(z, eps, out=perturbed), out=perturbed)
+            target.write(perturbed)
+            loss_minus = loss_fn()
     finally:
         target.write(w)
     return loss_plus, loss_minus
@@ -246,17 +258,19 @@ def step_scalars(target: SparseTarget, loss_fn: Callable[[], torch.Tensor | floa
     Weights are left at w either way.
     """
     if estimator == "spsa":
-        return [projected_gradient(target, loss_fn, z, eps) for z in directions]
+        with shared_trunk(target):  # one trunk for all 2N forwards of the step (they share the batch)
+            return [projected_gradient(target, loss_fn, z, eps) for z in directions]
     check_estimator(estimator, len(directions))
     w = target.values
     perturbed = torch.empty_like(w)
     losses = []
     try:
-        base = float(loss_fn())  # the weights hold w on entry, as for projected_gradient
-        for z in directions:
-            torch.mul(z, eps, out=perturbed).add_(w)
-            target.write(perturbed)
-            losses.append(float(loss_fn()))
+        with shared_trunk(target):
+            base = float(loss_fn())  # the weights hold w on entry, as for projected_gradient
+            for z in directions:
+                torch.mul(z, eps, out=perturbed).add_(w)
+                target.write(perturbed)
+                losses.append(float(loss_fn()))
     finally:
         target.write(w)
     if not all(math.isfinite(x) for x in (base, *losses)):

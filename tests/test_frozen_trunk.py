@@ -1,0 +1,109 @@
+"""The frozen trunk: layers below the mask run once per ZO step, and the scalars keep their bits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from meerkat_hf import SparseMaskConfig, compute_mask, get_meerkat_model, zo
+from meerkat_hf.testing.tiny import tiny_config
+
+
+def deep_tiny(family: str = "llama", layers: int = 4):
+    cfg = tiny_config(family)
+    cfg.num_hidden_layers = layers
+    if hasattr(cfg, "layer_types"):
+        cfg.layer_types = None
+        cfg.__post_init__() if hasattr(cfg, "__post_init__") else None
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def random_mask(model, **spec):
+    return compute_mask(model, SparseMaskConfig(method="random", density=0.05, seed=3, **spec), progress=False)
+
+
+def batch_of(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 300, (3, 9), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def scalars(mm, estimator: str, n: int, reuse: bool, batch=None):
+    batch = batch or batch_of()
+    mm.reuse_frozen_trunk = reuse
+    dirs = [zo.gaussian_direction(zo.derive_seed(5, j), mm.num_selected) for j in range(n)]
+    return zo.step_scalars(mm, lambda: mm(**batch).loss, dirs, 1e-3, estimator)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+@pytest.mark.parametrize("estimator,n", [("spsa", 1), ("spsa", 3), ("fzoo", 3)])
+def test_a_top_layer_mask_reuses_the_trunk_and_keeps_every_bit(family, estimator, n):
+    mm = get_meerkat_model(deep_tiny(family), random_mask(deep_tiny(family), layers_to_transform=[-2, -1]))
+    assert all(".layers.2." in name or ".layers.3." in name or name.endswith("norm.weight") and ".layers." not in name
+               for name in mm.mask.indices), list(mm.mask.indices)
+    before = mm.values.clone()
+    plain = scalars(mm, estimator, n, reuse=False)
+    cached = scalars(mm, estimator, n, reuse=True)
+    assert cached == plain  # bit for bit: the server's replay cannot tell
+    trunk = mm._trunk
+    assert trunk.depth == 2
+    forwards = 2 * n if estimator == "spsa" else n + 1
+    assert trunk.reused_forwards == forwards - 1  # all but the first skip layers 0-1
+    assert torch.equal(mm.values, before)
+    assert all("forward" not in layer.__dict__ for layer in mm.base_model.model.layers)  # restored
+
+
+def test_a_mask_in_the_first_layer_runs_every_layer():
+    model = deep_tiny()
+    mm = get_meerkat_model(model, random_mask(model, layers_to_transform=[0, 3]))
+    assert scalars(mm, "spsa", 2, reuse=True) == scalars(mm, "spsa", 2, reuse=False)
+    assert mm._trunk.depth == 0 and mm._trunk.reused_forwards == 0
+
+
+def test_a_mask_on_the_final_norm_only_skips_every_layer():
+    model = deep_tiny()
+    mask = compute_mask(model, SparseMaskConfig(method="random", density=1.0, include_patterns=[r"^model\.norm\."]),
+                        progress=False)
+    mm = get_meerkat_model(model, mask)
+    assert scalars(mm, "fzoo", 4, reuse=True) == scalars(mm, "fzoo", 4, reuse=False)
+    assert mm._trunk.depth == 4 and mm._trunk.reused_forwards == 4
+
+
+def test_other_inputs_inside_the_context_are_computed_afresh():
+    model = deep_tiny()
+    mm = get_meerkat_model(model, random_mask(model, layers_to_transform=[3]))
+    a, b = batch_of(0), batch_of(1)
+    with torch.no_grad():
+        want_a, want_b = float(mm(**a).loss), float(mm(**b).loss)
+        with mm.frozen_trunk():
+            got = [float(mm(**a).loss), float(mm(**b).loss), float(mm(**b).loss), float(mm(**a).loss)]
+    assert got == [want_a, want_b, want_b, want_a]
+    assert mm._trunk.reused_forwards == 1  # only the repeated b directly after b
+    with torch.no_grad():  # and the model is itself again outside the context
+        assert float(mm(**a).loss) == want_a
+
+
+def test_training_steps_with_and_without_the_trunk_reach_the_same_bits():
+    model = deep_tiny()
+    mask = random_mask(model, layers_to_transform=[-1])
+    runs = []
+    for reuse in (True, False):
+        mm = get_meerkat_model(deep_tiny(), mask)
+        for step in range(3):
+            batch = batch_of(step)
+            mm.reuse_frozen_trunk = reuse
+            dirs = [zo.gaussian_direction(zo.derive_seed(9, step, j), mm.num_selected) for j in range(2)]
+            grads = zo.step_scalars(mm, lambda: mm(**batch).loss, dirs, 1e-3)
+            zo.apply_step(mm.values, zo.ZOStep(tuple(zo.derive_seed(9, step, j) for j in range(2)), tuple(grads), 1e-2))
+            mm.sync_weights()
+        runs.append(mm.values.clone())
+    assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("bad", [[], [7], [-9], "2", [1.5], [True]])
+def test_bad_layers_to_transform_is_one_line(bad):
+    with pytest.raises(ValueError) as err:
+        random_mask(deep_tiny(), layers_to_transform=bad)
+    assert "layers_to_transform" in str(err.value) and "\n" not in str(err.value)
