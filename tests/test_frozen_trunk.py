@@ -107,3 +107,41 @@ def test_bad_layers_to_transform_is_one_line(bad):
     with pytest.raises(ValueError) as err:
         random_mask(deep_tiny(), layers_to_transform=bad)
     assert "layers_to_transform" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_federation_and_the_mask_cache_know_layers_to_transform():
+    from meerkat_hf.federated.federation_config import FederationConfig
+    from meerkat_hf.masks.cache import mask_cache_key
+
+    cfg = FederationConfig.from_dict({"mask": {"layers_to_transform": [-2, -1]}})
+    assert cfg.mask.spec().layers_to_transform == [-2, -1]
+    model = deep_tiny()
+    plain, top = SparseMaskConfig(), SparseMaskConfig(layers_to_transform=[-1])
+    assert mask_cache_key(model, plain, "x") != mask_cache_key(model, top, "x")
+
+
+def test_a_federated_client_sends_the_same_bytes_and_the_server_replays_them():
+    from meerkat_hf.federated import FederatedClient, FederatedServer, LRSchedule, ProtocolParams
+
+    def collate(feats):
+        return {"input_ids": torch.stack(feats), "attention_mask": torch.ones(len(feats), feats[0].numel(), dtype=torch.long),
+                "labels": torch.stack(feats)}
+
+    model = deep_tiny()
+    mask = random_mask(model, layers_to_transform=[-1])
+    mm = get_meerkat_model(model, mask)
+    rows = list(batch_of(7)["input_ids"]) * 4
+    params = ProtocolParams(11, LRSchedule(1e-2), q=3)
+    uplinks = {}
+    for reuse in (True, False):
+        mm.reuse_frozen_trunk = reuse
+        server = FederatedServer(mm.base_values, mask.checksum, mask.fingerprint, params, num_clients=1,
+                                 pretrain_grad=mask.pretrain_grad, keep_client_finals=True)
+        server.begin_round(0, {0: 3})
+        client = FederatedClient(0, rows, collate, batch_size=4, data_seed=5)
+        res = client.train_zo(mm, server.values, 0, 3, params, mask.checksum, 1e-3, keep_final=True)
+        uplinks[reuse] = res.uplink
+        assert server.receive(res.uplink) is None
+        assert torch.equal(server.finish_round().finals[0], res.final_values)
+    assert uplinks[True] == uplinks[False]
+    assert mm._trunk.depth == 3 and mm._trunk.reused_forwards > 0
