@@ -436,3 +436,24 @@ def test_a_batch_is_checked_once_however_many_perturbed_forwards_see_it(monkeypa
     bad = {**batch, "input_ids": ids.clone(), "labels": torch.full_like(ids, -100)}
     with pytest.raises(ValueError, match="no supervised position"):
         verbalizer.candidate_loss(model, bad, torch.tensor([5, 6]))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+def test_candidate_logits_read_only_the_candidate_rows_of_the_head(family):
+    """The head computes C rows instead of the vocabulary; the logits are the full head's, to float tolerance."""
+    from meerkat_hf.testing.tiny import tiny_model
+
+    model = tiny_model(family)
+    ids = torch.randint(4, 300, (3, 7), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    cand = torch.tensor([17, 5, 230])
+    with torch.no_grad():
+        full = model(**batch).logits[:, -1][:, cand]
+        with verbalizer_mod._candidate_rows_only(model, cand) as restricted:
+            assert restricted and model(**batch).logits.shape[-1] == 3
+        assert "forward" not in model.get_output_embeddings().__dict__  # restored
+        torch.testing.assert_close(candidate_logits(model, batch, cand), full, rtol=1e-5, atol=1e-5)
+        seen = []  # a hooked head is left alone: the full head runs and is gathered
+        model.get_output_embeddings().register_forward_hook(lambda m, a, out: seen.append(out.shape[-1]))
+        torch.testing.assert_close(candidate_logits(model, batch, cand), full, rtol=1e-5, atol=1e-5)
+    assert seen == [model.config.vocab_size]

@@ -167,9 +167,9 @@ class FrozenTrunk:
             original = layer.forward
 
             def forward(*args, _original=original, _keep=(i == last), **kwargs):
-                if self._replay:
+                if self._replay:  # only the last skipped layer's output is read (by the first masked layer)
                     self.reused_forwards += int(_keep)
-                    return _detached(self._kept)
+                    return _detached(self._kept) if _keep else self._kept
                 out = _original(*args, **kwargs)
                 if _keep:
                     self._kept = _detached(out)

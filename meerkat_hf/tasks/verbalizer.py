@@ -10,6 +10,7 @@ together with the prompt), the position that predicts it is, in both cases, the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import logging
@@ -341,19 +342,51 @@ def candidate_logits(model: Any, batch: Mapping[str, torch.Tensor], candidate_id
     mode = _logits_to_keep_mode(model)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
     picked: torch.Tensor | None = None
-    if mode == "2d":
-        logits = model(**inputs, logits_to_keep=positions[:, None]).logits
-        if logits.dim() == 3 and logits.shape[:2] == (input_ids.shape[0], 1):
-            picked = logits[:, 0]
-    elif mode == "1d":
-        keep, inverse = torch.unique(positions, return_inverse=True)
-        logits = model(**inputs, logits_to_keep=keep).logits
-        if logits.dim() == 3 and logits.shape[1] == keep.numel():
-            picked = logits[rows, inverse]
-    if picked is None:
-        logits = model(**inputs).logits
-        picked = logits[rows, positions]
-    return picked[:, candidate_ids.to(picked.device)]
+    with _candidate_rows_only(model, candidate_ids) as restricted:
+        if mode == "2d":
+            logits = model(**inputs, logits_to_keep=positions[:, None]).logits
+            if logits.dim() == 3 and logits.shape[:2] == (input_ids.shape[0], 1):
+                picked = logits[:, 0]
+        elif mode == "1d":
+            keep, inverse = torch.unique(positions, return_inverse=True)
+            logits = model(**inputs, logits_to_keep=keep).logits
+            if logits.dim() == 3 and logits.shape[1] == keep.numel():
+                picked = logits[rows, inverse]
+        if picked is None:
+            logits = model(**inputs).logits
+            picked = logits[rows, positions]
+    return picked if restricted else picked[:, candidate_ids.to(picked.device)]
+
+
+@contextlib.contextmanager
+def _candidate_rows_only(model: Any, candidate_ids: torch.Tensor):
+    """While open, the model's LM head computes the candidate tokens' logits only (columns in candidate order).
+
+    Why: a full-vocabulary head reads its whole weight (49,152 x 576 on SmolLM2, 113 MB in fp32) for every
+    forward, although a classification loss needs C rows of it. Once the frozen trunk has removed the decoder
+    layers below the mask from a ZO step's repeated forwards, that read is most of what remains (0.11 of
+    0.14 s a forward on one core). The rows are gathered from the live weight on each call, so a masked
+    (perturbed) head stays correct. Yields False, changing nothing, where the head is not a plain
+    `nn.Linear` or something else already wraps its forward.
+    """
+    head = None
+    for m in reversed(_unwrap_chain(model)):
+        get = getattr(m, "get_output_embeddings", None)
+        if callable(get):
+            head = get()
+            break
+    if (not isinstance(head, torch.nn.Linear) or "forward" in head.__dict__
+            or head._forward_hooks or head._forward_pre_hooks):
+        yield False
+        return
+    ids = candidate_ids.to(head.weight.device)
+    weight = head.weight.index_select(0, ids)
+    bias = None if head.bias is None else head.bias.index_select(0, ids)
+    head.forward = lambda hidden: F.linear(hidden, weight, bias)
+    try:
+        yield True
+    finally:
+        head.__dict__.pop("forward", None)
 
 
 # A ZO step evaluates the same batch 2q (+1) times at perturbed weights. What the batch alone decides (each row's
