@@ -3,11 +3,11 @@
 A ZO step runs 2N forwards (spsa, N directions) or N + 1 (fzoo) on one batch; the decoder layers
 below the first masked coordinate compute the same activations in all of them, and with the frozen
 trunk (`meerkat_hf.modeling.frozen_trunk`, on by default) they run once. This times
-`zo.step_scalars` on SmolLM2 (batch 8 x 64, last-token cross-entropy, random masks of k coordinates
+`zo.step_scalars` on SmolLM2 (batch 8 x 64, the library's candidate loss over 2 label tokens, random masks of k coordinates
 placed by `SparseMaskConfig(layers_to_transform=...)`) with the trunk reused and not, alternately in
 one process, and checks the scalars are the same bits both ways.
 
-    python benchmarks/frozen_trunk.py --layers all last8 last4 last2 --n 1 4 8 --estimator spsa
+    python benchmarks/frozen_trunk.py --layers all last8 last4 last2 norm --n 1 4 8 --estimator spsa
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from meerkat_hf import SparseMaskConfig, compute_mask, get_meerkat_model, zo
     from meerkat_hf.hub.loading import load_model_and_tokenizer
     from meerkat_hf.masks.selection import selectable_parameters
+    from meerkat_hf.tasks import candidate_logits
 
     model, _ = load_model_and_tokenizer(args.model)
     model.eval()
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ids = torch.randint(4, min(20000, model.config.vocab_size), (args.batch_size, args.seq_len), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     target = torch.randint(0, 2, (args.batch_size,), generator=g)
+    candidates = torch.tensor([33, 44])  # two label tokens: the head computes those rows only (tasks.candidate_logits)
     rows = []
     for name in args.layers:
         spec = layer_spec(name, num_layers)
@@ -67,8 +69,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         mm = get_meerkat_model(model, mask)
 
         def loss():
-            logits = mm(**batch, logits_to_keep=1, use_cache=False).logits[:, -1, :2].float()
-            return F.cross_entropy(logits, target)
+            return F.cross_entropy(candidate_logits(mm, batch, candidates).float(), target)
 
         for n in args.n:
             dirs = [zo.gaussian_direction(zo.derive_seed(1, j), mm.num_selected) for j in range(n)]
