@@ -145,3 +145,27 @@ def test_a_federated_client_sends_the_same_bytes_and_the_server_replays_them():
         assert torch.equal(server.finish_round().finals[0], res.final_values)
     assert uplinks[True] == uplinks[False]
     assert mm._trunk.depth == 3 and mm._trunk.reused_forwards > 0
+
+
+def test_the_benchmark_times_both_paths_and_finds_the_same_bits(tmp_path):
+    """`benchmarks/frozen_trunk.py` on a tiny saved model: every mask placement, both paths, same scalars."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from meerkat_hf.testing.toy_federation import make_model_dir
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "frozen_trunk.py"
+    spec = importlib.util.spec_from_file_location("frozen_trunk_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "rec.json"
+    rows = bench.main(["--model", make_model_dir(tmp_path), "--layers", "all", "last1", "norm", "--n", "1", "3",
+                       "--k", "40", "--repeats", "1", "--json", str(out)])
+    depths = {(r["layers"], r["n"]): r["trunk_depth"] for r in rows}
+    assert depths == {("all", 1): 0, ("all", 3): 0, ("last1", 1): 1, ("last1", 3): 1, ("norm", 1): 2, ("norm", 3): 2}
+    assert all(r["same_bits"] and r["s_per_step_trunk"] > 0 for r in rows)
+    assert json.loads(out.read_text())["rows"] == rows
+    quick = bench.main(["--model", make_model_dir(tmp_path), "--layers", "norm", "--n", "2", "--k", "40",
+                        "--repeats", "1", "--trunk-only"])
+    assert "same_bits" not in quick[0] and quick[0]["trunk_depth"] == 2

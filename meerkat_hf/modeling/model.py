@@ -120,6 +120,12 @@ class MeerkatModel(nn.Module):
             self._trunk = FrozenTrunk(self.base_model, [s.param for s in self.sparse.slices])
         return self._trunk()
 
+    @property
+    def trunk_depth(self) -> int | None:
+        """Decoder layers a ZO step runs once (the frozen trunk): 0 when the mask reaches the first
+        layer, None before a step has looked."""
+        return None if self._trunk is None else self._trunk.depth
+
     # -- the sparse state ----------------------------------------------------------------
     @property
     def num_selected(self) -> int:
