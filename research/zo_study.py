@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from meerkat_hf import zo
 from meerkat_hf.masks.calibration import calibration_blocks, gradient_statistics, python_docs_corpus
 from meerkat_hf.classification_metrics import ClassifierScores, fit_prior_offsets
+from meerkat_hf import compute_mask
 from meerkat_hf.masks.config import SparseMaskConfig
 from meerkat_hf.hub.loading import load_model_and_tokenizer
 from meerkat_hf.masks.mask import SparseMask, parameter_shapes
@@ -384,7 +385,7 @@ def _top_subset(mask: SparseMask, sq: torch.Tensor, k: int) -> SparseMask:
 
 
 def build_mask(out: Path, spec: str, model, tok) -> SparseMask:
-    """`NAME` (under out/masks), `random-NAME` (random, same k), `head`, or `A+B` (union)."""
+    """`NAME` (under out/masks), `random-NAME` (random, same k), `head`, `finalnorm`, or `A+B` (union)."""
     if "+" in spec:
         parts = [build_mask(out, s, model, tok) for s in spec.split("+")]
         mask = parts[0]
@@ -393,6 +394,9 @@ def build_mask(out: Path, spec: str, model, tok) -> SparseMask:
         return mask
     if spec == "head":
         return _head_mask(model, tok)
+    if spec == "finalnorm":  # every weight of the final norm: a mask above all decoder layers (the frozen trunk)
+        return compute_mask(model, SparseMaskConfig(method="random", density=1.0, include_patterns=[r"^model\.norm\."]),
+                            progress=False)
     if "@" in spec:  # NAME@K: the K most sensitive coordinates of a saved mask (= the global top K)
         name, _, kk = spec.partition("@")
         return _top_subset(SparseMask.from_pretrained(out / "masks" / name), torch.load(out / "masks" / name / "sq_grad.pt"), int(kk))
