@@ -35,7 +35,8 @@ def layer_spec(name: str, num_layers: int) -> dict:
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--layers", nargs="+", default=["all", "last8", "last4", "last2"])
+    ap.add_argument("--layers", nargs="+", default=["all", "last8", "last4", "last2"],
+                    help="all | lastL | norm, each optionally @N to time it at N directions only")
     ap.add_argument("--n", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--estimator", default="spsa", choices=["spsa", "fzoo"])
     ap.add_argument("--k", type=int, default=1062, help="masked coordinates (the study's density-1e-5 count)")
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     target = torch.randint(0, 2, (args.batch_size,), generator=g)
     candidates = torch.tensor([33, 44])  # two label tokens: the head computes those rows only (tasks.candidate_logits)
     rows = []
-    for name in args.layers:
+    for entry in args.layers:
+        name, _, own_n = entry.partition("@")  # NAME@N: this mask at N directions only (e.g. all@1 norm@64)
         spec = layer_spec(name, num_layers)
         selectable = sum(p.numel() for _, p in selectable_parameters(model, SparseMaskConfig(**spec)))
         density = spec.pop("density", min(1.0, args.k / selectable))
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         def loss():
             return F.cross_entropy(candidate_logits(mm, batch, candidates).float(), target)
 
-        for n in args.n:
+        for n in ([int(own_n)] if own_n else args.n):
             dirs = [zo.gaussian_direction(zo.derive_seed(1, j), mm.num_selected) for j in range(n)]
             times: dict[bool, list[float]] = {True: [], False: []}
             out: dict[bool, list[float]] = {}
