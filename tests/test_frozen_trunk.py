@@ -169,3 +169,49 @@ def test_the_benchmark_times_both_paths_and_finds_the_same_bits(tmp_path):
     quick = bench.main(["--model", make_model_dir(tmp_path), "--layers", "norm", "--n", "2", "--k", "40",
                         "--repeats", "1", "--trunk-only"])
     assert "same_bits" not in quick[0] and quick[0]["trunk_depth"] == 2
+
+
+def test_a_forward_that_raises_inside_the_context_leaves_nothing_behind():
+    model = deep_tiny()
+    mm = get_meerkat_model(model, random_mask(model, layers_to_transform=[3]))
+    a, b = batch_of(0), batch_of(1)
+    boom = {"on": False}
+
+    def fail(_module, _args):
+        if boom["on"]:
+            raise RuntimeError("boom")
+
+    handle = mm.base_model.model.layers[3].register_forward_pre_hook(fail)
+    with torch.no_grad():
+        want_a, want_b = float(mm(**a).loss), float(mm(**b).loss)
+        with mm.frozen_trunk():
+            boom["on"] = True
+            with pytest.raises(RuntimeError):
+                mm(**a)  # the very first forward fails after the trunk ran
+            boom["on"] = False
+            assert float(mm(**b).loss) == want_b
+            boom["on"] = True
+            with pytest.raises(RuntimeError):
+                mm(**a)  # a later one fails after keeping a's trunk
+            boom["on"] = False
+            assert [float(mm(**b).loss), float(mm(**b).loss), float(mm(**a).loss)] == [want_b, want_b, want_a]
+    handle.remove()
+    layers = mm.base_model.model.layers
+    assert all(not layer._forward_hooks and "forward" not in layer.__dict__ for layer in layers)
+
+
+def test_forwards_that_need_every_layer_run_whole_inside_the_context():
+    model = deep_tiny()
+    mm = get_meerkat_model(model, random_mask(model, layers_to_transform=[3]))
+    a = batch_of(0)
+    with torch.no_grad():
+        want = mm(**a, output_hidden_states=True, use_cache=True)
+        with mm.frozen_trunk():
+            mm(**a)
+            mm(**a)  # kept and replayed
+            got = mm(**a, output_hidden_states=True, use_cache=True)
+    assert mm._trunk.reused_forwards == 1
+    for h_want, h_got in zip(want.hidden_states, got.hidden_states):
+        assert torch.equal(h_want, h_got)
+    assert got.past_key_values.get_seq_length() == want.past_key_values.get_seq_length()
+    assert len(got.past_key_values.layers) == len(want.past_key_values.layers) == 4

@@ -450,7 +450,8 @@ def test_candidate_logits_read_only_the_candidate_rows_of_the_head(family):
     with torch.no_grad():
         full = model(**batch).logits[:, -1][:, cand]
         with verbalizer_mod._candidate_rows_only(model, cand) as restricted:
-            assert restricted and model(**batch).logits.shape[-1] == 3
+            assert not restricted()
+            assert model(**batch).logits.shape[-1] == 3 and restricted()
         assert "forward" not in model.get_output_embeddings().__dict__  # restored
         torch.testing.assert_close(candidate_logits(model, batch, cand), full, rtol=1e-5, atol=1e-5)
         seen = []  # a hooked head is left alone: the full head runs and is gathered

@@ -15,10 +15,13 @@ __all__ = ["decoder_layers", "layer_index_of"]
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     """(qualified name, ModuleList) of the model's repeated blocks, or None when it has none."""
+    expected = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     best, best_size = None, 0
     for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) < 2 or len({type(m) for m in module}) != 1:
+        if not isinstance(module, nn.ModuleList) or len({type(m) for m in module}) != 1:
             continue
+        if (len(module) != expected) if isinstance(expected, int) else len(module) < 2:
+            continue  # hybrid stacks (adapters beside the layers): only the list as long as the model is deep
         size = sum(p.numel() for p in module.parameters())
         if size > best_size:
             best, best_size = (name, module), size

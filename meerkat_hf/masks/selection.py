@@ -60,7 +60,8 @@ def _layers_allowed(model: nn.Module, wanted: list[int] | None) -> tuple[str, se
     n = len(stack[1])
     bad = [i for i in wanted if not -n <= i < n]
     if bad:
-        raise ValueError(f"layers_to_transform {bad} out of range: the model has {n} decoder layers (0..{n - 1})")
+        raise ValueError(f"layers_to_transform {bad} out of range: the model has {n} decoder layers "
+                         f"(0..{n - 1}, or -{n}..-1 from the top)")
     return stack[0], {i % n for i in wanted}
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..masks.layer_stack import decoder_layers
+from ..masks.layer_stack import decoder_layers, layer_index_of
 
 __all__ = ["FrozenTrunk"]
 
@@ -40,7 +40,7 @@ def _snapshot(args: tuple, kwargs: dict) -> tuple:
             return ("tensor", v.detach().clone())
         if isinstance(v, (int, float, bool, str, type(None))):
             return ("value", v)
-        return ("object", id(v))  # caches, configs: the same object or not
+        return ("object", v)  # anything else: the very same object or not (compared with `is`)
     return tuple(one(a) for a in args), tuple(sorted((k, one(v)) for k, v in kwargs.items()))
 
 
@@ -51,10 +51,10 @@ def _same(a: tuple, b: tuple) -> bool:
         if x[0] == "tensor":
             u, v = x[1], y[1]
             return u.shape == v.shape and u.dtype == v.dtype and u.device == v.device and torch.equal(u, v)
-        return x[1] == y[1]
+        return x[1] is y[1] if x[0] == "object" else x[1] == y[1]
 
-    (args_a, kw_a), (args_b, kw_b) = a, b
-    if len(args_a) != len(args_b) or [k for k, _ in kw_a] != [k for k, _ in kw_b]:
+    (args_a, kw_a, *rest_a), (args_b, kw_b, *rest_b) = a, b
+    if rest_a != rest_b or len(args_a) != len(args_b) or [k for k, _ in kw_a] != [k for k, _ in kw_b]:
         return False
     return all(eq(x, y) for x, y in zip(args_a, args_b)) and all(eq(x, y) for (_, x), (_, y) in zip(kw_a, kw_b))
 
@@ -71,6 +71,9 @@ class FrozenTrunk:
     inside the context; 0 (a masked coordinate in the first layer, or no layer stack found)
     makes the context a no-op. Open it around the forwards of one step: within it the unmasked
     weights must not change (they never do in Meerkat; only masked coordinates are written).
+    Inside it a forward that leaves `use_cache` unset returns no KV cache; one that asks for a cache,
+    passes one, or asks for every layer's hidden states or attentions runs whole. Not thread-safe: one
+    context on one model at a time.
     """
 
     def __init__(self, model: nn.Module, masked_params: list[nn.Parameter]):
@@ -81,6 +84,15 @@ class FrozenTrunk:
         self._masked_modules = [m for m in model.modules()
                                 if any(id(p) in masked for p in m.parameters(recurse=False))]
         self.depth: int | None = None if self.layers is not None and self._masked_modules else 0
+        # The trace finds the first masked module that *runs*; a masked layer that a forward happens to skip
+        # (routed experts, layer dropping) must still bound the trunk, so the names cap it too.
+        self._max_depth = len(self.layers) if self.layers is not None else 0
+        if stack is not None:
+            names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+            for p in masked_params:
+                index = layer_index_of(names.get(id(p), ""), stack[0])
+                if index is not None:
+                    self._max_depth = min(self._max_depth, index)
         self.reused_forwards = 0  # forwards that skipped the trunk (tests and benchmarks read it)
         self._open = False
         self._inputs: tuple | None = None  # the inputs of the forward whose trunk output is kept
@@ -108,7 +120,15 @@ class FrozenTrunk:
 
     # -- hooks on the top-level model ---------------------------------------------------------
     def _before_forward(self, _module, args, kwargs):
-        snap = _snapshot(args, kwargs)
+        self._end_trace()  # a forward that raised inside the context left its trace or stubs behind
+        self._unpatch()
+        self._replay = False
+        if not _replayable(self.model, kwargs):  # caches, hidden states, attentions: run whole, keep nothing
+            self._inputs = self._kept = None
+            return None
+        if kwargs.get("use_cache") is None:  # a loss forward: no KV cache (a replay could not fill the trunk's)
+            kwargs = {**kwargs, "use_cache": False}
+        snap = _snapshot(args, kwargs) + ((torch.is_grad_enabled(), self.model.training),)
         if self.depth is None:  # the first forward ever: run it whole, watching where the mask starts
             self._inputs, self._kept = snap, None
             self._start_trace()
@@ -117,7 +137,7 @@ class FrozenTrunk:
             if not self._replay:
                 self._inputs, self._kept = snap, None
             self._patch()
-        return None
+        return args, kwargs
 
     def _after_forward(self, _module, _args, _out):
         if self._trace is not None:
@@ -125,16 +145,18 @@ class FrozenTrunk:
             self._end_trace()
             if self.depth is None:  # no masked module ran: nothing is safe to skip
                 self.depth = 0
-            if self.depth > 0 and len(outputs) >= self.depth:
-                self._kept = _detached(outputs[self.depth - 1])
-            else:
+            self.depth = min(self.depth, self._max_depth)
+            kept = _detached(outputs[self.depth - 1]) if 0 < self.depth <= len(outputs) else None
+            if kept is None:  # a layer output we cannot copy safely (or none): never skip
                 self.depth = 0
+            self._kept = kept
         self._unpatch()
         self._replay = False
         return None
 
     # -- finding the depth, once ----------------------------------------------------------------
     def _start_trace(self) -> None:
+        self._end_trace()
         finished: list[int] = [0]
         outputs: list[Any] = []
 
@@ -172,7 +194,7 @@ class FrozenTrunk:
                     return _detached(self._kept) if _keep else self._kept
                 out = _original(*args, **kwargs)
                 if _keep:
-                    self._kept = _detached(out)
+                    self._kept = _detached(out)  # None for an output type it cannot copy: no replay
                 return out
 
             layer.forward = forward
@@ -188,9 +210,25 @@ class FrozenTrunk:
 
 
 def _detached(out: Any) -> Any:
-    """A private copy of a layer's output (a tensor or a tuple holding tensors), safe from in-place ops."""
+    """A private copy of a layer's output (a tensor, or a plain tuple of tensors/None), else None (not kept)."""
     if isinstance(out, torch.Tensor):
         return out.detach().clone()
-    if isinstance(out, tuple):
-        return type(out)(_detached(o) for o in out) if type(out) is tuple else out
-    return out
+    if type(out) is tuple and all(o is None or isinstance(o, torch.Tensor) for o in out):
+        return tuple(None if o is None else o.detach().clone() for o in out)
+    return None
+
+
+def _replayable(model: nn.Module, kwargs: dict) -> bool:
+    """Whether a forward returns nothing the skipped layers would have added besides their output.
+
+    A past or returned KV cache, every layer's hidden states or attentions all need the trunk's layers
+    to run; loss forwards ask for none of them.
+    """
+    config = getattr(model, "config", None)
+    if kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
+        return False
+    for flag in ("output_hidden_states", "output_attentions"):
+        value = kwargs.get(flag)
+        if value or (value is None and getattr(config, flag, False)):
+            return False
+    return True

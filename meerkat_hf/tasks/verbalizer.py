@@ -355,7 +355,9 @@ def candidate_logits(model: Any, batch: Mapping[str, torch.Tensor], candidate_id
         if picked is None:
             logits = model(**inputs).logits
             picked = logits[rows, positions]
-    return picked if restricted else picked[:, candidate_ids.to(picked.device)]
+    if restricted() and picked.shape[-1] == candidate_ids.numel():
+        return picked
+    return picked[:, candidate_ids.to(picked.device)]
 
 
 @contextlib.contextmanager
@@ -366,8 +368,11 @@ def _candidate_rows_only(model: Any, candidate_ids: torch.Tensor):
     forward, although a classification loss needs C rows of it. Once the frozen trunk has removed the decoder
     layers below the mask from a ZO step's repeated forwards, that read is most of what remains (0.11 of
     0.14 s a forward on one core). The rows are gathered from the live weight on each call, so a masked
-    (perturbed) head stays correct. Yields False, changing nothing, where the head is not a plain
-    `nn.Linear` or something else already wraps its forward.
+    (perturbed) head stays correct. Yields a callable that says whether the restricted head ran; nothing
+    changes where the head is not exactly `nn.Linear` (quantized subclasses) or something already wraps it.
+    The two logits are the full head's to float rounding (a C-row matmul may round differently from a
+    vocabulary-wide one), which moves a ZO scalar by ~1e-7 relative; the server replays scalars, so the
+    protocol is unaffected.
     """
     head = None
     for m in reversed(_unwrap_chain(model)):
@@ -375,16 +380,22 @@ def _candidate_rows_only(model: Any, candidate_ids: torch.Tensor):
         if callable(get):
             head = get()
             break
-    if (not isinstance(head, torch.nn.Linear) or "forward" in head.__dict__
+    if (type(head) is not torch.nn.Linear or "forward" in head.__dict__
             or head._forward_hooks or head._forward_pre_hooks):
-        yield False
+        yield lambda: False
         return
     ids = candidate_ids.to(head.weight.device)
     weight = head.weight.index_select(0, ids)
     bias = None if head.bias is None else head.bias.index_select(0, ids)
-    head.forward = lambda hidden: F.linear(hidden, weight, bias)
+    ran = []
+
+    def candidate_rows(hidden):
+        ran.append(True)
+        return F.linear(hidden, weight, bias)
+
+    head.forward = candidate_rows
     try:
-        yield True
+        yield lambda: bool(ran)  # the logits are the candidates' only if the model went through the head
     finally:
         head.__dict__.pop("forward", None)
 
