@@ -23,6 +23,21 @@ if "MEERKAT_HF_CACHE" not in os.environ:
 # after the environment above: huggingface_hub reads HF_HUB_OFFLINE when it is first imported
 from meerkat_hf.testing.tiny import WORDS, build_tiny_tokenizer, make_corpus, tiny_config, tiny_model  # noqa: E402,F401
 
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def load_script(relative_path: str):
+    """A script of the repository (a benchmark, a study) imported as a module, so a test can call its `main`."""
+    import importlib.util
+    import sys
+
+    path = ROOT / relative_path
+    spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():

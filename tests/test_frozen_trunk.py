@@ -149,16 +149,12 @@ def test_a_federated_client_sends_the_same_bytes_and_the_server_replays_them():
 
 def test_the_benchmark_times_both_paths_and_finds_the_same_bits(tmp_path):
     """`benchmarks/frozen_trunk.py` on a tiny saved model: every mask placement, both paths, same scalars."""
-    import importlib.util
     import json
-    from pathlib import Path
 
+    from conftest import load_script
     from meerkat_hf.testing.toy_federation import make_model_dir
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "frozen_trunk.py"
-    spec = importlib.util.spec_from_file_location("frozen_trunk_benchmark", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/frozen_trunk.py")
     out = tmp_path / "rec.json"
     rows = bench.main(["--model", make_model_dir(tmp_path), "--layers", "all", "last1", "norm", "--n", "1", "3",
                        "--k", "40", "--repeats", "1", "--json", str(out)])

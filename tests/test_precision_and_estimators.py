@@ -232,16 +232,12 @@ def test_trainer_bf16_runs_every_loss_in_bf16_and_fzoo_learns(tmp_path):
 
 def test_bf16_throughput_benchmark_runs_both_paths(tmp_path):
     """`benchmarks/bf16_throughput.py` on a tiny model: both paths timed, ratios and the CPU's capability recorded."""
-    import importlib.util
     import json
-    from pathlib import Path
 
+    from conftest import load_script
     from federated_support import make_model_dir
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bf16_throughput.py"
-    spec = importlib.util.spec_from_file_location("bf16_throughput", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/bf16_throughput.py")
     out = tmp_path / "r.json"
     result = bench.main(["--model", make_model_dir(tmp_path), "--steps", "1", "--batch-size", "2", "--seq-len", "8",
                          "--density", "0.01", "--json", str(out)])
@@ -251,15 +247,10 @@ def test_bf16_throughput_benchmark_runs_both_paths(tmp_path):
 
 
 def test_stacked_forward_benchmark_times_both_forms(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
+    from conftest import load_script
     from federated_support import make_model_dir
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "stacked_forward.py"
-    spec = importlib.util.spec_from_file_location("stacked_forward", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/stacked_forward.py")
     rows = bench.main(["--model", make_model_dir(tmp_path), "--n", "1", "3", "--batch-size", "2", "--seq-len", "8",
                        "--repeats", "1", "--dtypes", "float32", "bfloat16", "--json", str(tmp_path / "r.json")])
     assert [(r["dtype"], r["n"]) for r in rows] == [("float32", 1), ("float32", 3), ("bfloat16", 1), ("bfloat16", 3)]

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_script
 
 BENCH = Path(__file__).resolve().parents[1] / "research"
 
@@ -20,11 +20,7 @@ sys.path.insert(0, str(BENCH))  # the scripts import their siblings, as they do 
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"research/{name}.py")
 
 
 @pytest.fixture(scope="module")

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
+from conftest import load_script
 
 
 def test_scale_benchmark_quick(tmp_path):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py"
-    spec = importlib.util.spec_from_file_location("scale_benchmark", path)
-    scale = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(scale)
+    scale = load_script("benchmarks/scale.py")
     threads = torch.get_num_threads()
     try:
         assert scale.main(["--quick", "--out", str(tmp_path)]) == 0
