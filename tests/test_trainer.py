@@ -392,6 +392,11 @@ m, trainer = accumulation_run(out, per_device=2, accumulation=1)
 torch.save({{"values": m.values, "grads": [s.grads for s in trainer.zo_optimizer.history],
             "synced": torch.equal(m.sparse.gather(), m.values)}},
            os.path.join(out, "rank%s.pt" % os.environ["RANK"]))
+# Leave together and tear gloo down before the interpreter exits: a rank that exits while
+# gloo's threads are still joinable aborts with "terminate called without an active exception".
+import torch.distributed as dist
+dist.barrier()
+dist.destroy_process_group()
 """
 
 
