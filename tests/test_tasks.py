@@ -415,7 +415,32 @@ def test_balanced_class_weights_make_every_class_count_the_same(tiny_tokenizer, 
         per_example = F.cross_entropy(candidate_logits(tiny_llama, train_batch, cand).float(), train_batch["label"],
                                       reduction="none")
         wy = w[train_batch["label"]]
-        torch.testing.assert_close(candidate_loss(tiny_llama, train_batch, cand, w), (wy * per_example).sum() / wy.sum())
+        torch.testing.assert_close(candidate_loss(tiny_llama, train_batch, cand, w), (wy * per_example).mean())
+
+
+def test_the_balanced_loss_of_one_label_clients_averages_to_the_balanced_loss(tiny_tokenizer, tiny_llama, movie_task,
+                                                                              movie_data):
+    """Label skew: clients holding one class each, weighted by their share of the examples (FedAvg),
+    must add up to the whole batch's class-balanced loss. The ratio form (F.cross_entropy(weight=...),
+    / sum w) fails this: a one-class batch would score that class's unweighted loss."""
+    from meerkat_hf.tasks import balanced_class_weights
+
+    batch, _ = _batches(tiny_tokenizer, movie_task, movie_data)
+    labels = batch["label"]
+    assert 0 < int(labels.sum()) < len(labels), "the fixture batch needs both classes"
+    cand = candidate_token_ids(tiny_tokenizer, movie_task)
+    w = balanced_class_weights(labels, 2)
+    with torch.no_grad():
+        whole = candidate_loss(tiny_llama, batch, cand, w)
+        clients = []
+        for c in (0, 1):
+            rows = (labels == c).nonzero().flatten()
+            part = {k: v[rows] for k, v in batch.items()}
+            clients.append(len(rows) / len(labels) * candidate_loss(tiny_llama, part, cand, w))
+        torch.testing.assert_close(sum(clients), whole)
+        per_class = [F.cross_entropy(candidate_logits(tiny_llama, batch, cand).float()[labels == c],
+                                     labels[labels == c]) for c in (0, 1)]
+        torch.testing.assert_close(whole, (per_class[0] + per_class[1]) / 2)  # every class counts the same
 
 
 def test_a_batch_is_checked_once_however_many_perturbed_forwards_see_it(monkeypatch):

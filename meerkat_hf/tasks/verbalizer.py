@@ -455,16 +455,24 @@ def candidate_loss(model: Any, batch: Mapping[str, torch.Tensor], candidate_ids:
                    class_weights: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
     """Mean cross-entropy over the candidate words only (MeZO's classification loss), in float32.
 
-    `class_weights` (one per class, e.g. from :func:`balanced_class_weights`) gives the weighted
-    mean ``sum_i w_{y_i} l_i / sum_i w_{y_i}``, as `F.cross_entropy(weight=...)` defines it.
+    `class_weights` (one per class, e.g. from :func:`balanced_class_weights`) gives the batch mean
+    ``sum_i w_{y_i} l_i / B``: an unbiased estimate of the class-weighted risk whatever classes the
+    batch holds. Not `F.cross_entropy(weight=...)`'s ``/ sum_i w_{y_i}``: that ratio makes a batch of
+    one class that class's *unweighted* loss, so a federation whose clients hold one label each
+    (Non-IID) would average back to the skewed prior the weights were meant to remove (on the main
+    job's Dirichlet split, 71/29 instead of 50/50; research/RESULTS.md, "The balanced loss under label skew").
     `reduction="none"` returns the per-example losses ``w_{y_i} l_i`` ([batch]; what
     differential privacy clips), from the same forward pass.
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"candidate_loss reduction must be 'mean' or 'none', got {reduction!r}")
     logits = candidate_logits(model, batch, candidate_ids).float()
-    weight = None if class_weights is None else class_weights.to(device=logits.device, dtype=torch.float32)
-    return F.cross_entropy(logits, _targets(batch, candidate_ids, logits.device), weight=weight, reduction=reduction)
+    targets = _targets(batch, candidate_ids, logits.device)
+    if class_weights is None:
+        return F.cross_entropy(logits, targets, reduction=reduction)
+    weight = class_weights.to(device=logits.device, dtype=torch.float32)
+    losses = F.cross_entropy(logits, targets, weight=weight, reduction="none")
+    return losses if reduction == "none" else losses.mean()
 
 
 def balanced_class_weights(labels: Any, num_classes: int) -> torch.Tensor:
