@@ -6,6 +6,7 @@
         --set partition.scheme=dirichlet --set learning_rate=1e-3 --set rounds=30 --set local_steps=5
     python research/learning_curve.py test --name single     # the test split, once, at the end
     python research/learning_curve.py plot                   # runs/curves/learning_curves.png
+    python research/learning_curve.py forgetting --delta runs/skew/NAME/final   # any saved delta's forgetting
 
 `single` is `MeerkatZOTrainer` (the drop-in Trainer); `federated` is `meerkat-hf federate`'s own
 driver. Both evaluate on the *validation* split (every hyperparameter choice is made there) and
@@ -209,6 +210,17 @@ def _generations(model, tok) -> list[str]:
     return outs
 
 
+def forgetting_of_delta(args) -> None:
+    """The forgetting probe for any saved delta (a `meerkat-hf federate` run's final/, a Trainer's save)."""
+    from meerkat_hf import MeerkatModel
+
+    mm = MeerkatModel.from_pretrained(args.delta)
+    row = {"delta": str(args.delta), **forgetting(mm, mm.tokenizer)}
+    _append(Path(args.out) / "forgetting.jsonl", row)
+    _log(f"{args.delta}: held-out generic perplexity {row['perplexity_before']:.3f} -> {row['perplexity_after']:.3f}; "
+         f"{row['generations_changed']} of {len(row['generations'])} greedy generations changed")
+
+
 def forgetting(mm, tok) -> dict:
     """Perplexity on held-out generic text and fixed greedy generations, base vs trained."""
     blocks = _generic_blocks(tok)
@@ -287,6 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             s.add_argument("--set", action="append", default=[], help="a FederationConfig override, key=value")
     sub.add_parser("plot")
+    sub.add_parser("forgetting").add_argument("--delta", required=True, help="a saved delta folder")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -296,6 +309,8 @@ def main(argv: list[str] | None = None) -> None:
         federated(args, command)
     elif args.cmd == "test":
         test(args)
+    elif args.cmd == "forgetting":
+        forgetting_of_delta(args)
     else:
         plot(args)
 

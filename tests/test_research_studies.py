@@ -380,3 +380,29 @@ def test_no_study_or_benchmark_reaches_into_tests():
     for path in sorted([*root.glob("research/*.py"), *root.glob("benchmarks/*.py"), *root.glob("examples/**/*.py")]):
         text = path.read_text(encoding="utf-8")
         assert not re.search(r"sys\.path.*tests|from (conftest|federated_support|chaos_support) import|import test_\w+", text), path
+
+
+def test_the_forgetting_probe_reads_any_saved_delta(tmp_path):
+    """`learning_curve.py forgetting --delta DIR`: generic perplexity and greedy generations, base vs delta,
+    from the delta folder alone (the base it records), one row appended per call."""
+    import torch
+
+    from meerkat_hf import SparseMaskConfig, compute_mask, get_meerkat_model
+    from meerkat_hf.hub.loading import load_model_and_tokenizer
+    from meerkat_hf.testing.tiny import build_tiny_tokenizer, tiny_model
+
+    base = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base)
+    build_tiny_tokenizer().save_pretrained(base)
+    model, _ = load_model_and_tokenizer(str(base))
+    mm = get_meerkat_model(model, compute_mask(model, SparseMaskConfig(density=0.05, method="random", seed=0),
+                                               progress=False))
+    mm.set_values(mm.values + torch.randn(mm.num_selected, generator=torch.Generator().manual_seed(0)))
+    mm.save_pretrained(tmp_path / "delta")
+    curve = _load("learning_curve")
+    curve.main(["--out", str(tmp_path / "out"), "forgetting", "--delta", str(tmp_path / "delta")])
+    row = json.loads((tmp_path / "out" / "forgetting.jsonl").read_text())
+    assert row["delta"] == str(tmp_path / "delta") and row["blocks"] >= 1
+    assert row["perplexity_before"] > 1 and row["perplexity_after"] > 1
+    assert row["perplexity_after"] != row["perplexity_before"]  # the delta was applied, the base restored between
+    assert len(row["generations"]) == len(curve.PROMPTS)
