@@ -45,7 +45,7 @@ from meerkat_hf.modeling.model import MeerkatModel
 from meerkat_hf.masks.selection import select_global, selectable_parameters, target_size
 from meerkat_hf.tasks import (
     ClassificationCollator,
-    candidate_logits,
+    candidate_loss,
     candidate_scores,
     candidate_token_ids,
     encode_classification,
@@ -233,9 +233,9 @@ def run(out: Path, name: str, cfg: RunConfig) -> None:
         if cfg.loss == "lm":
             return base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               labels=batch["labels"], use_cache=False).loss
-        logits = candidate_logits(base_model, batch, cand).float()
-        weight = class_weight if cfg.loss == "balanced" else None
-        return F.cross_entropy(logits, batch["label"], weight=weight)
+        # the library's own candidate loss (balanced: the batch mean of w_y * l since 68d9b60; runs recorded
+        # before it used F.cross_entropy's weighted ratio, sum w_y l / sum w_y)
+        return candidate_loss(base_model, batch, cand, class_weight if cfg.loss == "balanced" else None)
 
     def evaluate() -> dict:
         scores, labels = candidate_scores(base_model, tok, task, val_enc, batch_size=32)
@@ -435,7 +435,7 @@ def diagnose(out: Path, masks: list[str], n_batches: int, batch_size: int, curv_
     fixed = make(rng.choice(n_train, 64, replace=False))
 
     def loss_of(batch):
-        return F.cross_entropy(candidate_logits(model, batch, cand).float(), batch["label"], weight=weight)
+        return candidate_loss(model, batch, cand, weight)
 
     results = out / "diagnose.jsonl"
     for spec in masks:

@@ -425,21 +425,27 @@ def test_the_balanced_loss_of_one_label_clients_averages_to_the_balanced_loss(ti
     / sum w) fails this: a one-class batch would score that class's unweighted loss."""
     from meerkat_hf.tasks import balanced_class_weights
 
-    batch, _ = _batches(tiny_tokenizer, movie_task, movie_data)
+    full, _ = _batches(tiny_tokenizer, movie_task, movie_data)
+    batch = {k: v[:5] for k, v in full.items()}  # labels 1, 0, 1, 0, 1: a skewed prior, unequal weights
     labels = batch["label"]
-    assert 0 < int(labels.sum()) < len(labels), "the fixture batch needs both classes"
     cand = candidate_token_ids(tiny_tokenizer, movie_task)
     w = balanced_class_weights(labels, 2)
+    assert labels.tolist() == [1, 0, 1, 0, 1] and not torch.equal(w[0], w[1])
     with torch.no_grad():
+        logits = candidate_logits(tiny_llama, batch, cand).float()
         whole = candidate_loss(tiny_llama, batch, cand, w)
-        clients = []
+        clients, ratio_clients = [], []
         for c in (0, 1):
             rows = (labels == c).nonzero().flatten()
             part = {k: v[rows] for k, v in batch.items()}
             clients.append(len(rows) / len(labels) * candidate_loss(tiny_llama, part, cand, w))
+            ratio_clients.append(len(rows) / len(labels) * F.cross_entropy(logits[rows], labels[rows], weight=w))
         torch.testing.assert_close(sum(clients), whole)
-        per_class = [F.cross_entropy(candidate_logits(tiny_llama, batch, cand).float()[labels == c],
-                                     labels[labels == c]) for c in (0, 1)]
+        # the ratio form fails: its one-label clients add up to the plain (prior-weighted) loss, not the balanced one
+        ratio_sum = sum(ratio_clients)
+        torch.testing.assert_close(ratio_sum, F.cross_entropy(logits, labels))
+        assert abs(float(ratio_sum) - float(whole)) > 1e-4
+        per_class = [F.cross_entropy(logits[labels == c], labels[labels == c]) for c in (0, 1)]
         torch.testing.assert_close(whole, (per_class[0] + per_class[1]) / 2)  # every class counts the same
 
 

@@ -384,6 +384,7 @@ def _free_port() -> int:
 
 _WORKER = """
 import os, sys, torch
+import torch.distributed as dist
 sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
 from test_trainer import accumulation_run
@@ -394,7 +395,7 @@ torch.save({{"values": m.values, "grads": [s.grads for s in trainer.zo_optimizer
            os.path.join(out, "rank%s.pt" % os.environ["RANK"]))
 # Leave together and tear gloo down before the interpreter exits: a rank that exits while
 # gloo's threads are still joinable aborts with "terminate called without an active exception".
-import torch.distributed as dist
+assert dist.is_initialized(), "the Trainer should have joined the torchrun process group"
 dist.barrier()
 dist.destroy_process_group()
 """

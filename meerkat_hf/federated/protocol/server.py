@@ -90,7 +90,9 @@ class ValidationConfig:
     # client update norm (the lower median over the round's accepted finite clients, applied from 3 of them: with
     # fewer no majority says what honest is; None: off). The honest clients set the scale, so a hostile one moves
     # the model at most this many honest updates per round; 3 leaves a typical honest ZO update (whose norm follows
-    # its few |g| draws) unclipped. Not applied under central DP, whose sensitivity argument needs a bound that does
+    # its few |g| draws) unclipped, but not an honest client holding mostly a rare class under the class-balanced
+    # loss, whose update is up to w_rare / w_common larger (3x on the tweets: research/RESULTS.md, "The balanced
+    # loss under label skew"). Not applied under central DP, whose sensitivity argument needs a bound that does
     # not depend on the other clients.
     max_update_median_ratio: float | None = 3.0
     # the largest FedAvg share one client may hold in a round (1: no cap); a larger one is lowered to it and the
