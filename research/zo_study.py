@@ -34,10 +34,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from meerkat_hf import zo
+from meerkat_hf import compute_mask, zo
 from meerkat_hf.masks.calibration import calibration_blocks, gradient_statistics, python_docs_corpus
 from meerkat_hf.classification_metrics import ClassifierScores, fit_prior_offsets
-from meerkat_hf import compute_mask
 from meerkat_hf.masks.config import SparseMaskConfig
 from meerkat_hf.hub.loading import load_model_and_tokenizer
 from meerkat_hf.masks.mask import SparseMask, parameter_shapes
